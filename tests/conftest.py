@@ -1,0 +1,23 @@
+"""Shared test setup. Area-specific fixtures live in tests/<area>/conftest.py."""
+
+import os
+
+import pytest
+
+# Tests never touch the model hub; tiny models are built locally and cached.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multi = pytest.mark.skip(reason="needs at least 2 CUDA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and n_gpus < 1:
+            item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and n_gpus < 2:
+            item.add_marker(skip_multi)
