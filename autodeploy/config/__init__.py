@@ -1,0 +1,52 @@
+"""Experiment configuration: schema, seed-style flags, yaml_extra precedence, composition."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from omegaconf import DictConfig
+
+from .cli import CONF_DIR, config_groups, split_argv, translate_argv, validate_override_keys
+from .errors import ConfigError
+from .resolve import resolve_experiment, validate_transforms
+from .schema import ExperimentConfig, register_configs
+
+__all__ = [
+    "CONF_DIR", "ConfigError", "ExperimentConfig", "compose_experiment", "register_configs",
+    "resolve_experiment", "split_argv", "translate_argv", "validate_override_keys", "validate_transforms",
+]
+
+
+def compose_experiment(
+    overrides: Iterable[str] = (),
+    *,
+    config_name: str = "config",
+    extra_layer: dict | None = None,
+    check_transforms: bool = True,
+) -> DictConfig:
+    """Compose and resolve an experiment in-process (tests, the LLM API, ``--cfg job``).
+
+    ``overrides`` may mix Hydra overrides and seed-style flags; ``extra_layer`` is a nested dict
+    applied at command-line precedence (the LLM API's keyword arguments).
+    """
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    register_configs()
+    translated = translate_argv(list(overrides))
+    validate_override_keys(translated)
+    try:
+        if GlobalHydra.instance().is_initialized():
+            cli = hydra.compose(config_name, overrides=translated)
+            defaults = hydra.compose(config_name, overrides=[])
+        else:
+            with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="autodeploy"):
+                cli = hydra.compose(config_name, overrides=translated)
+                defaults = hydra.compose(config_name, overrides=[])
+    except HydraException as e:
+        raise ConfigError(str(e)) from None
+    cfg = resolve_experiment(cli, defaults, translated, extra_layer=extra_layer)
+    if check_transforms:
+        validate_transforms(cfg)
+    return cfg

@@ -1,0 +1,190 @@
+"""Seed-style command-line flags -> Hydra overrides, so both styles work and mix.
+
+``--model X``                          -> ``model=X`` for a card, else ``args.model=X`` (a dir or hub id)
+``--args.world-size=2``                -> ``args.world_size=2``      (kebab-case keys become snake_case)
+``--args.model-kwargs.num-hidden-layers 10`` -> ``++args.model_kwargs.num_hidden_layers=10``
+``--yaml-extra a.yaml b.yaml``         -> ``yaml_extra=['a.yaml','b.yaml']``
+``--args.yaml-extra c.yaml``           -> ``args.yaml_extra=['c.yaml']``
+``--dry-run`` / ``--benchmark.enabled`` -> ``dry_run=true`` / ``benchmark.enabled=true``
+
+Hydra's own flags (``--cfg``, ``-m``, ``--info``, ``-cd`` ...) pass through untouched. Keys below a
+free-form dict (model_kwargs, tokenizer_kwargs, transforms) get ``++`` in both styles, so new keys
+need no ``+``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
+from .schema import FREE_FORM_PATHS, ExperimentConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Hydra flags and whether they take a value
+HYDRA_FLAGS = {
+    "--help": False, "-h": False, "--hydra-help": False, "--version": False, "--resolve": False,
+    "--multirun": False, "-m": False, "--run": False, "-r": False, "--shell-completion": False,
+    "-sc": False, "--cfg": True, "-c": True, "--package": True, "-p": True, "--config-path": True,
+    "-cp": True, "--config-name": True, "-cn": True, "--config-dir": True, "-cd": True,
+    "--experimental-rerun": True, "--info": None, "-i": None,  # None: optional value
+}
+INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+LIST_FLAGS = {"yaml_extra", "args.yaml_extra"}
+_SAFE_VALUE = re.compile(r"^[^\s'\"]*$")
+
+
+def model_cards() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides) of a translated argument list."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        flag, _, inline = tok.partition("=")
+        if flag in HYDRA_FLAGS:
+            flags.append(tok)
+            takes = HYDRA_FLAGS[flag]
+            if not inline and i + 1 < len(argv) and (takes or (takes is None and argv[i + 1] in INFO_CHOICES)):
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(tok)
+        i += 1
+    return flags, overrides
+
+
+def translate_argv(argv: list[str]) -> list[str]:
+    """Return Hydra-style arguments for a mix of seed flags and Hydra overrides."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        flag, _, inline = tok.partition("=")
+        if flag in HYDRA_FLAGS:
+            out.append(tok)
+            takes = HYDRA_FLAGS[flag]
+            if not inline and i + 1 < len(argv):
+                nxt = argv[i + 1]
+                if takes or (takes is None and nxt in INFO_CHOICES):
+                    out.append(nxt)
+                    i += 1
+            i += 1
+            continue
+        if tok.startswith("--"):
+            key = flag[2:].replace("-", "_")
+            if key in LIST_FLAGS:
+                values = [inline] if inline else []
+                while not inline and i + 1 < len(argv) and not _looks_like_option(argv[i + 1]):
+                    values.append(argv[i + 1])
+                    i += 1
+                if not values:
+                    raise ConfigError(f"{flag} needs at least one YAML file")
+                out.append(f"{key}=[{','.join(_quote(v) for v in values)}]")
+                i += 1
+                continue
+            if inline or "=" in tok:
+                value = inline
+            elif i + 1 < len(argv) and not _looks_like_option(argv[i + 1]):
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = "true"  # implicit boolean flag, e.g. --dry-run
+            out.append(_override(key, value))
+            i += 1
+            continue
+        out.append(_hydra_override(tok))
+        i += 1
+    return out
+
+
+def _looks_like_option(tok: str) -> bool:
+    """A flag or a Hydra override (key=value), not the value of the previous flag."""
+    return tok.startswith("-") or re.match(r"^[+~]*[\w./-]+=", tok) is not None
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _value(value: str) -> str:
+    # lists/dicts are already in Hydra's grammar; plain values are quoted only when they must be
+    return value if _SAFE_VALUE.match(value) or value.startswith(("[", "{")) else _quote(value)
+
+
+def _override(key: str, value: str) -> str:
+    if key == "model":
+        return _model_override(value)
+    return f"{_prefix(key)}{key}={_value(value)}"
+
+
+def _model_override(value: str) -> str:
+    # `model` is a config group: a card selects its option, anything else is a path or hub id
+    if value in model_cards() or "," in value or value.startswith(("glob(", "choice(")):
+        return f"model={value}"
+    return f"args.model={_value(value)}"
+
+
+def _prefix(key: str) -> str:
+    return "++" if any(key.startswith(p + ".") for p in FREE_FORM_PATHS) else ""
+
+
+def _hydra_override(tok: str) -> str:
+    """Native Hydra override: add ``++`` below free-form dicts and route non-card models."""
+    if "=" not in tok or tok.startswith(("+", "~")):
+        return tok
+    key, value = tok.split("=", 1)
+    if key == "model":
+        return _model_override(value)
+    return _prefix(key) + tok
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def config_groups() -> set[str]:
+    return {str(p.relative_to(CONF_DIR)) for p in CONF_DIR.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+
+
+def validate_override_keys(overrides: list[str]) -> None:
+    """Fail fast on a key the schema doesn't have, naming the closest valid keys."""
+    groups = config_groups()
+    for ov in overrides:
+        if ov.startswith("-") or ("=" not in ov and not ov.startswith("~")):
+            continue
+        key = override_key(ov)
+        if key in groups or "/" in key or key.split(".")[0] == "hydra":
+            continue  # group choices and Hydra's own keys are Hydra's business
+        _check_path(key.split("."))
+
+
+def _check_path(parts: list[str]) -> None:
+    node: Any = ExperimentConfig
+    for depth, part in enumerate(parts):
+        path = ".".join(parts[: depth + 1])
+        if any(path.startswith(p + ".") for p in FREE_FORM_PATHS):
+            return
+        if not (isinstance(node, type) and is_dataclass(node)):
+            raise ConfigError(f"'{'.'.join(parts[:depth])}' has no sub-keys (got '{path}')")
+        hints = get_type_hints(node)
+        names = [f.name for f in fields(node)]
+        if part not in names:
+            where = ".".join(parts[:depth]) or "the config"
+            close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join('.'.join(parts[:depth] + [c]) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown key '{path}': {where} has no field '{part}'.{hint}")
+        node = _unwrap(hints[part])
+
+
+def _unwrap(tp: Any) -> Any:
+    if get_origin(tp) is not None and type(None) in get_args(tp):
+        return next(a for a in get_args(tp) if a is not type(None))
+    return tp

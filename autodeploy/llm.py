@@ -1,0 +1,84 @@
+"""The Python API: ``LLM(model=..., **args_fields).generate(prompts, SamplingParams(...))``.
+
+Keyword arguments are the fields of ``args`` (see ``config/schema.py``), validated against the same
+schema as the command line; ``yaml_extra=[...]`` names args-level YAML files (``args.yaml_extra``).
+Precedence is the command line's: keyword arguments > YAML files > built-in defaults.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, compose_experiment
+from .config.cli import model_cards
+from .config.schema import AutoDeployArgs
+
+log = logging.getLogger(__name__)
+
+ARG_FIELDS = [f.name for f in fields(AutoDeployArgs)]
+
+
+def config_from_kwargs(model: str | None = None, **kwargs: Any) -> DictConfig:
+    """Resolve the experiment config that ``LLM(model, **kwargs)`` runs with."""
+    unknown = [k for k in kwargs if k not in ARG_FIELDS]
+    if unknown:
+        msgs = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, ARG_FIELDS, n=3, cutoff=0.5)
+            msgs.append(f"'{k}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(f"LLM() got unknown argument(s): {', '.join(msgs)}; valid: {', '.join(ARG_FIELDS)}")
+    model = model if model is not None else kwargs.pop("model", None)
+    kwargs.pop("model", None)
+    overrides: list[str] = []
+    layer: dict[str, Any] = {"args": dict(kwargs)}
+    if model is not None:
+        if model in model_cards():
+            overrides.append(f"model={model}")  # a card selects its config group option
+        else:
+            layer["args"]["model"] = str(model)
+    return compose_experiment(overrides, extra_layer=layer)
+
+
+class LLM:
+    """Builds the optimized model and its engine once; ``generate`` runs requests through it."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.config = config_from_kwargs(model, **kwargs)
+        self._build()
+
+    @classmethod
+    def from_config(cls, config: DictConfig) -> "LLM":
+        """Build from an already resolved experiment config (what launch.py does)."""
+        llm = cls.__new__(cls)
+        llm.config = config
+        llm._build()
+        return llm
+
+    @property
+    def args(self) -> DictConfig:
+        return self.config.args
+
+    def _build(self) -> None:
+        from .build import build_engine
+
+        self.engine, self.build_report = build_engine(self.config.args)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):
+        """One ``RequestOutput`` per prompt, in order (strings, token-id lists or chat messages)."""
+        raise NotImplementedError("generation lands with the runtime")
+
+    def shutdown(self) -> None:
+        self.engine = None
+
+    def __repr__(self) -> str:
+        return f"LLM(model={self.config.model!r}, world_size={self.args.world_size})"
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
