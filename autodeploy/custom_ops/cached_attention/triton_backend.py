@@ -1,0 +1,65 @@
+"""``triton`` cached-attention backend: op ``autodeploy::triton_cached_attention``.
+
+Same signature and semantics as the ``torch`` reference backend (docs/architecture.md). The
+kernels live in ``triton_kernels.py`` and are imported on first call, so this module (and the
+op's fake kernel) load on a machine without triton. The op reads no host value, so it can be
+captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import AttentionBackend, register_backend
+
+OP_NAME = "triton_cached_attention"
+
+
+@torch.library.custom_op(f"autodeploy::{OP_NAME}", mutates_args=("k_cache", "v_cache"))
+def triton_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_len: torch.Tensor,
+    input_pos: torch.Tensor,
+    cu_seqlen: torch.Tensor,
+    page_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    logit_cap: Optional[float] = None,
+) -> torch.Tensor:
+    from . import triton_kernels
+
+    return triton_kernels.cached_attention(
+        q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window, logit_cap
+    )
+
+
+@triton_cached_attention.register_fake
+def _(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window=None, logit_cap=None):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def check_available() -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            "attention backend 'triton' needs the triton package (it ships with CUDA builds of "
+            "torch; or pip install triton); use backend=torch on CPU"
+        ) from None
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "attention backend 'triton' needs a CUDA GPU (TRITON_INTERPRET=1 runs it slowly on CPU "
+            "for tests); use backend=torch on CPU"
+        )
+
+
+BACKEND = register_backend(
+    AttentionBackend(name="triton", module=__name__, op_name=OP_NAME, check_available=check_available)
+)
