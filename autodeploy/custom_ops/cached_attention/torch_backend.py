@@ -1,0 +1,129 @@
+"""``torch`` backend: reference paged attention in plain PyTorch (CPU and GPU; what CI runs).
+
+The op first writes the new tokens' K/V into their pages, then each query attends to the first
+``input_pos + i + 1`` tokens of its sequence (causal), optionally limited to a sliding window and
+with tanh soft-capping of the logits. Math runs in float32.
+
+A decode-only batch (T == B: every sequence has exactly one new token) is one batched computation
+without host syncs, so it can be captured in a CUDA graph. A batch with prefills reads the
+sequence lengths on the host once and handles each prefill on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import AttentionBackend, register_backend
+
+
+@torch.library.custom_op("autodeploy::torch_cached_attention", mutates_args=("k_cache", "v_cache"))
+def torch_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_len: torch.Tensor,
+    input_pos: torch.Tensor,
+    cu_seqlen: torch.Tensor,
+    page_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    logit_cap: Optional[float] = None,
+) -> torch.Tensor:
+    q, k, v = q[0], k[0], v[0]  # [T, heads, dim]
+    num_tokens, num_seqs = q.shape[0], seq_len.shape[0]
+    write_kv_to_pages(k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache)
+    attend = dict(scale=scale, sliding_window=sliding_window, logit_cap=logit_cap)
+
+    if num_tokens == num_seqs:  # decode only
+        out = _decode(q, input_pos, page_table, k_cache, v_cache, **attend)
+        return out.unsqueeze(0)
+
+    out = q.new_empty(num_tokens, q.shape[1], v.shape[-1])
+    lens, starts, cached = torch.stack([seq_len, cu_seqlen[:-1], input_pos]).tolist()
+    decodes = [i for i, n in enumerate(lens) if n == 1]
+    if decodes:
+        seqs = torch.tensor(decodes, device=q.device)
+        tokens = cu_seqlen[seqs]
+        out[tokens] = _decode(q[tokens], input_pos[seqs], page_table[seqs], k_cache, v_cache, **attend)
+    page_size = k_cache.shape[1]
+    for i, (n, start, pos) in enumerate(zip(lens, starts, cached)):
+        if n == 1:
+            continue
+        total = pos + n
+        pages = page_table[i, : -(-total // page_size)]
+        keys = k_cache[pages].flatten(0, 1)[:total]
+        values = v_cache[pages].flatten(0, 1)[:total]
+        q_pos = torch.arange(pos, total, device=q.device)
+        out[start: start + n] = _attention(
+            q[start: start + n].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), q_pos.unsqueeze(0), **attend
+        )[0]
+    return out.unsqueeze(0)
+
+
+@torch_cached_attention.register_fake
+def _(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window=None,
+      logit_cap=None):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def write_kv_to_pages(k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache) -> None:
+    """Scatter the new tokens' K/V ``[T, KV, D]`` into their pages (no host sync)."""
+    num_tokens, num_seqs = k.shape[0], seq_len.shape[0]
+    device = k.device
+    seq_of_token = torch.repeat_interleave(
+        torch.arange(num_seqs, device=device), seq_len.to(torch.int64), output_size=num_tokens
+    )
+    offset_in_seq = torch.arange(num_tokens, device=device) - cu_seqlen[:-1].to(torch.int64)[seq_of_token]
+    position = input_pos.to(torch.int64)[seq_of_token] + offset_in_seq
+    page_size = k_cache.shape[1]
+    page = page_table.to(torch.int64)[seq_of_token, position // page_size]
+    slot = position % page_size
+    k_cache[page, slot] = k.to(k_cache.dtype)
+    v_cache[page, slot] = v.to(v_cache.dtype)
+
+
+def _decode(q, input_pos, page_table, k_cache, v_cache, **attend) -> torch.Tensor:
+    """One query per sequence: q ``[N, H, D]`` against each sequence's pages -> ``[N, H, Dv]``."""
+    keys = k_cache[page_table.to(torch.int64)].flatten(1, 2)  # [N, pages * page_size, KV, D]
+    values = v_cache[page_table.to(torch.int64)].flatten(1, 2)
+    q_pos = input_pos.to(torch.int64).unsqueeze(1)  # the new token's position
+    return _attention(q.unsqueeze(1), keys, values, q_pos, **attend)[:, 0]
+
+
+def _attention(q, keys, values, q_pos, scale, sliding_window, logit_cap) -> torch.Tensor:
+    """q ``[N, S, H, D]`` at positions ``q_pos [N, S]``; keys/values ``[N, L, KV, D]`` at 0..L-1.
+
+    Keys past a query's position (including padding past the sequence's length) are masked.
+    """
+    n, s, heads, dim = q.shape
+    kv_heads = keys.shape[2]
+    qg = q.float().view(n, s, kv_heads, heads // kv_heads, dim)  # query head h uses kv head h // group
+    scores = torch.einsum("nskgd,nlkd->nkgsl", qg, keys.float()) * scale
+    if logit_cap is not None:
+        scores = logit_cap * torch.tanh(scores / logit_cap)
+    key_pos = torch.arange(keys.shape[1], device=q.device)
+    visible = key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [N, S, L]
+    if sliding_window is not None:
+        visible &= key_pos.view(1, 1, -1) > q_pos.unsqueeze(-1) - sliding_window
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("nkgsl,nlkd->nskgd", probs, values.float())
+    return out.reshape(n, s, heads, values.shape[-1]).to(q.dtype)
+
+
+def _always_available() -> None:
+    return None
+
+
+register_backend(
+    AttentionBackend(
+        name="torch",
+        module=__name__,
+        op_name="torch_cached_attention",
+        check_available=_always_available,
+    )
+)

@@ -1,0 +1,51 @@
+"""What the engine hands back for each request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+@dataclass
+class RequestMetrics:
+    """Host timestamps (``time.perf_counter()``) for latency numbers (TTFT, TPOT, ITL)."""
+
+    arrival_time: float = 0.0
+    first_scheduled_time: Optional[float] = None
+    token_times: list[float] = field(default_factory=list)  # when each generated token was read
+    finished_time: Optional[float] = None
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> Optional[float]:
+        return self.token_times[0] - self.arrival_time if self.token_times else None
+
+    @property
+    def itl(self) -> list[float]:
+        """Inter-token latencies (seconds between consecutive generated tokens)."""
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result. ``token_ids`` are the generated ids only (EOS included when hit).
+
+    ``finish_reason``: ``"stop"`` (EOS, stop token or stop string), ``"length"`` (max_tokens or
+    max_seq_len), ``"error"`` (``error`` says why; nothing was generated or generation failed),
+    ``"aborted"``, or ``None`` while the request is still running (streaming).
+    """
+
+    request_id: int
+    prompt: Any
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: Union[str, int, None] = None  # the stop string or stop token id that ended it
+    error: Optional[str] = None
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,63 @@
+"""A request's state inside the engine.
+
+A request is its token list (prompt + generated so far) and how many of those tokens already
+have K/V in the cache (``num_computed``). Every step feeds ``token_ids[num_computed:]`` (or a
+chunk of it): a fresh prompt, a later prefill chunk, a decode (one token) and a request resumed
+after preemption (everything again) are the same case.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .outputs import RequestMetrics
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: int
+    prompt: Any  # as the user gave it, echoed in the output
+    token_ids: list[int]  # prompt + generated
+    prompt_len: int
+    params: SamplingParams
+    seed: int  # 32-bit, folded from params.seed or drawn at arrival
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V (and state) are in the cache
+    pages: list[int] = field(default_factory=list)
+    slot: Optional[int] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    error: Optional[str] = None
+    text: Optional[str] = None  # set at finish (or on demand for streaming)
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.perf_counter()))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not in the cache yet (1 for a decode)."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,68 @@
+"""How one request is sampled and when it stops (vLLM semantics).
+
+Construction never raises: a bad value must fail only the request that carries it, so the engine
+calls ``check()`` when the request arrives and reports the message in that request's output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+# below this temperature sampling is greedy (as in vLLM)
+GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: Optional[int] = None  # None, 0 or -1 = no top-k
+    top_p: float = 1.0  # in (0, 1]; 1 = no top-p
+    seed: Optional[int] = None  # same seed, same prompt -> same output
+    stop: Union[str, list[str], None] = None  # stop strings (cut from the text)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if not self.stop:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def top_k_or_none(self) -> Optional[int]:
+        return self.top_k if self.top_k not in (None, 0, -1) else None
+
+    def check(self) -> None:
+        """Raise ValueError with a message naming the bad field."""
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or math.isnan(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if math.isinf(self.temperature):
+            raise ValueError("temperature must be finite")
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1
+        ):
+            raise ValueError(f"top_k must be None, -1, 0 (all disabled) or a positive integer, got {self.top_k!r}")
+        if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        stops = self.stop_strings
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -1,0 +1,96 @@
+"""The flattened batch of one forward: token inputs plus the metadata the cached ops read.
+
+Layout (docs/architecture.md, "Runtime contract"): all sequences' new tokens back to back in
+``input_ids``/``position_ids`` ``[1, T]``, prefills first, then decodes; per sequence ``seq_len``,
+``input_pos``, ``cu_seqlen``, ``page_table`` (padded with 0) and ``slot_idx``.
+
+Everything is packed on the host into one int32 buffer and moved with a single copy (pinned and
+non-blocking on CUDA); the device tensors are views of one persistent buffer, so their addresses
+stay fixed between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+# graph inputs added by insert_cached_attention, in placeholder order
+METADATA_NAMES = ("seq_len", "input_pos", "cu_seqlen", "page_table", "slot_idx")
+
+
+@dataclass
+class BatchInputs:
+    named_args: dict[str, torch.Tensor]  # input_ids, position_ids and METADATA_NAMES
+    last_token_idx: torch.Tensor  # [B] int64: each sequence's last token in the flattened batch
+    num_tokens: int
+    num_seqs: int
+
+
+class SequenceInfo:
+    def __init__(self, max_batch_size: int, max_num_tokens: int, max_pages_per_seq: int, device="cpu"):
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max(max_num_tokens, max_batch_size)
+        self.max_pages_per_seq = max_pages_per_seq
+        self.device = torch.device(device)
+        size = 2 * self.max_num_tokens + max_batch_size * (4 + max_pages_per_seq) + 1
+        on_cuda = self.device.type == "cuda"
+        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=on_cuda)
+        self._device = torch.zeros(size, dtype=torch.int32, device=self.device) if on_cuda else self._host
+
+    def build(
+        self,
+        tokens: list[list[int]],
+        input_pos: list[int],
+        pages: list[list[int]],
+        slots: list[int],
+    ) -> BatchInputs:
+        """``tokens[i]``: the new tokens of sequence i; ``input_pos[i]``: how many it has cached."""
+        num_seqs, max_pages = len(tokens), self.max_pages_per_seq
+        seq_len = [len(t) for t in tokens]
+        num_tokens = sum(seq_len)
+        if not 0 < num_seqs <= self.max_batch_size or num_tokens > self.max_num_tokens:
+            raise ValueError(
+                f"batch of {num_seqs} sequences / {num_tokens} tokens exceeds "
+                f"max_batch_size={self.max_batch_size} / max_num_tokens={self.max_num_tokens}"
+            )
+        values: list[int] = []
+        for t in tokens:
+            values += t
+        for p, n in zip(input_pos, seq_len):
+            values += range(p, p + n)
+        values += seq_len
+        values += input_pos
+        values += accumulate(seq_len, initial=0)
+        for row in pages:
+            values += row
+            values += [0] * (max_pages - len(row))
+        values += slots
+        n = len(values)
+        self._host[:n] = torch.tensor(values, dtype=torch.int32)
+        if self._device is not self._host:
+            self._device[:n].copy_(self._host[:n], non_blocking=True)
+        return self._views(num_seqs, num_tokens)
+
+    def _views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
+        buf, B, T, P = self._device, num_seqs, num_tokens, self.max_pages_per_seq
+        sizes = {
+            "input_ids": T, "position_ids": T, "seq_len": B, "input_pos": B,
+            "cu_seqlen": B + 1, "page_table": B * P, "slot_idx": B,
+        }
+        views, offset = {}, 0
+        for name, size in sizes.items():
+            views[name] = buf[offset: offset + size]
+            offset += size
+        views["input_ids"] = views["input_ids"].to(torch.int64).view(1, T)
+        views["position_ids"] = views["position_ids"].to(torch.int64).view(1, T)
+        views["page_table"] = views["page_table"].view(B, P)
+        last_token_idx = views["cu_seqlen"][1:].to(torch.int64) - 1
+        return BatchInputs(views, last_token_idx, num_tokens=T, num_seqs=B)
+
+    # ---- sample batches (cache sizing, graph capture); they only touch the scratch page/slot 0 ----
+
+    def decode_batch(self, batch_size: int) -> BatchInputs:
+        """``batch_size`` decode sequences of one token at position 0 in scratch page/slot 0."""
+        return self.build([[0]] * batch_size, [0] * batch_size, [[0]] * batch_size, [0] * batch_size)
