@@ -45,7 +45,8 @@ def compose_experiment(
                 cli = hydra.compose(config_name, overrides=translated)
                 defaults = hydra.compose(config_name, overrides=[])
     except HydraException as e:
-        raise ConfigError(str(e)) from None
+        cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""
+        raise ConfigError(f"{e}{cause}") from None
     cfg = resolve_experiment(cli, defaults, translated, extra_layer=extra_layer)
     if check_transforms:
         validate_transforms(cfg)

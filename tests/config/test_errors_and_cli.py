@@ -1,0 +1,122 @@
+"""Bad configuration fails before any model work with a message that names the problem;
+the CLI's Hydra features (help, completion) work as Hydra documents."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autodeploy.config import ConfigError, compose_experiment, translate_argv
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*argv, timeout=300, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["args.world_sise=2"], "args.world_size"),
+    (["--args.max-seq-lenn=9"], "args.max_seq_len"),
+    (["prompt.sp_kwargs.max_token=3"], "prompt.sp_kwargs.max_tokens"),
+    (["benchmark.enable=true"], "benchmark.enabled"),
+])
+def test_unknown_key_suggests_closest(argv, needle):
+    with pytest.raises(ConfigError, match=needle):
+        compose_experiment(argv, check_transforms=False)
+
+
+def test_unknown_key_in_yaml_names_file_and_suggestion(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("args:\n  max_batch_sise: 4\n")
+    with pytest.raises(ConfigError) as e:
+        compose_experiment(["--yaml-extra", str(y)], check_transforms=False)
+    assert str(y) in str(e.value) and "args.max_batch_size" in str(e.value)
+
+
+def test_wrong_type_in_yaml_names_key(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("args:\n  world_size: two\n")
+    with pytest.raises(ConfigError, match="args.world_size"):
+        compose_experiment(["--yaml-extra", str(y)], check_transforms=False)
+
+
+def test_wrong_type_on_cli_names_key_and_type():
+    with pytest.raises(ConfigError, match=r"args\.max_batch_size[\s\S]*Integer|Integer[\s\S]*args\.max_batch_size"):
+        compose_experiment(["args.max_batch_size=many"], check_transforms=False)
+
+
+def test_missing_yaml_names_path(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        compose_experiment(["--yaml-extra", str(missing)], check_transforms=False)
+    with pytest.raises(ConfigError, match="args.yaml_extra file not found"):
+        compose_experiment(["--args.yaml-extra", str(missing)], check_transforms=False)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["args.world_size=0"], "args.world_size=0 must be >= 1"),
+    (["args.device=tpu"], "args.device"),
+    (["prompt.sp_kwargs.top_p=0"], "top_p"),
+    (["prompt.sp_kwargs.temperature=-1"], "temperature"),
+    (["args.free_mem_ratio=1.5"], "free_mem_ratio"),
+    (["logger.name=tensorboard"], "logger.name"),
+])
+def test_invalid_values(argv, needle):
+    with pytest.raises(ConfigError, match=needle):
+        compose_experiment(argv, check_transforms=False)
+
+
+def test_non_mapping_yaml_is_rejected(tmp_path):
+    y = tmp_path / "list.yaml"
+    y.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        compose_experiment(["--yaml-extra", str(y)], check_transforms=False)
+
+
+def test_translation_rules():
+    out = translate_argv([
+        "--model", "tiny_mixtral", "--args.world-size=2", "--args.model-kwargs.num-hidden-layers", "10",
+        "--yaml-extra", "a.yaml", "b.yaml", "--args.yaml-extra", "c.yaml", "--dry-run",
+        "transforms/compile=torch-opt", "args.tokenizer_kwargs.padding_side=left", "--cfg", "job",
+    ])
+    assert out == [
+        "model=tiny_mixtral", "args.world_size=2", "++args.model_kwargs.num_hidden_layers=10",
+        "yaml_extra=['a.yaml','b.yaml']", "args.yaml_extra=['c.yaml']", "dry_run=true",
+        "transforms/compile=torch-opt", "++args.tokenizer_kwargs.padding_side=left", "--cfg", "job",
+    ]
+    # a non-card model is a path or hub id and goes to args.model (the `model` key is a group)
+    assert translate_argv(["--model", "/models/llama"]) == ["args.model=/models/llama"]
+    assert translate_argv(["model=org/name"]) == ["args.model=org/name"]
+
+
+def test_cli_unknown_key_exit_code_and_message():
+    proc = cli("args.world_sise=2")
+    assert proc.returncode == 2
+    assert "Did you mean: args.world_size" in proc.stderr
+
+
+def test_cli_help_lists_groups():
+    proc = cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for group in ("model:", "transforms/compile:", "sharding:", "backend:", "prompt:", "benchmark:", "logger:",
+                  "experiment:"):
+        assert group in proc.stdout
+    assert "torch-opt" in proc.stdout and "tiny_llama" in proc.stdout
+
+
+def test_tab_completion_install_script():
+    proc = cli("-sc", "install=bash")
+    assert proc.returncode == 0, proc.stderr
+    assert "hydra_bash_completion" in proc.stdout and "complete" in proc.stdout
+
+
+def test_tab_completion_query_lists_group_options():
+    # bash calls the app with COMP_LINE set to the line being completed
+    env = dict(os.environ, COMP_LINE="python launch.py transforms/compile=torch-")
+    proc = cli("-sc", "query=bash", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "transforms/compile=torch-opt" in proc.stdout.split()
