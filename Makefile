@@ -30,3 +30,13 @@ test-gpu: $(STAMP)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
+
+# Pure-Python wheels the GPU machine lacks (it has no network): carried in the git-ignored .whl/
+# folder and installed there with `pip install --no-index --target /tmp/site .whl/*.whl`.
+GPU_PY ?= 3.12
+wheels-gpu: $(STAMP)
+	mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+		--platform any -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	ls .whl
