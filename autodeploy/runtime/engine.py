@@ -1,0 +1,254 @@
+"""The continuous-batching engine: requests in, ``RequestOutput`` out.
+
+One step = schedule -> build the flattened batch -> forward -> sample -> commit. The only host
+sync per step is reading the sampled token ids. Every request ends with a result or an error:
+bad input fails at arrival (other requests go on), a failing forward fails the requests of that
+batch, an abandoned stream aborts its requests and frees their pages.
+
+``Engine(model, cache, tokenizer)`` takes the built model (the cached graph: flattened inputs,
+metadata and cache tensors, see docs/architecture.md) and the ``CacheInterface`` it was built with
+(caches allocated).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import fx, nn
+
+from .kv_cache import CacheInterface
+from .outputs import RequestOutput
+from .prompts import as_prompt_list, tokenize
+from .request import Request, Status
+from .sampler import Sampler, SamplingBatch, fold_seed
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch, Scheduler
+from .stopping import StopChecker
+
+log = logging.getLogger(__name__)
+
+SamplingArg = Union[SamplingParams, Sequence[SamplingParams], None]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: CacheInterface,
+        tokenizer: Optional[Any] = None,
+        *,
+        eos_token_id: Union[int, Iterable[int], None] = None,
+        vocab_size: Optional[int] = None,
+    ):
+        self.model = model
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(cache)
+        self.sampler = Sampler()
+        self.vocab_size = vocab_size or _embedding_rows(model)
+        self.stop_checker = StopChecker(_eos_ids(eos_token_id, tokenizer), cache.max_seq_len, tokenizer)
+        self._input_names = _graph_input_names(model)
+        self._next_request_id = 0
+
+    # ---- public API ----
+
+    def generate(self, prompts: Any, sampling_params: SamplingArg = None) -> list[RequestOutput]:
+        """Run ``prompts`` to completion; one output per prompt, in order."""
+        requests = self.add_requests(prompts, sampling_params)
+        try:
+            while not all(r.finished for r in requests):
+                self.step()
+        finally:
+            self.abort(requests)
+        return [self.output(r) for r in requests]
+
+    def stream(self, prompts: Any, sampling_params: SamplingArg = None) -> Iterator[RequestOutput]:
+        """Yield a request's output (text and token_ids so far) whenever it gets tokens or ends.
+
+        The last output of each request has ``finished == True``. Closing the iterator early
+        aborts the requests it still runs.
+        """
+        requests = self.add_requests(prompts, sampling_params)
+        mine = set(map(id, requests))
+        try:
+            for r in requests:
+                if r.finished:  # failed at arrival
+                    yield self.output(r)
+            while not all(r.finished for r in requests):
+                for r in self.step():
+                    if id(r) in mine:
+                        yield self.output(r)
+        finally:
+            self.abort(requests)
+
+    def add_requests(self, prompts: Any, sampling_params: SamplingArg = None) -> list[Request]:
+        prompts = as_prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        return [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+
+    def add_request(self, prompt: Any, params: Optional[SamplingParams] = None) -> Request:
+        """Queue one request. Invalid input gives a request that is already finished with an error."""
+        params = params or SamplingParams()
+        request = Request(self._next_request_id, prompt, [], 0, params, seed=0)
+        self._next_request_id += 1
+        try:
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+            params.check()
+            request.token_ids = tokenize(prompt, self.tokenizer, self.vocab_size)
+            request.prompt_len = len(request.token_ids)
+            if request.prompt_len > self.cache.max_seq_len:
+                raise ValueError(
+                    f"prompt has {request.prompt_len} tokens, more than max_seq_len={self.cache.max_seq_len}"
+                )
+        except ValueError as e:
+            self._fail(request, f"invalid request: {e}")
+            return request
+        request.seed = fold_seed(params.seed) if params.seed is not None else int(torch.randint(2**32, ()))
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, requests: Iterable[Request]) -> None:
+        for r in requests:
+            if not r.finished:
+                self.scheduler.release(r)
+                r.finish_reason = "aborted"
+                r.text = self.stop_checker.detokenize(r)
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- one step ----
+
+    def step(self) -> list[Request]:
+        """Run one forward over the scheduled batch; returns the requests that got a token or ended."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return self._fail_unschedulable()
+        try:
+            tokens = self._forward_and_sample(batch)
+        except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the engine goes on
+            log.exception("forward failed for requests %s", [r.request_id for r in batch.requests])
+            for r in batch.requests:
+                self._fail(r, f"generation failed: {type(e).__name__}: {e}")
+            return batch.requests
+        return self._commit(batch, tokens)
+
+    def _forward_and_sample(self, batch: ScheduledBatch) -> list[int]:
+        inputs = self.cache.info.build(
+            tokens=[r.token_ids[r.num_computed: r.num_computed + n] for r, n in zip(batch.requests, batch.num_new_tokens)],
+            input_pos=[r.num_computed for r in batch.requests],
+            pages=[r.pages for r in batch.requests],
+            slots=[r.slot for r in batch.requests],
+        )
+        args = {**inputs.named_args, **self.cache.tensors}
+        if self._input_names is not None:
+            args = {k: args[k] for k in self._input_names}
+        with torch.inference_mode():
+            logits = _logits(self.model(**args))[0, inputs.last_token_idx]  # [B, V]
+            sampling = SamplingBatch.from_params(
+                [r.params for r in batch.requests], [r.seed for r in batch.requests],
+                [r.num_generated for r in batch.requests],
+            )
+            return self.sampler(logits, sampling).tolist()  # the step's one host sync
+
+    def _commit(self, batch: ScheduledBatch, tokens: list[int]) -> list[Request]:
+        now, updated = time.perf_counter(), []
+        for request, n, token in zip(batch.requests, batch.num_new_tokens, tokens):
+            request.num_computed += n
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            if request.num_pending:  # mid-prompt chunk: no token yet
+                continue
+            request.token_ids.append(token)
+            request.metrics.token_times.append(now)
+            self.stop_checker(request)
+            if request.finish_reason:
+                request.metrics.finished_time = now
+                self.scheduler.release(request)
+            updated.append(request)
+        return updated
+
+    # ---- failures and outputs ----
+
+    def _fail(self, request: Request, message: str) -> None:
+        self.scheduler.release(request)
+        request.finish_reason, request.error = "error", message
+        request.metrics.finished_time = time.perf_counter()
+        request.text = self.stop_checker.detokenize(request) if request.prompt_len else ""
+
+    def _fail_unschedulable(self) -> list[Request]:
+        # cannot happen while the cache holds one max_seq_len sequence; never spin forever
+        stuck = list(self.scheduler.waiting) + list(self.scheduler.running)
+        for r in stuck:
+            self._fail(r, f"could not be scheduled (KV cache: {self.cache})")
+        return stuck
+
+    def output(self, request: Request) -> RequestOutput:
+        text = request.text if request.text is not None else self.stop_checker.detokenize(request)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.token_ids[: request.prompt_len],
+            text=text,
+            token_ids=request.output_token_ids,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            error=request.error,
+            metrics=request.metrics,
+        )
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return out["logits"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.logits
+
+
+def _eos_ids(eos_token_id: Union[int, Iterable[int], None], tokenizer: Optional[Any]) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+def _graph_input_names(model: nn.Module) -> Optional[list[str]]:
+    """Placeholder names of a GraphModule (the engine passes only those); None for other modules."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    return [n.target for n in model.graph.nodes if n.op == "placeholder"]
+
+
+def _embedding_rows(model: nn.Module) -> Optional[int]:
+    """Vocabulary size from the embedding that reads ``input_ids`` (to reject out-of-range ids)."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    for node in model.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+            weight, ids = node.args[0], node.args[1]
+            if getattr(ids, "op", None) == "placeholder" and getattr(weight, "op", None) == "get_attr":
+                try:
+                    return int(_get_attr(model, weight.target).shape[0])
+                except AttributeError:
+                    return None
+    return None
+
+
+def _get_attr(module: nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
