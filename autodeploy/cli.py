@@ -87,13 +87,9 @@ def _flag_value(flags: list[str], *names: str) -> str | None:
 
 
 def _print_job_config(flags: list[str], overrides: list[str]) -> None:
-    import os
-
     config_name = _flag_value(flags, "--config-name", "-cn") or "config"
     config_dir = _flag_value(flags, "--config-dir", "-cd")
-    if config_dir:
-        overrides = overrides + [f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"]
-    cfg = compose_experiment(overrides, config_name=config_name)
+    cfg = compose_experiment(overrides, config_name=config_name, config_dir=config_dir)
     package = _flag_value(flags, "--package", "-p")
     resolve = "--resolve" in flags
     if package:

@@ -21,14 +21,17 @@ def compose_experiment(
     overrides: Iterable[str] = (),
     *,
     config_name: str = "config",
+    config_dir: str | None = None,
     extra_layer: dict | None = None,
     check_transforms: bool = True,
 ) -> DictConfig:
     """Compose and resolve an experiment in-process (tests, the LLM API, ``--cfg job``).
 
     ``overrides`` may mix Hydra overrides and seed-style flags; ``extra_layer`` is a nested dict
-    applied at command-line precedence (the LLM API's keyword arguments).
+    applied at command-line precedence (the LLM API's keyword arguments). ``config_dir`` is
+    Hydra's ``--config-dir``: an extra config folder (e.g. ``sweeps/``) searched before ours.
     """
+    import os
     import hydra
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -36,14 +39,19 @@ def compose_experiment(
     register_configs()
     translated = translate_argv(list(overrides))
     validate_override_keys(translated)
+    # Hydra finds the primary config in the initialized folder only; the other one is searched
+    primary, extra = str(CONF_DIR), config_dir and os.path.abspath(config_dir)
+    if extra and os.path.isfile(os.path.join(extra, f"{config_name}.yaml")):
+        primary, extra = extra, primary
+    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
     try:
         if GlobalHydra.instance().is_initialized():
             cli = hydra.compose(config_name, overrides=translated)
             defaults = hydra.compose(config_name, overrides=[])
         else:
-            with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="autodeploy"):
-                cli = hydra.compose(config_name, overrides=translated)
-                defaults = hydra.compose(config_name, overrides=[])
+            with hydra.initialize_config_dir(config_dir=primary, version_base="1.3", job_name="autodeploy"):
+                cli = hydra.compose(config_name, overrides=search + translated)
+                defaults = hydra.compose(config_name, overrides=search)
     except HydraException as e:
         cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""
         raise ConfigError(f"{e}{cause}") from None
