@@ -120,6 +120,8 @@ class CacheInterface:
         for name, spec in self.specs.items():
             if spec.paged and name in self.tensors:
                 del self.tensors[name]  # free before allocating the new size
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         for name, spec in self.specs.items():
             if spec.paged:
                 self.tensors[name] = self._allocate(spec)

@@ -77,3 +77,47 @@ class FakeTokenizer:
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return " ".join(m["content"] for m in messages) + " w1"
+
+
+class ToyLM(nn.Module):
+    """A small causal LM written directly with the canonical ``autodeploy::attention`` op."""
+
+    def __init__(self, vocab=64, hidden=32, heads=4, kv_heads=2, head_dim=8, layers=2, sliding_window=None,
+                 logit_cap=None):
+        super().__init__()
+        import autodeploy.custom_ops.attention  # noqa: F401  (registers the op)
+
+        self.H, self.KV, self.D, self.sw, self.cap = heads, kv_heads, head_dim, sliding_window, logit_cap
+        self.embed = nn.Embedding(vocab, hidden)
+        self.pos = nn.Embedding(256, hidden)
+        self.q = nn.ModuleList(nn.Linear(hidden, heads * head_dim) for _ in range(layers))
+        self.k = nn.ModuleList(nn.Linear(hidden, kv_heads * head_dim) for _ in range(layers))
+        self.v = nn.ModuleList(nn.Linear(hidden, kv_heads * head_dim) for _ in range(layers))
+        self.o = nn.ModuleList(nn.Linear(heads * head_dim, hidden) for _ in range(layers))
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids, position_ids):
+        x = self.embed(input_ids) + self.pos(position_ids)
+        B, S = input_ids.shape
+        for q, k, v, o in zip(self.q, self.k, self.v, self.o):
+            a = torch.ops.autodeploy.attention(
+                q(x).view(B, S, self.H, self.D), k(x).view(B, S, self.KV, self.D), v(x).view(B, S, self.KV, self.D),
+                self.D ** -0.5, self.sw, self.cap,
+            )
+            x = x + o(a.reshape(B, S, -1))
+        return self.head(x)
+
+    def export(self):
+        ids = torch.randint(0, 64, (2, 7))
+        pos = torch.arange(7).expand(2, 7)
+        b, s = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=256)
+        dims = {"input_ids": {0: b, 1: s}, "position_ids": {0: b, 1: s}}
+        return torch.export.export(self, (ids, pos), dynamic_shapes=dims).module()
+
+    @torch.no_grad()
+    def greedy(self, prompt, n):
+        tokens = list(prompt)
+        for _ in range(n):
+            ids = torch.tensor([tokens])
+            tokens.append(int(self(ids, torch.arange(len(tokens))[None])[0, -1].argmax()))
+        return tokens[len(prompt):]

@@ -1,0 +1,318 @@
+"""cache_init stage: cached attention/SSM ops over the runtime's caches, then cache allocation.
+
+Run in this order (YAML order within the stage):
+- ``insert_cached_attention``: every canonical ``autodeploy::attention`` becomes the chosen
+  backend's cached op; the batch metadata (``seq_len, input_pos, cu_seqlen, page_table,
+  slot_idx``) and one K and one V cache per layer become graph inputs (docs/architecture.md).
+- ``insert_cached_ssm``: the same for Mamba2 blocks (conv + SSM state per sequence slot).
+- ``initialize_cache``: allocate every registered cache.
+- ``resize_kv_cache``: on GPU, grow the paged caches into free memory measured after a
+  max-token forward (times ``free_mem_ratio``); on CPU the initial size already holds
+  ``max_batch_size`` sequences of ``max_seq_len``.
+
+The cache interface (``ctx.cache``, ``runtime.kv_cache.CacheInterface``) is created from
+``args`` here if the caller did not create it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from ...runtime.kv_cache import CacheInterface, CacheSpec
+from ...runtime.sequence_info import METADATA_NAMES
+from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _arg(args: Any, name: str, default: Any = None) -> Any:
+    if args is None:
+        return default
+    if hasattr(args, "get"):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+def ensure_cache(ctx: BuildContext) -> CacheInterface:
+    if ctx.cache is None:
+        ctx.cache = CacheInterface.from_args(ctx.args, ctx.device)
+    return ctx.cache
+
+
+# ---- graph surgery shared by the insert_cached_* transforms ----
+
+
+def _placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+
+
+def as_plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's calling convention: the cached graph takes its inputs by name.
+
+    ``ep.module()`` flattens inputs with a pytree spec, checks the ``[B, S]`` input shapes in a
+    ``_guards_fn`` call and a forward pre-hook; the flattened batch replaces that layout. A fresh
+    GraphModule over the same graph keeps the parameters and drops the hooks.
+    """
+    if type(gm.graph._codegen) is fx.graph.CodeGen and not gm._forward_pre_hooks:
+        return gm
+    gm.graph._codegen = fx.graph.CodeGen()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
+            gm.graph.erase_node(node)
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    result = output.args[0]
+    if isinstance(result, (tuple, list)) and len(result) == 1:
+        output.args = (result[0],)  # the single logits tensor, as before flattening
+    return fx.GraphModule(gm, gm.graph)
+
+
+def _fake(gm: fx.GraphModule, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    """A fake tensor (in the graph's fake mode) for a new placeholder's ``meta["val"]``."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)]) or FakeTensorMode()
+    with mode:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+
+def add_input(gm: fx.GraphModule, name: str, example: Any) -> fx.Node:
+    """Append a placeholder ``name`` after the existing ones (or return it if present)."""
+    existing = _placeholders(gm)
+    if name in existing:
+        return existing[name]
+    last = list(existing.values())[-1] if existing else None
+    if last is None:
+        ctx_mgr = gm.graph.inserting_before(next(iter(gm.graph.nodes), None))
+    else:
+        ctx_mgr = gm.graph.inserting_after(last)
+    with ctx_mgr:
+        node = gm.graph.placeholder(name)
+    node.meta["val"] = example
+    return node
+
+
+def add_metadata_inputs(gm: fx.GraphModule, cache: CacheInterface) -> dict[str, fx.Node]:
+    """The flattened-batch metadata inputs (idempotent); example values use the max batch size."""
+    missing = [n for n in ("input_ids", "position_ids") if n not in _placeholders(gm)]
+    if missing:
+        raise ValueError(f"the graph has no input(s) {missing}; expected forward(input_ids, position_ids)")
+    B, P = cache.max_batch_size, cache.pages_per_seq
+    shapes = {"seq_len": (B,), "input_pos": (B,), "cu_seqlen": (B + 1,), "page_table": (B, P), "slot_idx": (B,)}
+    return {
+        name: add_input(gm, name, _fake(gm, shapes[name], torch.int32, cache.device)) for name in METADATA_NAMES
+    }
+
+
+def add_cache_input(gm: fx.GraphModule, cache: CacheInterface, spec: CacheSpec) -> fx.Node:
+    cache.add_cache(spec)
+    count = cache.num_pages if spec.paged else cache.num_slots
+    return add_input(gm, spec.name, _fake(gm, (count, *spec.entry_shape), spec.dtype, cache.device))
+
+
+def _node_args(node: fx.Node) -> dict[str, Any]:
+    """Arguments of an op call by schema name, defaults filled in."""
+    schema = node.target._schema
+    out = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+    return out
+
+
+def _cache_dtype(setting: Optional[str], args: Any, like: torch.dtype) -> torch.dtype:
+    name = setting or _arg(args, "kv_cache_dtype", "auto") or "auto"
+    if name == "auto":
+        return like
+    if name not in _DTYPES:
+        raise ValueError(f"unknown KV cache dtype {name!r} (auto, {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def _val(node: Any) -> torch.Tensor:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"{node} has no shape information (meta['val']); run shape propagation first")
+    return v
+
+
+# ---- insert_cached_attention ----
+
+
+@dataclass
+class InsertCachedAttentionConfig(TransformConfig):
+    stage: str = "cache_init"
+    backend: str = "torch"  # torch | triton | flashinfer (shortcut: args.attn_backend)
+    cache_dtype: Optional[str] = None  # None = args.kv_cache_dtype; "auto" = the K projection's dtype
+    requires_shape_prop: bool = True
+
+
+@register("insert_cached_attention")
+class InsertCachedAttention(BaseTransform):
+    config_class = InsertCachedAttentionConfig
+
+    def apply(self, gm: fx.GraphModule, ctx: BuildContext):
+        from ...custom_ops.cached_attention import get_backend
+
+        cfg: InsertCachedAttentionConfig = self.config
+        cached_op = get_backend(cfg.backend).op()  # fails early, naming a missing extra
+        source = _canonical_attention_op()
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is source]
+        if not nodes:
+            return gm, TransformInfo(num_matches=0, note="no canonical attention in the graph")
+        cache = ensure_cache(ctx)
+        gm = as_plain_graph_module(gm)
+        meta = add_metadata_inputs(gm, cache)
+        for layer, node in enumerate(nodes):
+            a = _node_args(node)
+            k, v = _val(a["k"]), _val(a["v"])
+            dtype = _cache_dtype(cfg.cache_dtype, ctx.args, k.dtype)
+            caches = [
+                add_cache_input(gm, cache, CacheSpec(f"{kind}_cache_{layer}", (cache.page_size, *t.shape[2:]), dtype, True))
+                for kind, t in (("k", k), ("v", v))
+            ]
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(
+                    cached_op,
+                    (a["q"], a["k"], a["v"], meta["seq_len"], meta["input_pos"], meta["cu_seqlen"],
+                     meta["page_table"], *caches, a["scale"], a.get("sliding_window"), a.get("logit_cap")),
+                )
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+        gm.recompile()
+        note = f"{cfg.backend} backend, {len(nodes)} layers, pages of {cache.page_size} tokens"
+        return gm, TransformInfo(num_matches=len(nodes), is_clean=False, has_valid_shapes=True, note=note)
+
+
+def _canonical_attention_op():
+    import importlib
+
+    importlib.import_module("autodeploy.custom_ops.attention")
+    return torch.ops.autodeploy.attention.default
+
+
+# ---- insert_cached_ssm ----
+
+
+@dataclass
+class InsertCachedSSMConfig(TransformConfig):
+    stage: str = "cache_init"
+    state_dtype: Optional[str] = None  # None = float32 SSM state (precision across many steps)
+    requires_shape_prop: bool = True
+
+
+@register("insert_cached_ssm")
+class InsertCachedSSM(BaseTransform):
+    """Mamba2 conv and scan ops -> their cached forms over per-slot conv and SSM state."""
+
+    config_class = InsertCachedSSMConfig
+
+    def apply(self, gm: fx.GraphModule, ctx: BuildContext):
+        return gm, TransformInfo(num_matches=0, note="no SSM ops in the graph")
+
+
+# ---- initialize_cache ----
+
+
+@dataclass
+class InitializeCacheConfig(TransformConfig):
+    stage: str = "cache_init"
+
+
+@register("initialize_cache")
+class InitializeCache(BaseTransform):
+    config_class = InitializeCacheConfig
+
+    def apply(self, gm, ctx: BuildContext):
+        cache = ensure_cache(ctx)
+        if not cache.specs:
+            return gm, TransformInfo(num_matches=0, note="no caches registered")
+        cache.initialize()
+        # the graph itself is unchanged: keep its clean/shape state
+        return gm, TransformInfo(num_matches=len(cache.tensors), is_clean=True, has_valid_shapes=True, note=repr(cache))
+
+
+# ---- resize_kv_cache ----
+
+
+@dataclass
+class ResizeKVCacheConfig(TransformConfig):
+    stage: str = "cache_init"
+    # share of the GPU memory still free after a max-token forward that goes to the KV cache
+    free_mem_ratio: float = 0.8
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.free_mem_ratio) < 1.0:
+            raise ValueError(f"args.transforms.resize_kv_cache.free_mem_ratio must be in [0, 1), got {self.free_mem_ratio}")
+
+
+@register("resize_kv_cache")
+class ResizeKVCache(BaseTransform):
+    config_class = ResizeKVCacheConfig
+
+    def apply(self, gm, ctx: BuildContext):
+        cache = ensure_cache(ctx)
+        if cache.specs and not cache.tensors:
+            cache.initialize()
+        keep = dict(num_matches=0, is_clean=True, has_valid_shapes=True)
+        if not any(s.paged for s in cache.specs.values()):
+            return gm, TransformInfo(**keep, note="no paged caches")
+        if cache.device.type != "cuda":
+            return gm, TransformInfo(**keep, note=f"{cache.device.type}: sized for max_batch_size x max_seq_len ({cache})")
+        ratio = float(self.config.free_mem_ratio)
+        if ratio == 0:
+            return gm, TransformInfo(**keep, note=f"free_mem_ratio=0: kept {cache}")
+        num_pages = pages_from_free_memory(gm, cache, ratio)
+        cache.resize(num_pages)
+        log.info("KV cache resized to %s", cache)
+        return gm, TransformInfo(**keep, note=f"free_mem_ratio={ratio}: {cache}")
+
+
+def pages_from_free_memory(gm, cache: CacheInterface, ratio: float) -> int:
+    """Pages that fit in ``ratio`` of the memory left free after a max-token forward (min over ranks)."""
+    device = cache.device
+    run_max_token_forward(gm, cache)
+    torch.cuda.synchronize(device)
+    # the forward's activations stay reserved in the caching allocator, so "free" already
+    # leaves room for the largest batch the engine will run
+    free, _ = torch.cuda.mem_get_info(device)
+    paged_bytes = cache.bytes_per_page * cache.num_pages
+    num_pages = int((paged_bytes + free * ratio) // cache.bytes_per_page)
+    num_pages = min(num_pages, cache.max_batch_size * cache.pages_per_seq + 1)  # more is never used
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([num_pages], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        num_pages = int(t.item())
+    return num_pages
+
+
+def run_max_token_forward(gm, cache: CacheInterface) -> None:
+    """One forward over ``max_num_tokens`` prompt tokens (sequences of at most ``max_seq_len``)."""
+    lengths, left = [], cache.max_num_tokens
+    while left > 0 and len(lengths) < cache.max_batch_size:
+        lengths.append(min(left, cache.max_seq_len))
+        left -= lengths[-1]
+    pages = [cache.allocate_pages(math.ceil(n / cache.page_size)) for n in lengths]
+    try:
+        inputs = cache.info.build([[0] * n for n in lengths], [0] * len(lengths), pages, [0] * len(lengths))
+        names = {n.target for n in gm.graph.nodes if n.op == "placeholder"} if isinstance(gm, fx.GraphModule) else None
+        args = {k: v for k, v in {**inputs.named_args, **cache.tensors}.items() if names is None or k in names}
+        with torch.inference_mode():
+            gm(**args)
+    finally:
+        for p in pages:
+            cache.free_pages(p)
