@@ -119,6 +119,14 @@ def add_cache_input(gm: fx.GraphModule, cache: CacheInterface, spec: CacheSpec) 
     return add_input(gm, spec.name, _fake(gm, (count, *spec.entry_shape), spec.dtype, cache.device))
 
 
+def _replace(gm: fx.GraphModule, node: fx.Node, target, args: tuple) -> None:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def _node_args(node: fx.Node) -> dict[str, Any]:
     """Arguments of an op call by schema name, defaults filled in."""
     schema = node.target._schema
@@ -184,15 +192,9 @@ class InsertCachedAttention(BaseTransform):
                 add_cache_input(gm, cache, CacheSpec(f"{kind}_cache_{layer}", (cache.page_size, *t.shape[2:]), dtype, True))
                 for kind, t in (("k", k), ("v", v))
             ]
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(
-                    cached_op,
-                    (a["q"], a["k"], a["v"], meta["seq_len"], meta["input_pos"], meta["cu_seqlen"],
-                     meta["page_table"], *caches, a["scale"], a.get("sliding_window"), a.get("logit_cap")),
-                )
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            args = (a["q"], a["k"], a["v"], meta["seq_len"], meta["input_pos"], meta["cu_seqlen"],
+                    meta["page_table"], *caches, a["scale"], a.get("sliding_window"), a.get("logit_cap"))
+            _replace(gm, node, cached_op, args)
         gm.recompile()
         note = f"{cfg.backend} backend, {len(nodes)} layers, pages of {cache.page_size} tokens"
         return gm, TransformInfo(num_matches=len(nodes), is_clean=False, has_valid_shapes=True, note=note)
@@ -211,18 +213,51 @@ def _canonical_attention_op():
 @dataclass
 class InsertCachedSSMConfig(TransformConfig):
     stage: str = "cache_init"
-    state_dtype: Optional[str] = None  # None = float32 SSM state (precision across many steps)
+    conv_state_dtype: Optional[str] = None  # None = the conv input's dtype
+    ssm_state_dtype: Optional[str] = "float32"  # the recurrent state accumulates over every token
     requires_shape_prop: bool = True
 
 
 @register("insert_cached_ssm")
 class InsertCachedSSM(BaseTransform):
-    """Mamba2 conv and scan ops -> their cached forms over per-slot conv and SSM state."""
+    """Mamba2 ``causal_conv1d`` / ``ssm_scan`` -> cached ops over per-slot conv and SSM state."""
 
     config_class = InsertCachedSSMConfig
 
     def apply(self, gm: fx.GraphModule, ctx: BuildContext):
-        return gm, TransformInfo(num_matches=0, note="no SSM ops in the graph")
+        import importlib
+
+        importlib.import_module("autodeploy.custom_ops.ssm_cached")
+        ops = torch.ops.autodeploy
+        conv_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.causal_conv1d.default]
+        scan_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.ssm_scan.default]
+        if not conv_nodes and not scan_nodes:
+            return gm, TransformInfo(num_matches=0, note="no SSM ops in the graph")
+        cfg: InsertCachedSSMConfig = self.config
+        cache = ensure_cache(ctx)
+        gm = as_plain_graph_module(gm)
+        meta = add_metadata_inputs(gm, cache)
+        batch_meta = (meta["seq_len"], meta["input_pos"], meta["cu_seqlen"], meta["slot_idx"])
+        for layer, node in enumerate(conv_nodes):
+            a = _node_args(node)
+            x, weight = _val(a["x"]), _val(a["weight"])
+            dtype = _DTYPES[cfg.conv_state_dtype] if cfg.conv_state_dtype else x.dtype
+            spec = CacheSpec(f"conv_state_{layer}", (weight.shape[0], weight.shape[1] - 1), dtype, paged=False)
+            state = add_cache_input(gm, cache, spec)
+            args = (a["x"], a["weight"], a.get("bias"), a.get("activation"), *batch_meta, state)
+            _replace(gm, node, ops.cached_causal_conv1d.default, args)
+        for layer, node in enumerate(scan_nodes):
+            a = _node_args(node)
+            x, b = _val(a["x"]), _val(a["B"])
+            dtype = _DTYPES[cfg.ssm_state_dtype] if cfg.ssm_state_dtype else x.dtype
+            spec = CacheSpec(f"ssm_state_{layer}", (x.shape[2], x.shape[3], b.shape[3]), dtype, paged=False)
+            state = add_cache_input(gm, cache, spec)
+            args = (a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("dt_bias"), a["dt_min"], a["dt_max"],
+                    a["chunk_size"], a.get("dt_softplus", True), *batch_meta, state)
+            _replace(gm, node, ops.cached_ssm_scan.default, args)
+        gm.recompile()
+        note = f"{len(conv_nodes)} conv + {len(scan_nodes)} scan ops, {cache.num_slots} state slots"
+        return gm, TransformInfo(num_matches=len(conv_nodes) + len(scan_nodes), has_valid_shapes=True, note=note)
 
 
 # ---- initialize_cache ----
