@@ -91,7 +91,11 @@ def random_tensor(fqn: str, shape: list[int], dtype: torch.dtype, device: torch.
 
 
 def replace_device_literals(gm: fx.GraphModule, device: torch.device) -> int:
-    """Point ``device=meta`` arguments baked into the graph at export (arange, to, ...) to ``device``."""
+    """Point ``device=meta`` arguments baked into the graph at export (arange, to, ...) to ``device``.
+
+    Placeholders' fake ``meta["val"]`` move to ``device`` as well; other nodes' values are stale
+    until the next shape propagation.
+    """
     meta = torch.device("meta")
 
     def fix(value):
@@ -103,6 +107,13 @@ def replace_device_literals(gm: fx.GraphModule, device: torch.device) -> int:
 
     changed = 0
     for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        # inputs' fake values move too, so shape propagation sees inputs and weights on one device
+        if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.device == meta:
+            fake_mode = getattr(val, "fake_mode", None)
+            if fake_mode is not None:
+                with fake_mode:
+                    node.meta["val"] = val.to(device)
         new_args = fx.node.map_aggregate(node.args, fix)
         new_kwargs = fx.node.map_aggregate(node.kwargs, fix)
         if new_args != node.args or new_kwargs != node.kwargs:

@@ -1,0 +1,126 @@
+"""Cached Mamba2 ops for the runtime: flattened batch, per-slot conv and SSM state, updated in place.
+
+Inputs follow the runtime contract (docs/architecture.md): all sequences' new tokens back to back
+in ``[1, T, ...]``; ``seq_len[B]`` new tokens per sequence, ``input_pos[B]`` tokens already
+processed, ``cu_seqlen[B+1]`` token offsets, ``slot_idx[B]`` the state slot of each sequence
+(all int32). A sequence with ``input_pos == 0`` starts from a zero state, whatever its slot held.
+
+``autodeploy::cached_causal_conv1d(x[1,T,C], weight[C,K], bias[C]?, str? activation,
+        seq_len[B], input_pos[B], cu_seqlen[B+1], slot_idx[B],
+        conv_state(a!)[num_slots, C, K-1]) -> [1,T,C]``
+    ``conv_state[s]`` holds the last K-1 inputs (pre-activation) of the sequence in slot s.
+
+``autodeploy::cached_ssm_scan(x[1,T,H,P], dt[1,T,H], A[H], B[1,T,G,N], C[1,T,G,N], D[H]?,
+        dt_bias[H]?, float dt_min, float dt_max, int chunk_size, bool dt_softplus,
+        seq_len[B], input_pos[B], cu_seqlen[B+1], slot_idx[B],
+        ssm_state(a!)[num_slots, H, P, N]) -> y[1,T,H,P] float32``
+    ``ssm_state[s]`` is the SSM state after the last processed token (computed in float32, stored
+    in the state's dtype). The same dt discretization as ``ssm_scan`` (softplus, then clamp to
+    [dt_min, dt_max]) is used for prefill and decode, so chunked prefill + decode equals the
+    uncached op over the whole sequence.
+
+Torch reference implementations: sequences with ``seq_len > 1`` (prefill / chunked prefill) loop
+one by one through the chunked scan; ``seq_len == 1`` (decode) tokens are processed together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ssm import _activation, chunk_scan, conv1d_channels_first, discretize_dt
+
+
+def _split_decode_prefill(seq_len: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    lens = seq_len.tolist()
+    decode = [i for i, n in enumerate(lens) if n == 1]
+    prefill = [i for i, n in enumerate(lens) if n > 1]
+    return lens, decode, prefill
+
+
+@torch.library.custom_op("autodeploy::cached_causal_conv1d", mutates_args=("conv_state",))
+def cached_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                         seq_len: torch.Tensor, input_pos: torch.Tensor, cu_seqlen: torch.Tensor,
+                         slot_idx: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
+    tokens = x[0]  # [T, C]
+    out = torch.zeros_like(tokens)
+    lens, decode, prefill = _split_decode_prefill(seq_len)
+    starts = cu_seqlen.tolist()
+    positions = input_pos.tolist()
+    slots = slot_idx.tolist()
+    width = weight.shape[-1] - 1
+
+    for i in prefill:
+        seq = tokens[starts[i] : starts[i] + lens[i]].transpose(0, 1)  # [C, L]
+        history = conv_state[slots[i]].to(seq.dtype) if positions[i] > 0 else seq.new_zeros(seq.shape[0], width)
+        window = torch.cat([history, seq], dim=-1)  # [C, K-1+L]
+        conv_state[slots[i]] = window[:, -width:].to(conv_state.dtype)
+        # a conv over the history+new window; keep the outputs of the new tokens
+        full = conv1d_channels_first(window[None], weight, bias, activation)[0]
+        out[starts[i] : starts[i] + lens[i]] = full[:, width:].transpose(0, 1)
+
+    if decode:
+        rows = torch.tensor([starts[i] for i in decode], device=x.device)
+        slot_t = torch.tensor([slots[i] for i in decode], device=x.device)
+        fresh = torch.tensor([positions[i] == 0 for i in decode], device=x.device)
+        history = conv_state[slot_t].to(tokens.dtype)  # [n, C, K-1]
+        history = history.masked_fill(fresh[:, None, None], 0)
+        window = torch.cat([history, tokens[rows][:, :, None]], dim=-1)  # [n, C, K]
+        conv_state[slot_t] = window[:, :, -width:].to(conv_state.dtype)
+        y = torch.nn.functional.conv1d(window.to(weight.dtype), weight.unsqueeze(1), bias, groups=window.shape[1])
+        act = _activation(activation)
+        if act is not None:
+            y = act(y)
+        out[rows] = y[:, :, 0].to(tokens.dtype)
+    return out[None]
+
+
+@cached_causal_conv1d.register_fake
+def _cached_causal_conv1d_fake(x, weight, bias, activation, seq_len, input_pos, cu_seqlen, slot_idx, conv_state):
+    _activation(activation)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("autodeploy::cached_ssm_scan", mutates_args=("ssm_state",))
+def cached_ssm_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_min: float, dt_max: float,
+                    chunk_size: int, dt_softplus: bool, seq_len: torch.Tensor, input_pos: torch.Tensor,
+                    cu_seqlen: torch.Tensor, slot_idx: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+    num_heads, head_dim = x.shape[2], x.shape[3]
+    out = x.new_zeros(x.shape, dtype=torch.float32)[0]  # [T, H, P]
+    lens, decode, prefill = _split_decode_prefill(seq_len)
+    starts = cu_seqlen.tolist()
+    positions = input_pos.tolist()
+    slots = slot_idx.tolist()
+
+    for i in prefill:
+        sl = slice(starts[i], starts[i] + lens[i])
+        initial = ssm_state[slots[i]][None].float() if positions[i] > 0 else None
+        y, final = chunk_scan(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], chunk_size, D=D, dt_bias=dt_bias,
+                              initial_states=initial, dt_softplus=dt_softplus, dt_min=dt_min, dt_max=dt_max)
+        out[sl] = y[0]
+        ssm_state[slots[i]] = final[0].to(ssm_state.dtype)
+
+    if decode:
+        rows = torch.tensor([starts[i] for i in decode], device=x.device)
+        slot_t = torch.tensor([slots[i] for i in decode], device=x.device)
+        fresh = torch.tensor([positions[i] == 0 for i in decode], device=x.device)
+        xs = x[0, rows].float()  # [n, H, P]
+        dts = discretize_dt(dt[0, rows], dt_bias, dt_softplus, dt_min, dt_max).float()  # [n, H]
+        groups = B.shape[2]
+        Bs = B[0, rows].float().repeat_interleave(num_heads // groups, dim=1)  # [n, H, N]
+        Cs = C[0, rows].float().repeat_interleave(num_heads // groups, dim=1)
+        state = ssm_state[slot_t].float().masked_fill(fresh[:, None, None, None], 0)  # [n, H, P, N]
+        dA = torch.exp(dts * A.float())  # [n, H]
+        state = state * dA[:, :, None, None] + (dts[:, :, None] * xs)[..., None] * Bs[:, :, None, :]
+        ssm_state[slot_t] = state.to(ssm_state.dtype)
+        y = torch.einsum("nhpd,nhd->nhp", state, Cs)
+        if D is not None:
+            y = y + xs * D.float()[None, :, None]
+        out[rows] = y
+    return out.reshape(1, -1, num_heads, head_dim)
+
+
+@cached_ssm_scan.register_fake
+def _cached_ssm_scan_fake(x, dt, A, B, C, D, dt_bias, dt_min, dt_max, chunk_size, dt_softplus, seq_len, input_pos,
+                          cu_seqlen, slot_idx, ssm_state):
+    return x.new_empty(x.shape, dtype=torch.float32)
