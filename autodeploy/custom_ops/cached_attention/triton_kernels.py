@@ -288,6 +288,10 @@ def _p2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
 
+def _p2_dot(x: int) -> int:
+    return max(16, _p2(x))  # tl.dot needs every dim >= 16
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -323,10 +327,15 @@ def append_kv(k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table):
 
 
 def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
-                      block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2):
+                      block_m: int | None = None, block_n: int | None = None, num_warps: int = 8,
+                      num_stages: int = 2):
     """Causal attention of q[T, H, D] over the pages (the new K/V must already be appended)."""
     T, H, D = q.shape
     KV, DV = k_cache.shape[2], v_cache.shape[-1]
+    # tiles that fit shared memory and registers: halve them for wide heads or fp32
+    big = max(D, DV) > 128 or q.element_size() > 2
+    block_m = block_m or (64 if big else 128)
+    block_n = block_n or (32 if big else 64)
     G = H // KV
     G_PAD = _p2(G)
     block_q = max(1, block_m // G_PAD)
@@ -342,7 +351,7 @@ def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, sca
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
         G=G, G_PAD=G_PAD, BLOCK_Q=block_q, BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
-        D=D, DV=DV, BLOCK_D=_p2(D), BLOCK_DV=_p2(DV),
+        D=D, DV=DV, BLOCK_D=_p2_dot(D), BLOCK_DV=_p2_dot(DV),
         HAS_WINDOW=bool(window), HAS_CAP=bool(cap),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -350,13 +359,14 @@ def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, sca
 
 
 def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, window, cap,
-                     num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                     num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
                      num_stages: int = 2):
     """One new token per sequence (q[B, H, D], k[B, KV, D]): writes its K/V into the pages and
     attends over positions 0..input_pos[b] (within the window)."""
     B, H, D = q.shape
     KV, DV = k.shape[1], v.shape[-1]
     G = H // KV
+    block_n = block_n or (32 if max(D, DV) > 128 or q.element_size() > 2 else 64)
     out = q.new_empty((B, H, DV))
     if B == 0:
         return out
@@ -377,7 +387,7 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
         out.stride(0), out.stride(1),
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
         H=H, G=G, G_PAD=max(16, _p2(G)), BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
-        D=D, DV=DV, BLOCK_D=_p2(D), BLOCK_DV=_p2(DV), NUM_SPLITS=splits,
+        D=D, DV=DV, BLOCK_D=_p2_dot(D), BLOCK_DV=_p2_dot(DV), NUM_SPLITS=splits,
         HAS_WINDOW=bool(window), HAS_CAP=bool(cap), num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:

@@ -1,0 +1,205 @@
+"""CUDA graphs for decode-only batches, eager for everything else.
+
+A decode-only batch is one where every sequence brings one token: ``T == B`` (input_ids is
+``[1, T]``, seq_len is ``[B]``; no sequence brings zero tokens). Such a batch of ``b`` sequences
+replays the graph captured for the smallest captured size ``bs >= b``:
+
+- batched inputs (``input_ids``, ``position_ids``, ``input_pos``, ``page_table``, ``slot_idx``)
+  are copied into the graph's static buffers, rows ``[0, b)``;
+- rows ``[b, bs)`` are padding: token 0 at position 0, one token (``seq_len`` 1), page-table row
+  all 0, ``slot_idx`` 0. Page 0 and state slot 0 are scratch in the cache manager (never handed
+  to a request), so the padded rows only ever write there. ``seq_len`` (all ones) and
+  ``cu_seqlen`` (``arange``) are the same for every decode batch and are never copied;
+- every other input (the caches) must be the very tensors seen at capture, else the call runs
+  eagerly (with one warning);
+- outputs are token-major (``[1, T, ...]``): the runner returns views of the graph's static
+  output narrowed to the first ``b`` tokens, valid until the next replay.
+
+Prefill or mixed batches, larger batches, or a page table of another width run eagerly. Graphs
+are captured largest first into one shared memory pool, each after a few warm-up runs (which also
+trigger torch.compile for torch-opt and let attention backends plan).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TOKEN_INPUTS = ("input_ids", "position_ids")  # [1, T]
+SEQ_INPUTS = ("seq_len", "input_pos", "cu_seqlen", "page_table", "slot_idx")  # [B, ...] (cu_seqlen [B+1])
+BATCHED_INPUTS = TOKEN_INPUTS + SEQ_INPUTS
+_CONSTANT_IN_DECODE = ("seq_len", "cu_seqlen")
+
+
+def decode_pad_inputs(bs: int, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Static buffers of a decode batch of ``bs`` padding rows (dtypes/devices/page-table width of ``like``)."""
+    out = {}
+    for name in BATCHED_INPUTS:
+        if name not in like:
+            continue
+        t = like[name]
+        if name in TOKEN_INPUTS:
+            out[name] = torch.zeros((1, bs), dtype=t.dtype, device=t.device)
+        elif name == "seq_len":
+            out[name] = torch.ones(bs, dtype=t.dtype, device=t.device)
+        elif name == "cu_seqlen":
+            out[name] = torch.arange(bs + 1, dtype=t.dtype, device=t.device)
+        elif name == "page_table":
+            out[name] = torch.zeros((bs, t.shape[1]), dtype=t.dtype, device=t.device)
+        else:
+            out[name] = torch.zeros(bs, dtype=t.dtype, device=t.device)
+    return out
+
+
+def _rows(name: str, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return t[:, start:stop] if name in TOKEN_INPUTS else t[start:stop]
+
+
+def _narrow_tokens(out: Any, bs: int, b: int) -> Any:
+    if isinstance(out, torch.Tensor):
+        for dim, size in enumerate(out.shape):
+            if size == bs:
+                return out.narrow(dim, 0, b)
+        return out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_narrow_tokens(o, bs, b) for o in out)
+    if isinstance(out, dict):
+        return {k: _narrow_tokens(v, bs, b) for k, v in out.items()}
+    return out
+
+
+class _Graph:
+    def __init__(self, bs: int, inputs: dict[str, torch.Tensor]):
+        self.bs = bs
+        self.inputs = inputs  # every graph input: static batched buffers + the static tensors
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.output: Any = None
+        self.pad_from = bs  # rows [pad_from, bs) currently hold padding values
+
+
+class CudaGraphRunner(nn.Module):
+    """Callable like the GraphModule (same keyword inputs; extra ones are ignored); see the module
+    docstring. ``input_names`` lists the inputs it takes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_names: Iterable[str],
+        batch_sizes: Iterable[int],
+        warmup_iters: int = 2,
+        prepare_hooks: Iterable[Callable[[Mapping[str, torch.Tensor]], None]] = (),
+    ):
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+        self.batch_sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1})
+        self.warmup_iters = warmup_iters
+        self.prepare_hooks = list(prepare_hooks)
+        self.graphs: dict[int, _Graph] = {}
+        self.static_names = [n for n in self.input_names if n not in BATCHED_INPUTS]
+        self.copy_names = [n for n in self.input_names if n in BATCHED_INPUTS and n not in _CONSTANT_IN_DECODE]
+        self.enabled = "seq_len" in self.input_names and bool(self.batch_sizes)
+        self.num_replays = 0
+        self.num_eager = 0
+        self._warned: set[str] = set()
+        if "seq_len" not in self.input_names:
+            self._warn("no_seq_len", "model has no seq_len input (no cached ops): CUDA graphs disabled, running eagerly")
+
+    def _warn(self, key: str, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    @property
+    def captured_sizes(self) -> list[int]:
+        return sorted(self.graphs)
+
+    # ---- capture ----
+
+    @torch.no_grad()
+    def capture(self, example: Mapping[str, torch.Tensor]) -> None:
+        """Capture every batch size. ``example``: any call's inputs (or the cache manager's): the
+        static tensors are taken from it, the batched ones only lend dtype, device and width."""
+        if not self.enabled or self.graphs:
+            return
+        missing = [n for n in self.input_names if n not in example]
+        if missing:
+            raise ValueError(f"CUDA-graph capture needs every graph input; missing {missing}")
+        static = {n: example[n] for n in self.static_names}
+        pool = torch.cuda.graph_pool_handle()
+        for bs in sorted(self.batch_sizes, reverse=True):  # largest first: smaller ones reuse its memory
+            g = _Graph(bs, {**decode_pad_inputs(bs, example), **static})
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup_iters):
+                    self._prepare(g.inputs)
+                    self.model(**g.inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._prepare(g.inputs)
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph, pool=pool):
+                g.output = self.model(**g.inputs)
+            self.graphs[bs] = g
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batch sizes %s", self.captured_sizes)
+
+    def _prepare(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        for hook in self.prepare_hooks:
+            hook(inputs)
+
+    # ---- run ----
+
+    def _pick(self, kwargs: Mapping[str, torch.Tensor]) -> Optional[_Graph]:
+        b = kwargs["seq_len"].shape[0]
+        if kwargs["input_ids"].shape[-1] != b:  # prefill or mixed
+            return None
+        if not self.graphs:
+            try:
+                self.capture(kwargs)
+            except Exception as e:  # noqa: BLE001 - e.g. an op that syncs the host cannot be captured
+                self.enabled = False
+                torch.cuda.synchronize()
+                self._warn("capture", "CUDA-graph capture failed, running eagerly from now on: %s: %s",
+                           type(e).__name__, e)
+                return None
+        g = next((self.graphs[bs] for bs in self.captured_sizes if bs >= b), None)
+        if g is None:
+            self._warn(f"size{b}", "decode batch of %d is larger than every captured size %s: running eagerly",
+                       b, self.captured_sizes)
+            return None
+        pt = kwargs.get("page_table")
+        if pt is not None and pt.shape[1] != g.inputs["page_table"].shape[1]:
+            self._warn("pt", "page table width changed since capture: running eagerly")
+            return None
+        for n in self.static_names:
+            t, s = kwargs[n], g.inputs[n]
+            if t is not s and (t.data_ptr() != s.data_ptr() or t.shape != s.shape):
+                self._warn("static", "input %r is not the tensor seen at capture (re-allocated cache?): "
+                           "running eagerly", n)
+                return None
+        return g
+
+    def forward(self, **kwargs):
+        kwargs = {n: kwargs[n] for n in self.input_names}  # extra inputs are ignored, like CompiledGraph
+        g = self._pick(kwargs) if self.enabled else None
+        if g is None:
+            self.num_eager += 1
+            return self.model(**kwargs)
+        b = kwargs["seq_len"].shape[0]
+        inp = g.inputs
+        dst = [_rows(n, inp[n], 0, b) for n in self.copy_names]
+        src = [kwargs[n] for n in self.copy_names]
+        torch._foreach_copy_(dst, src)
+        if b < g.pad_from:  # rows [b, pad_from) hold a previous batch's data: pad them again
+            torch._foreach_zero_([_rows(n, inp[n], b, g.pad_from) for n in self.copy_names])
+        g.pad_from = b
+        self._prepare(inp)
+        g.graph.replay()
+        self.num_replays += 1
+        return _narrow_tokens(g.output, g.bs, b)

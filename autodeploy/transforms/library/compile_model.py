@@ -1,0 +1,118 @@
+"""``compile_model`` (stage compile): torch-simple | torch-compile | torch-cudagraph | torch-opt.
+
+The result is called like the GraphModule (same keyword inputs), so the engine does not care
+which backend ran. CUDA-graph backends capture decode-only batches (see ``compile/cudagraph.py``
+for the padding rules) when the cache manager (``ctx.cache``) already holds its tensors, else on
+the first decode step. On a CPU device they fall back to torch-simple with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional
+
+from torch import fx
+
+from ...compile import (
+    COMPILE_BACKENDS,
+    check_backend,
+    clamp_batch_sizes,
+    compile_graph,
+    default_batch_sizes,
+    placeholder_names,
+)
+from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileModelConfig(TransformConfig):
+    stage: str = "compile"
+    backend: str = "torch-compile"  # one of COMPILE_BACKENDS
+    # decode batch sizes to capture; None = 1, 2, 4, multiples of 8 and max_batch_size
+    cuda_graph_batch_sizes: Optional[List[int]] = None
+    max_batch_size: Optional[int] = None  # None = args.max_batch_size
+    capture_on_build: bool = True  # False: capture on the first decode step instead
+    num_warmup_iters: int = 2  # eager runs before each capture (compile, autotune, planning)
+    run_graph_cleanup: bool = False  # the result is no longer a plain GraphModule
+    requires_clean_graph: bool = True
+
+    def __post_init__(self):  # fail at config time, before any model work
+        try:
+            check_backend(self.backend)
+        except ValueError as e:
+            raise ValueError(f"args.transforms.compile_model.backend: {e}") from None
+        if self.cuda_graph_batch_sizes is not None and any(int(b) < 1 for b in self.cuda_graph_batch_sizes):
+            raise ValueError(
+                f"args.transforms.compile_model.cuda_graph_batch_sizes must be >= 1, got {list(self.cuda_graph_batch_sizes)}"
+            )
+
+
+def _arg(args, name, default=None):
+    if args is None:
+        return default
+    if hasattr(args, "get"):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+def _prepare_hooks(gm: fx.GraphModule) -> list:
+    """The ``prepare`` hooks of the attention backends whose ops are in the graph (flashinfer plans there)."""
+    from ...custom_ops.cached_attention import BACKENDS, _load_builtin
+
+    _load_builtin()
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    return [
+        b.prepare
+        for b in BACKENDS.values()
+        if b.prepare is not None and any(f"autodeploy.{b.op_name}" in t for t in targets)
+    ]
+
+
+def _example_inputs(ctx: BuildContext, names: list[str]):
+    """Decode-batch inputs and cache tensors from the cache manager, if it has allocated them."""
+    cache = ctx.cache
+    tensors = getattr(cache, "tensors", None)
+    info = getattr(cache, "info", None)
+    if not tensors or info is None or not hasattr(info, "decode_batch"):
+        return None
+    example = {**info.decode_batch(1).named_args, **tensors}
+    return example if all(n in example for n in names) else None
+
+
+@register("compile_model")
+class CompileModel(BaseTransform):
+    config_class = CompileModelConfig
+
+    def apply(self, model, ctx: BuildContext):
+        cfg: CompileModelConfig = self.config
+        backend = check_backend(cfg.backend)
+        if not isinstance(model, fx.GraphModule):
+            raise TypeError(f"compile_model needs the cached fx.GraphModule, got {type(model).__name__}")
+        max_bs = cfg.max_batch_size or _arg(ctx.args, "max_batch_size") or getattr(ctx.cache, "max_batch_size", None)
+        if max_bs is None:
+            raise ValueError("compile_model needs max_batch_size (set args.max_batch_size)")
+        sizes = (
+            clamp_batch_sizes(cfg.cuda_graph_batch_sizes, int(max_bs))
+            if cfg.cuda_graph_batch_sizes is not None
+            else default_batch_sizes(int(max_bs))
+        )
+        names = placeholder_names(model)
+        example = _example_inputs(ctx, names) if cfg.capture_on_build else None
+        compiled, used = compile_graph(
+            model, backend, ctx.device, sizes, example_inputs=example,
+            prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
+        )
+        if used == "torch-simple":
+            note = "torch-simple: graph runs as is" + (f" ({backend} needs CUDA)" if backend != used else "")
+            return compiled, TransformInfo(num_matches=0, is_clean=True, note=note)
+        note = used
+        if used in ("torch-cudagraph", "torch-opt"):
+            captured = getattr(compiled, "captured_sizes", [])
+            note += f", decode graphs {captured}" if captured else f", decode graphs {sizes} on first decode step"
+        return compiled, TransformInfo(num_matches=1, is_clean=True, note=note)
+
+
+__all__ = ["CompileModel", "CompileModelConfig", "COMPILE_BACKENDS"]
