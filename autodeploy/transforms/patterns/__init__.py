@@ -1,0 +1,1 @@
+"""Helpers shared by the pattern-matching transforms: node queries, graph edits, mask probing."""
