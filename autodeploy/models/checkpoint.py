@@ -147,17 +147,16 @@ class SafetensorsCheckpoint:
 
     def _add_fused_piece(self, converter: Any, target: str, pattern: str, renamed: str, ckpt_key: str) -> None:
         layout = _stack_concat_layout(converter)
-        if layout is None:
-            entry = self._unsupported.setdefault(target, _Unsupported(repr(converter), []))
-            entry.keys.append(ckpt_key)
+        expert = _expert_index(pattern, renamed) if layout is not None else None
+        if layout is None or expert is None:
+            # every model key this converter produces (one-to-many converters name the first one)
+            targets = list(getattr(converter, "target_patterns", []))
+            for other in [target] + [target.replace(targets[0], t, 1) for t in targets[1:]]:
+                entry = self._unsupported.setdefault(other, _Unsupported(_describe(converter), []))
+                entry.keys.append(ckpt_key)
             return
         stack_dim, concat_dim = layout
-        expert = _expert_index(pattern, renamed)
-        if expert is None:
-            entry = self._unsupported.setdefault(target, _Unsupported(repr(converter), []))
-            entry.keys.append(ckpt_key)
-            return
-        fused = self._fused.setdefault(target, _Fused([], stack_dim, concat_dim, repr(converter)))
+        fused = self._fused.setdefault(target, _Fused([], stack_dim, concat_dim, _describe(converter)))
         fused.pieces.append(_Piece(ckpt_key, list(converter.source_patterns).index(pattern), expert))
 
     def resolve(self, model_key: str) -> str | None:
@@ -319,6 +318,11 @@ def _split_conversions(conversions: list[Any]) -> tuple[list[Any], list[Any]]:
     renamings = [c for c in conversions if not isinstance(c, WeightConverter)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     return renamings, converters
+
+
+def _describe(converter: Any) -> str:
+    ops = ", ".join(type(op).__name__ for op in getattr(converter, "operations", []))
+    return f"{converter!r} with operations [{ops}]"
 
 
 def _stack_concat_layout(converter: Any) -> tuple[int, int | None] | None:

@@ -331,8 +331,7 @@ class ModelFactory:
                             f"{f' (slice {ranges})' if ranges else ''} != model shape {list(t.tensor.shape)}"
                             + ("; a sharded tensor must already have its per-rank shape" if ranges else "")
                         )
-                    loaded[cache_key] = value
-                set_tensor(model, t.fqn, value, t.is_param)
+                loaded[cache_key] = set_tensor(model, t.fqn, value, t.is_param)
         if checkpoint is not None:
             checkpoint.close()
         if isinstance(model, fx.GraphModule):

@@ -46,13 +46,18 @@ def model_tensors(model: nn.Module) -> list[ModelTensor]:
     return unique
 
 
-def set_tensor(model: nn.Module, fqn: str, value: torch.Tensor, is_param: bool) -> None:
+def set_tensor(model: nn.Module, fqn: str, value: torch.Tensor, is_param: bool) -> torch.Tensor:
+    """Put ``value`` at ``fqn`` (wrapped as a frozen Parameter if ``is_param``); returns what was set,
+    so tied names can be given the very same object."""
     mod_name, _, name = fqn.rpartition(".")
     module = model.get_submodule(mod_name) if mod_name else model
     if is_param:
-        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        module._parameters[name] = value
     else:
         module._buffers[name] = value
+    return value
 
 
 def slice_tensor(tensor: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
