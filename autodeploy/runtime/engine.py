@@ -22,7 +22,7 @@ from torch import fx, nn
 from .kv_cache import CacheInterface
 from .outputs import RequestOutput
 from .prompts import as_prompt_list, tokenize
-from .request import Request, Status
+from .request import Request
 from .sampler import Sampler, SamplingBatch, fold_seed
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -55,14 +55,17 @@ class Engine:
 
     # ---- public API ----
 
-    def generate(self, prompts: Any, sampling_params: SamplingArg = None) -> list[RequestOutput]:
+    def generate(self, prompts: Any, sampling_params: SamplingArg = None, progress: bool = False) -> list[RequestOutput]:
         """Run ``prompts`` to completion; one output per prompt, in order."""
         requests = self.add_requests(prompts, sampling_params)
+        bar = _progress_bar(len(requests), progress)
         try:
             while not all(r.finished for r in requests):
                 self.step()
+                bar.update(sum(r.finished for r in requests) - bar.n)
         finally:
             self.abort(requests)
+            bar.close()
         return [self.output(r) for r in requests]
 
     def stream(self, prompts: Any, sampling_params: SamplingArg = None) -> Iterator[RequestOutput]:
@@ -206,6 +209,12 @@ class Engine:
             error=request.error,
             metrics=request.metrics,
         )
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="req", disable=not enabled or total <= 1)
 
 
 def _logits(out: Any) -> torch.Tensor:

@@ -38,6 +38,8 @@ class SequenceInfo:
         on_cuda = self.device.type == "cuda"
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=on_cuda)
         self._device = torch.zeros(size, dtype=torch.int32, device=self.device) if on_cuda else self._host
+        # the host buffer is reused: wait for the previous copy out of it (long done in steady state)
+        self._copied = torch.cuda.Event() if on_cuda else None
 
     def build(
         self,
@@ -68,9 +70,12 @@ class SequenceInfo:
             values += [0] * (max_pages - len(row))
         values += slots
         n = len(values)
+        if self._copied is not None:
+            self._copied.synchronize()
         self._host[:n] = torch.tensor(values, dtype=torch.int32)
-        if self._device is not self._host:
+        if self._copied is not None:
             self._device[:n].copy_(self._host[:n], non_blocking=True)
+            self._copied.record()
         return self._views(num_seqs, num_tokens)
 
     def _views(self, num_seqs: int, num_tokens: int) -> BatchInputs:

@@ -75,3 +75,37 @@ def test_page_pressure_preempts_and_matches(toy):
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True))
     assert engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == [toy.greedy(p, 14) for p in prompts]
+
+
+def test_pages_for_budget_grows_into_free_memory_and_caps():
+    from autodeploy.runtime.kv_cache import CacheSpec
+    from autodeploy.transforms.library.kvcache import pages_for_budget
+
+    cache = CacheInterface(max_batch_size=8, max_seq_len=256, max_num_tokens=64, page_size=16, device="cpu")
+    cache.add_cache(CacheSpec("k_cache_0", (16, 2, 8), torch.float32, paged=True))
+    cache.add_cache(CacheSpec("v_cache_0", (16, 2, 8), torch.float32, paged=True))
+    cache.add_cache(CacheSpec("ssm_state_0", (4, 8, 16), torch.float32, paged=False))  # not per page
+    assert cache.bytes_per_page == 2 * 16 * 2 * 8 * 4
+    cache.num_pages = base = 20  # as the (small) initial GPU allocation
+    assert pages_for_budget(cache, 10 * cache.bytes_per_page, 0.5) == base + 5
+    assert pages_for_budget(cache, 10**12, 0.9) == 8 * 16 + 1  # capped: max_batch_size full sequences
+    small = CacheInterface(max_batch_size=1, max_seq_len=256, page_size=16, device="cpu")
+    small.add_cache(CacheSpec("k_cache_0", (16, 2, 8), torch.float32, paged=True))
+    small.num_pages = 3
+    with pytest.raises(RuntimeError, match="not enough GPU memory"):
+        pages_for_budget(small, 0, 0.5)
+
+
+def test_resize_kv_cache_config_checks_ratio():
+    from autodeploy.transforms.interface import build_config
+
+    with pytest.raises(ValueError, match="free_mem_ratio"):
+        build_config("resize_kv_cache", {"stage": "cache_init", "free_mem_ratio": 1.5})
+
+
+def test_unknown_backend_fails_before_model_work(toy):
+    from autodeploy.transforms.interface import TransformError
+
+    ctx = BuildContext(cache=CacheInterface(2, 16, None, 4, "cpu"))
+    with pytest.raises(TransformError, match="unknown attention backend 'torhc'.*did you mean torch"):
+        InferenceOptimizer({"insert_cached_attention": {"stage": "cache_init", "backend": "torhc"}})(ctx, model=toy.export())

@@ -325,14 +325,27 @@ def pages_from_free_memory(gm, cache: CacheInterface, ratio: float) -> int:
     # the forward's activations stay reserved in the caching allocator, so "free" already
     # leaves room for the largest batch the engine will run
     free, _ = torch.cuda.mem_get_info(device)
-    paged_bytes = cache.bytes_per_page * cache.num_pages
-    num_pages = int((paged_bytes + free * ratio) // cache.bytes_per_page)
-    num_pages = min(num_pages, cache.max_batch_size * cache.pages_per_seq + 1)  # more is never used
+    num_pages = pages_for_budget(cache, free, ratio)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = torch.tensor([num_pages], device=device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         num_pages = int(t.item())
     return num_pages
+
+
+def pages_for_budget(cache: CacheInterface, free_bytes: int, ratio: float) -> int:
+    """The current paged caches plus ``ratio`` of ``free_bytes``, capped at what can ever be used."""
+    paged_bytes = cache.bytes_per_page * cache.num_pages
+    num_pages = int((paged_bytes + free_bytes * ratio) // cache.bytes_per_page)
+    useful = cache.max_batch_size * cache.pages_per_seq + 1  # no prefix sharing: more is never used
+    if num_pages < cache.pages_per_seq + 1:
+        raise RuntimeError(
+            f"not enough GPU memory for the KV cache: {free_bytes / 2**30:.2f} GiB free after a "
+            f"{cache.max_num_tokens}-token forward gives {num_pages} pages of {cache.page_size} tokens, "
+            f"one max_seq_len={cache.max_seq_len} sequence needs {cache.pages_per_seq + 1}; "
+            f"lower max_seq_len/max_num_tokens or raise free_mem_ratio"
+        )
+    return min(num_pages, useful)
 
 
 def run_max_token_forward(gm, cache: CacheInterface) -> None:
