@@ -6,13 +6,24 @@
     outputs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=32))
 """
 
-from .engine import Engine
-from .kv_cache import CacheInterface, CacheSpec
-from .outputs import RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
-from .sequence_info import METADATA_NAMES, BatchInputs, SequenceInfo
+import importlib
 
-__all__ = [
-    "BatchInputs", "CacheInterface", "CacheSpec", "Engine", "METADATA_NAMES", "RequestMetrics",
-    "RequestOutput", "SamplingParams", "SequenceInfo",
-]
+# lazy, so `from autodeploy.runtime.sampling_params import SamplingParams` does not import torch
+_EXPORTS = {
+    "Engine": "engine",
+    "CacheInterface": "kv_cache",
+    "CacheSpec": "kv_cache",
+    "RequestMetrics": "outputs",
+    "RequestOutput": "outputs",
+    "SamplingParams": "sampling_params",
+    "SequenceInfo": "sequence_info",
+    "BatchInputs": "sequence_info",
+    "METADATA_NAMES": "sequence_info",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
