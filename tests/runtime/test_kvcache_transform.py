@@ -109,3 +109,11 @@ def test_unknown_backend_fails_before_model_work(toy):
     ctx = BuildContext(cache=CacheInterface(2, 16, None, 4, "cpu"))
     with pytest.raises(TransformError, match="unknown attention backend 'torhc'.*did you mean torch"):
         InferenceOptimizer({"insert_cached_attention": {"stage": "cache_init", "backend": "torhc"}})(ctx, model=toy.export())
+
+
+def test_uncached_attention_left_in_the_graph_fails_the_build(toy):
+    from autodeploy.transforms.interface import TransformError
+
+    ctx = BuildContext(cache=CacheInterface(2, 16, None, 4, "cpu"))
+    with pytest.raises(TransformError, match=r"uncached sequence ops \(2 x attention\); add insert_cached_attention"):
+        InferenceOptimizer({"resize_kv_cache": {"stage": "cache_init"}})(ctx, model=toy.export())

@@ -260,6 +260,38 @@ class InsertCachedSSM(BaseTransform):
         return gm, TransformInfo(num_matches=len(conv_nodes) + len(scan_nodes), has_valid_shapes=True, note=note)
 
 
+# ---- checks shared by initialize_cache and resize_kv_cache ----
+
+# ops that mix tokens along the sequence: in a flattened batch they would mix sequences
+_UNCACHED = {
+    "attention": "insert_cached_attention",
+    "causal_conv1d": "insert_cached_ssm",
+    "ssm_scan": "insert_cached_ssm",
+}
+
+
+def check_fully_cached(gm: Any) -> None:
+    """Fail if a sequence-mixing op was left uncached (it would silently mix sequences)."""
+    if not isinstance(gm, fx.GraphModule):
+        return
+    left: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if name.startswith("autodeploy.") and name.split(".")[1] in _UNCACHED:
+            left[name.split(".")[1]] = left.get(name.split(".")[1], 0) + 1
+        elif "scaled_dot_product_attention" in name:
+            left["scaled_dot_product_attention"] = left.get("scaled_dot_product_attention", 0) + 1
+    if not left:
+        return
+    fixes = sorted({_UNCACHED[op] for op in left if op in _UNCACHED})
+    hint = f"add {', '.join(fixes)} (stage cache_init) to args.transforms" if fixes else (
+        "the attention pattern matcher did not rewrite this attention into autodeploy::attention")
+    found = ", ".join(f"{n} x {op}" for op, n in sorted(left.items()))
+    raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {hint}")
+
+
 # ---- initialize_cache ----
 
 
@@ -273,6 +305,7 @@ class InitializeCache(BaseTransform):
     config_class = InitializeCacheConfig
 
     def apply(self, gm, ctx: BuildContext):
+        check_fully_cached(gm)
         cache = ensure_cache(ctx)
         if not cache.specs:
             return gm, TransformInfo(num_matches=0, note="no caches registered")
@@ -300,6 +333,7 @@ class ResizeKVCache(BaseTransform):
     config_class = ResizeKVCacheConfig
 
     def apply(self, gm, ctx: BuildContext):
+        check_fully_cached(gm)
         cache = ensure_cache(ctx)
         if cache.specs and not cache.tensors:
             cache.initialize()
