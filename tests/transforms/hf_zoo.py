@@ -1,0 +1,100 @@
+"""Small HF models (random weights, no tokenizer) that cover the patterns the matchers must handle.
+
+Each variant names the HF features it brings and how many canonical ops its graph must end up
+with (per model, 2 layers). Models are fp32 so the rewritten graph can be compared with HF eager at
+a tight tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+NUM_LAYERS = 2
+COMMON: dict[str, Any] = dict(
+    hidden_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+# every variant is checked on these (batch, seq) shapes; 33 > every sliding window below
+SHAPES = [(1, 1), (2, 16), (3, 7), (2, 33)]
+
+
+@dataclass
+class Variant:
+    config_class: str
+    kwargs: dict[str, Any]
+    features: str
+    rms_norms: int  # RMSNorms the matcher must find
+    moes: int = 0
+    attn_implementation: str = "sdpa"
+    # per layer (sliding_window, logit_cap) the attention ops must carry
+    attention_args: list[tuple[Any, Any]] = field(default_factory=lambda: [(None, None)] * NUM_LAYERS)
+
+
+L = NUM_LAYERS
+VARIANTS: dict[str, Variant] = {
+    "llama": Variant("LlamaConfig", dict(intermediate_size=128), "GQA, SDPA", 2 * L + 1),
+    "llama_eager": Variant("LlamaConfig", dict(intermediate_size=128), "GQA, eager matmul/softmax", 2 * L + 1,
+                           attn_implementation="eager"),
+    "mixtral": Variant("MixtralConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+                       "MoE (grouped_mm), renormalized top-2", 2 * L + 1, moes=L),
+    "qwen3_moe": Variant("Qwen3MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8,
+                                                num_experts_per_tok=2, head_dim=16, norm_topk_prob=False),
+                         "MoE without renormalization, q/k norms", 4 * L + 1, moes=L),
+    "qwen2_moe": Variant("Qwen2MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32,
+                                                shared_expert_intermediate_size=48, num_experts=4,
+                                                num_experts_per_tok=2),
+                         "MoE + gated shared expert, qkv biases", 2 * L + 1, moes=L),
+    "qwen3": Variant("Qwen3Config", dict(intermediate_size=64, head_dim=16), "q/k RMSNorm per head", 4 * L + 1),
+    "glm": Variant("GlmConfig", dict(intermediate_size=64, head_dim=16), "partial (1/2) interleaved RoPE, qkv biases",
+                   2 * L + 1),
+    "stablelm": Variant("StableLmConfig", dict(intermediate_size=64, partial_rotary_factor=0.25),
+                        "partial (1/4) rotate-half RoPE, LayerNorm", 0),
+    "qwen2_sliding": Variant("Qwen2Config", dict(intermediate_size=64, use_sliding_window=True, sliding_window=5,
+                                                 max_window_layers=1,
+                                                 layer_types=["full_attention", "sliding_attention"]),
+                             "sliding window on layer 1, qkv biases", 2 * L + 1, attention_args=[(None, None), (5, None)]),
+    "gemma2": Variant("Gemma2Config", dict(intermediate_size=64, head_dim=16, sliding_window=4,
+                                           attn_logit_softcapping=30.0),
+                      "eager, soft-capping, alternating sliding window, (1+w) norms, GeGLU", 4 * L + 1,
+                      attn_implementation="eager", attention_args=[(4, 30.0), (None, 30.0)]),
+}
+
+
+def build_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    variant = VARIANTS[name]
+    config = getattr(transformers, variant.config_class)(**COMMON, **variant.kwargs)
+    config._attn_implementation = variant.attn_implementation
+    config.use_cache = False
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    # larger-than-default weights spread the logits, so a wrong rewrite cannot hide in rounding
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def export(model: torch.nn.Module):
+    from autodeploy.export.export import export_to_gm
+
+    return export_to_gm(model, max_batch_size=8, max_seq_len=128)
+
+
+def sample_inputs(batch: int, seq: int, vocab: int = 128, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(batch * 1000 + seq)
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    pos = (torch.arange(seq) + offset).expand(batch, seq).contiguous()
+    return ids, pos
+
+
+class FakeFactory:
+    """What the matchers read from ``ctx.factory``: the HF config."""
+
+    def __init__(self, config):
+        self.config = config

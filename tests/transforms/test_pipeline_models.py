@@ -1,0 +1,94 @@
+"""Cleanup + pattern matchers on real HF architectures: exact logits and the right canonical ops."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from hf_zoo import NUM_LAYERS, SHAPES, VARIANTS, sample_inputs
+
+aten = torch.ops.aten
+NAMES = list(VARIANTS)
+
+
+def canonical_ops(gm) -> Counter:
+    return Counter(
+        str(n.target).split(".")[1] for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("autodeploy.")
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_hf_eager(name, deployed):
+    d = deployed(name)
+    for batch, seq in SHAPES:
+        ids, pos = sample_inputs(batch, seq)
+        with torch.no_grad():
+            expected = d.hf(input_ids=ids, position_ids=pos).logits
+            got = d.gm(ids, pos)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, msg=f"{name} at (batch, seq)=({batch}, {seq})")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_attention_and_rope_per_layer(name, deployed):
+    d = deployed(name)
+    ops = canonical_ops(d.gm)
+    assert ops["attention"] == NUM_LAYERS
+    assert ops["rope"] == NUM_LAYERS
+    assert ops["rms_norm"] == d.variant.rms_norms
+    assert ops["moe"] == d.variant.moes
+    # nothing of HF's attention or experts is left: no SDPA, no softmax over scores, no grouped_mm
+    leftovers = [n for n in d.gm.graph.nodes if n.op == "call_function" and (
+        n.target in (aten.scaled_dot_product_attention.default, aten._grouped_mm.default)
+        or (n.target is aten.softmax.int and n.meta["val"].dim() == 4)  # the router's softmax is 2-D
+        or "grouped_mm" in str(n.target))]
+    assert leftovers == []
+    assert d.report["match_attention_pattern"].note == ""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attention_carries_window_and_softcap(name, deployed):
+    d = deployed(name)
+    nodes = [n for n in d.gm.graph.nodes if n.target is torch.ops.autodeploy.attention.default]
+    got = [(n.args[4], n.args[5]) for n in nodes]
+    assert got == d.variant.attention_args
+    cfg = d.hf.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for n in nodes:
+        q, k, v = (a.meta["val"] for a in n.args[:3])
+        # bsnd, GQA inside: k/v keep their own (un-repeated) head count
+        assert (q.shape[2], q.shape[3]) == (cfg.num_attention_heads, head_dim)
+        assert k.shape[2] == v.shape[2] == cfg.num_key_value_heads
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_eager", "mixtral", "glm"])
+def test_attention_path_has_no_transposes(name, deployed):
+    gm = deployed(name).gm
+    for n in gm.graph.nodes:
+        if n.target in (torch.ops.autodeploy.attention.default, torch.ops.autodeploy.rope.default):
+            for a in n.all_input_nodes:
+                assert a.target not in (aten.transpose.int, aten.permute.default), f"{n.name} input {a.name}"
+        if n.target is torch.ops.autodeploy.attention.default:
+            assert all(u.target not in (aten.transpose.int, aten.permute.default) for u in n.users)
+
+
+def test_rope_flags(deployed):
+    for name, interleaved, rot_dim in [("llama", False, 16), ("glm", True, 8), ("stablelm", False, 4)]:
+        gm = deployed(name).gm
+        nodes = [n for n in gm.graph.nodes if n.target is torch.ops.autodeploy.rope.default]
+        assert [n.args[4] for n in nodes] == [interleaved] * NUM_LAYERS, name
+        assert {n.args[2].meta["val"].shape[-1] for n in nodes} == {rot_dim}, name
+
+
+def test_transformed_graph_reexports_with_dynamic_shapes(deployed):
+    from torch.export import Dim
+
+    d = deployed("mixtral")
+    batch, seq = Dim("batch", min=1, max=8), Dim("seq", min=1, max=64)
+    ids, pos = sample_inputs(2, 8)
+    with torch.no_grad():
+        program = torch.export.export(d.gm, (ids, pos), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), strict=False)
+        ids, pos = sample_inputs(3, 5)
+        torch.testing.assert_close(program.module()(ids, pos), d.gm(ids, pos), rtol=0, atol=0)
