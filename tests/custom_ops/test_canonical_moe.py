@@ -1,0 +1,69 @@
+"""``autodeploy::moe`` against transformers' grouped_mm experts (Mixtral layout)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autodeploy.custom_ops.moe  # noqa: F401
+
+moe = torch.ops.autodeploy.moe.default
+
+
+def mixtral_block(num_experts=4, top_k=2, hidden=32, inter=24, dtype=torch.float32):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=num_experts,
+                           num_experts_per_tok=top_k)
+    config._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(config).to(dtype).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    return block
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("num_experts,top_k", [(4, 2), (8, 3)])
+def test_matches_grouped_mm_experts(tokens, num_experts, top_k):
+    block = mixtral_block(num_experts, top_k)
+    x = torch.randn(tokens, 32)
+    with torch.no_grad():
+        _, weights, ids = block.gate(x)
+        expected = block.experts(x, ids, weights)
+    got = moe(x, ids, weights, block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_bf16_matches_grouped_mm_experts():
+    block = mixtral_block(dtype=torch.bfloat16)
+    x = torch.randn(9, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, weights, ids = block.gate(x)
+        expected = block.experts(x, ids, weights)
+    got = moe(x, ids, weights, block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)
+
+
+def test_zero_routing_weight_drops_an_expert():
+    block = mixtral_block()
+    x = torch.randn(6, 32)
+    ids = torch.tensor([[0, 1]] * 6)
+    weights = torch.tensor([[1.0, 0.0]] * 6)
+    only_first = moe(x, ids, weights, block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
+    single = moe(x, ids[:, :1], weights[:, :1], block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
+    torch.testing.assert_close(only_first, single, rtol=0, atol=1e-6)
+
+
+def test_fake_kernel_and_registration():
+    block = mixtral_block()
+    x = torch.randn(7, 32)
+    ids = torch.randint(0, 4, (7, 2))
+    torch.library.opcheck(moe, (x, ids, torch.rand(7, 2), block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()))
+    with torch.device("meta"):
+        out = moe(torch.empty(5, 4096), torch.empty(5, 2, dtype=torch.long), torch.empty(5, 2),
+                  torch.empty(8, 2 * 14336, 4096), torch.empty(8, 4096, 14336))
+    assert out.shape == (5, 4096)
