@@ -1,0 +1,64 @@
+"""Export patch registry: selection per model type, explicit selection, and why the Mamba patch exists."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from autodeploy.export import patches as registry
+from autodeploy.export.export import ExportError, export_to_gm
+from autodeploy.models.factory import ModelFactory
+
+
+def test_patches_are_selected_by_model_type(exported_models):
+    assert "mamba2_ssm_ops" in exported_models["tiny_hybrid"][1].meta["autodeploy_export"]["patches"]
+    for name in ("tiny_llama", "tiny_mixtral"):
+        applied = exported_models[name][1].meta["autodeploy_export"]["patches"]
+        assert "mamba2_ssm_ops" not in applied and "histc_float_input" in applied
+
+
+def test_unknown_patch_name():
+    with pytest.raises(KeyError, match=r"unknown export patch 'mamba_ssm_ops'.*did you mean mamba2_ssm_ops"):
+        registry.get_patch("mamba_ssm_ops")
+
+
+def test_register_and_apply_a_patch():
+    calls = []
+
+    @registry.register_patch("_test_only_patch", model_types=("llama",))
+    @contextlib.contextmanager
+    def _patch(model):
+        calls.append("enter")
+        yield
+        calls.append("exit")
+
+    try:
+        llama = ModelFactory("tiny_llama").build_model()
+        mixtral = ModelFactory("tiny_mixtral").build_model()
+        assert "_test_only_patch" in [p.name for p in registry.patches_for(llama)]
+        assert "_test_only_patch" not in [p.name for p in registry.patches_for(mixtral)]
+        with registry.export_patches(mixtral, names=["_test_only_patch"]) as applied:
+            assert applied == ["_test_only_patch"] and calls == ["enter"]
+        assert calls == ["enter", "exit"]
+        with pytest.raises(ValueError, match="registered twice"):
+            registry.register_patch("_test_only_patch")(lambda model: contextlib.nullcontext())
+    finally:
+        registry.PATCHES.pop("_test_only_patch", None)
+
+
+def test_hybrid_without_the_mamba_patch_cannot_keep_seq_dynamic():
+    # HF's chunked scan pads seq to a multiple of chunk_size, which specializes seq at export
+    model = ModelFactory("tiny_hybrid").build_model()
+    with pytest.raises(ExportError, match=r"torch.export failed for NemotronHForCausalLM"):
+        export_to_gm(model, max_batch_size=2, max_seq_len=64, patches=["histc_float_input"])
+
+
+def test_histc_patch_makes_meta_exported_moe_run_on_cpu():
+    # exported on meta, HF's MoE would take its non-CPU branch (int histc), which has no CPU kernel
+    factory = ModelFactory("tiny_mixtral")
+    gm = export_to_gm(factory.build_model(), max_batch_size=2, max_seq_len=32, patches=[])
+    factory.load_weights(gm, "cpu")
+    with pytest.raises(RuntimeError, match="histogram_cpu"):
+        gm(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]))
