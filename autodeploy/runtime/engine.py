@@ -45,6 +45,8 @@ class Engine:
     ):
         self.model = model
         self.cache = cache
+        if cache.specs and not cache.tensors:
+            cache.initialize()  # the pipeline had no initialize_cache / resize_kv_cache
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(cache)
         self.sampler = Sampler()
