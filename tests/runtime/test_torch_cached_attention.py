@@ -143,3 +143,15 @@ def test_fake_kernel_shapes():
 def test_unknown_backend_names_the_closest():
     with pytest.raises(ValueError, match="did you mean torch"):
         get_backend("torhc")
+
+
+@pytest.mark.parametrize("chunks", [([5, 3], [0, 2]), ([1, 1], [5, 3])], ids=["prefill", "decode"])
+def test_opcheck(chunks):
+    lens, pos = chunks
+    info = SequenceInfo(4, 64, 4)
+    m = info.build([[0] * n for n in lens], pos, [[1, 2], [3, 4]], [1, 2]).named_args
+    T = sum(lens)
+    args = (torch.randn(1, T, 4, 8), torch.randn(1, T, 2, 8), torch.randn(1, T, 2, 8),
+            *(m[k].clone() for k in ("seq_len", "input_pos", "cu_seqlen", "page_table")),
+            torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8), 0.35, None, None)
+    torch.library.opcheck(get_backend("torch").op(), args)
