@@ -114,7 +114,7 @@ class Engine:
                 raise ValueError(
                     f"prompt has {request.prompt_len} tokens, more than max_seq_len={self.cache.max_seq_len}"
                 )
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - bad input (or a tokenizer error) fails this request only
             self._fail(request, f"invalid request: {e}")
             return request
         request.seed = fold_seed(params.seed) if params.seed is not None else int(torch.randint(2**32, ()))
@@ -139,6 +139,10 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return self._fail_unschedulable()
+        now = time.perf_counter()
+        for r in batch.requests:
+            if r.metrics.first_scheduled_time is None:
+                r.metrics.first_scheduled_time = now
         try:
             tokens = self._forward_and_sample(batch)
         except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the engine goes on
@@ -170,8 +174,6 @@ class Engine:
         now, updated = time.perf_counter(), []
         for request, n, token in zip(batch.requests, batch.num_new_tokens, tokens):
             request.num_computed += n
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = now
             if request.num_pending:  # mid-prompt chunk: no token yet
                 continue
             request.token_ids.append(token)
