@@ -70,8 +70,22 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):
-        """One ``RequestOutput`` per prompt, in order (strings, token-id lists or chat messages)."""
-        raise NotImplementedError("generation lands with the runtime")
+        """One ``RequestOutput`` per prompt, in order (strings, token-id lists or chat messages).
+
+        ``sampling_params``: one ``SamplingParams`` for all prompts, a list (one per prompt) or None
+        (defaults). A bad prompt or bad params fail only that request (``finish_reason="error"``).
+        """
+        return self._require_engine().generate(prompts, sampling_params, progress=use_tqdm)
+
+    def stream(self, prompts, sampling_params=None):
+        """Yield ``RequestOutput`` snapshots (text and token_ids so far) as requests progress;
+        each request's last one has ``finished == True``."""
+        return self._require_engine().stream(prompts, sampling_params)
+
+    def _require_engine(self):
+        if self.engine is None:
+            raise RuntimeError("this LLM was shut down; create a new one")
+        return self.engine
 
     def shutdown(self) -> None:
         self.engine = None
