@@ -9,11 +9,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_lm import CACHE_NAMES, DECODE_STEPS, PagedBatcher, apply_compile, rel, run_both, toy_caches, toy_graph  # noqa: E402,E501
+from toy_lm import CACHE_NAMES, DECODE_STEPS, PagedBatcher, apply_compile, rel, run_both, toy_caches, toy_graph  # noqa: E402
 
-from autodeploy.compile import CudaGraphRunner, default_batch_sizes  # noqa: E402
-from autodeploy.custom_ops.cached_attention import torch_backend  # noqa: E402,F401
-from autodeploy.transforms.interface import BuildContext, build_config, get_transform_class  # noqa: E402
+from autodeploy.compile import CudaGraphRunner  # noqa: E402
+
 
 def _check_replay(runner, gm, dtype=torch.float32, tol=1e-4):
     outs, c_ref, c_new = run_both(gm, runner, "cuda", dtype)
@@ -62,10 +61,8 @@ def test_capture_on_build_from_cache_manager_and_fallbacks(caplog):
     def decode_batch(bs):
         return SimpleNamespace(named_args=PagedBatcher(device="cuda").batch({i: [0] for i in range(bs)}))
 
-    ctx = BuildContext(args={"max_batch_size": 4}, device=torch.device("cuda"),
-                       cache=SimpleNamespace(tensors=caches, info=SimpleNamespace(decode_batch=decode_batch)))
-    cfg = build_config("compile_model", {"stage": "compile", "backend": "torch-cudagraph"})
-    runner, info = get_transform_class("compile_model")(cfg).apply(gm, ctx)
+    cache = SimpleNamespace(tensors=caches, info=SimpleNamespace(decode_batch=decode_batch))
+    runner, info = apply_compile(gm, "cuda", cache=cache, max_batch_size=4, backend="torch-cudagraph")
     assert runner.captured_sizes == [1, 2, 4] and "[1, 2, 4]" in info.note
 
     with torch.inference_mode():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from autodeploy.transforms.interface import BuildContext, build_config, get_transform_class
+from autodeploy.transforms.interface import BuildContext
 
 CACHE_NAMES = ("k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1")
 
@@ -95,15 +95,20 @@ PROMPTS = {0: 5, 1: 9, 2: 1, 3: 17, 4: 3, 5: 12}
 DECODE_STEPS = [[0, 1, 2, 3, 4, 5], [0, 1, 2], [4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5], [5, 3]]
 
 
-def apply_compile(gm, device, **opts):
-    cfg = build_config("compile_model", {"stage": "compile", **opts})
-    ctx = BuildContext(args={"max_batch_size": 8}, device=torch.device(device))
-    return get_transform_class("compile_model")(cfg).apply(gm, ctx)
+def apply_compile(gm, device, cache=None, max_batch_size=8, **opts):
+    """The compile_model transform (its class directly: no omegaconf needed on the GPU machine)."""
+    from autodeploy.transforms.library.compile_model import CompileModel, CompileModelConfig
+
+    ctx = BuildContext(args={"max_batch_size": max_batch_size}, device=torch.device(device), cache=cache)
+    return CompileModel(CompileModelConfig(**opts)).apply(gm, ctx)
 
 
 def schedule(gen: torch.Generator):
     """Yields {seq id: new tokens} for every step: prefill, decodes, a mixed step, decodes."""
-    tok = lambda n: torch.randint(0, 97, (n,), generator=gen).tolist()  # noqa: E731
+
+    def tok(n):
+        return torch.randint(0, 97, (n,), generator=gen).tolist()
+
     yield {s: tok(n) for s, n in PROMPTS.items()}
     for seqs in DECODE_STEPS[:3]:
         yield {s: tok(1) for s in seqs}

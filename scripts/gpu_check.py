@@ -1,0 +1,212 @@
+"""Check and time the GPU attention backends on one GPU.
+
+    PYTHONUNBUFFERED=1 python scripts/gpu_check.py [--out DIR] [--quick]
+
+1. correctness: every test case of tests/gpu (prefill, chunked prefill, decode, mixed, windows,
+   soft-cap, GQA, page boundaries) for triton, flashinfer (if installed) and torch, as the relative
+   error ||out - ref|| / ||ref|| against a float64 reference, bf16 and fp16;
+2. timings at Llama-8B attention shapes (32 q heads, 8 kv heads, head_dim 128, page 64, context
+   1024, batch 1/8/32): decode (median of CUDA-graph replays over 8 layers' caches, so the caches
+   are not served from L2, and eager launches) and prefill, against the torch backend and, for
+   prefill, dense SDPA (flash attention, no paging) as a ceiling; a decode split sweep and a few
+   prefill tile configs.
+Prints a summary last and writes every number to DIR/gpu_check.json. Imports torch/triton only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "gpu")]
+from attn_cases import SMALL_CASES, make_batch, reference, rel_err  # noqa: E402
+from test_attention_backends import LARGE_CASES  # noqa: E402
+
+from autodeploy.custom_ops.cached_attention import _load_builtin, get_backend  # noqa: E402
+from autodeploy.custom_ops.cached_attention import triton_kernels as tk  # noqa: E402
+
+H, KV, D, PS, CTX, LAYERS = 32, 8, 128, 64, 1024, 8
+
+
+def backends():
+    _load_builtin()
+    ops = {}
+    for name in ("triton", "flashinfer", "torch"):
+        try:
+            ops[name] = get_backend(name).op()
+        except RuntimeError as e:
+            print(f"[skip] {name}: {e}")
+    return ops
+
+
+def check_correctness(ops, dtypes):
+    rows = []
+    for dtype in dtypes:
+        for name, seqs, h, kv, d, ps, window, cap in SMALL_CASES + LARGE_CASES:
+            batch = make_batch(seqs, h, kv, d, ps, dtype=dtype, device="cuda",
+                               generator=torch.Generator().manual_seed(len(name)))
+            ref, kc_ref, _ = reference(batch, d**-0.5, window, cap)
+            row = {"case": name, "dtype": str(dtype).split(".")[-1]}
+            for bname, op in ops.items():
+                b = batch.clone()
+                out = op(*b.args(), d**-0.5, window, cap)
+                torch.cuda.synchronize()
+                row[bname] = rel_err(out, ref)
+                row[bname + "_cache_ok"] = bool(torch.equal(b.k_cache.double().cpu(), kc_ref))
+            rows.append(row)
+            print("  ", row)
+    return rows
+
+
+def bench_graph(fn, reps=50):
+    """Median ms of one call of fn, from CUDA-graph replays (fn runs LAYERS calls)."""
+    import triton
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=reps, return_mode="median") / LAYERS
+
+
+def bench_eager(fn, reps=50):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median") / LAYERS
+
+
+def decode_setup(batch):
+    b = make_batch([(CTX - 1, 1)] * batch, H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
+    caches = [(torch.randn_like(b.k_cache), torch.randn_like(b.v_cache)) for _ in range(LAYERS)]
+    return b, caches
+
+
+def time_decode(ops, batch, sweep):
+    b, caches = decode_setup(batch)
+    res = {}
+    kv_bytes = batch * CTX * KV * D * 2 * 2  # K and V of every cached token, bf16
+
+    def layers(call):
+        def fn():
+            for kc, vc in caches:
+                call(kc, vc)
+        return fn
+
+    meta = (b.seq_len, b.input_pos, b.cu_seqlen, b.page_table)
+    for name, op in ops.items():
+        call = layers(lambda kc, vc, op=op: op(b.q, b.k, b.v, *meta, kc, vc, D**-0.5, None, None))
+        res[name] = {"graph_ms": bench_graph(call), "eager_ms": bench_eager(call)}
+    if "triton" in ops and sweep:
+        for splits in (1, 2, 4, 8, 16, 32):
+            call = layers(lambda kc, vc, s=splits: tk.decode_attention(
+                b.q[0], b.k[0], b.v[0], kc, vc, b.input_pos, b.page_table, D**-0.5, 0, 0.0, num_splits=s))
+            res[f"triton_splits{splits}"] = {"graph_ms": bench_graph(call)}
+        res["heuristic_splits"] = tk.decode_num_splits(batch, KV, b.page_table.shape[1] * PS, b.q.device, 64)
+    for v in res.values():
+        if isinstance(v, dict):
+            v["TB_s"] = kv_bytes / (v["graph_ms"] * 1e-3) / 1e12
+    return res
+
+
+def time_prefill(ops, batch, sweep):
+    b = make_batch([(0, CTX)] * batch, H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
+    flops = 4 * batch * H * D * CTX * (CTX + 1) / 2  # causal QK^T and PV
+    meta = (b.seq_len, b.input_pos, b.cu_seqlen, b.page_table)
+    res = {}
+    import triton
+
+    def tflops(ms):
+        return flops / (ms * 1e-3) / 1e12
+
+    for name, op in ops.items():
+        ms = triton.testing.do_bench(lambda op=op: op(b.q, b.k, b.v, *meta, b.k_cache, b.v_cache, D**-0.5, None, None),
+                                     warmup=25, rep=100, return_mode="median")
+        res[name] = {"ms": ms, "TFLOP_s": tflops(ms)}
+    q = b.q[0].view(batch, CTX, H, D).transpose(1, 2).contiguous()
+    k = b.k[0].view(batch, CTX, KV, D).transpose(1, 2).repeat_interleave(H // KV, 1).contiguous()
+    v = b.v[0].view(batch, CTX, KV, D).transpose(1, 2).repeat_interleave(H // KV, 1).contiguous()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ms = triton.testing.do_bench(lambda: sdpa(q, k, v, is_causal=True), warmup=25, rep=100, return_mode="median")
+    res["sdpa_dense"] = {"ms": ms, "TFLOP_s": tflops(ms)}
+    if "triton" in ops and sweep:
+        tk.append_kv(b.k[0], b.v[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen, b.page_table)
+        for bm, bn, warps, stages in [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2),
+                                      (128, 128, 8, 2), (64, 64, 4, 3)]:
+            fn = lambda: tk.prefill_attention(b.q[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen,  # noqa: E731
+                                              b.page_table, D**-0.5, 0, 0.0, block_m=bm, block_n=bn,
+                                              num_warps=warps, num_stages=stages)
+            try:
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                res[f"triton_attn_only_m{bm}_n{bn}_w{warps}_s{stages}"] = {"ms": ms, "TFLOP_s": tflops(ms)}
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+                res[f"triton_attn_only_m{bm}_n{bn}_w{warps}_s{stages}"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true", help="bf16 only, no sweeps")
+    args = ap.parse_args()
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+           "triton": triton.__version__, "commit": os.environ.get("GIT_COMMIT", "?")}
+    print("env:", env)
+    ops = backends()
+    report = {"env": env}
+    print("== correctness (relative error vs float64)")
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
+    report["correctness"] = check_correctness(ops, dtypes)
+    report["decode"], report["prefill"] = {}, {}
+    for batch in (1, 8, 32):
+        print(f"== decode batch {batch}")
+        report["decode"][batch] = time_decode(ops, batch, sweep=not args.quick)
+        print("  ", report["decode"][batch])
+    for batch in (1, 8, 32):
+        print(f"== prefill batch {batch}")
+        report["prefill"][batch] = time_prefill(ops, batch, sweep=not args.quick and batch == 8)
+        print("  ", report["prefill"][batch])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+
+    print("\n==== summary", env["device"], env["date"])
+    worst = {}
+    for row in report["correctness"]:
+        for k, v in row.items():
+            if k not in ("case", "dtype") and not k.endswith("_cache_ok"):
+                key = f"{k}/{row['dtype']}"
+                worst[key] = max(worst.get(key, 0.0), v)
+    bad_cache = [(r["case"], r["dtype"]) for r in report["correctness"]
+                 for k, v in r.items() if k.endswith("_cache_ok") and not v]
+    print("max rel err:", {k: f"{v:.2e}" for k, v in worst.items()}, "| cache mismatches:", bad_cache or "none")
+    print(f"decode, ctx {CTX}, per layer (CUDA graph replay; eager in brackets):")
+    for batch, r in report["decode"].items():
+        line = "  ".join(f"{n} {r[n]['graph_ms'] * 1e3:.1f}us ({r[n]['eager_ms'] * 1e3:.0f}) {r[n]['TB_s']:.2f}TB/s"
+                         for n in ops if n in r)
+        sweep = " ".join(f"s{k[13:]}={v['graph_ms'] * 1e3:.1f}" for k, v in r.items() if k.startswith("triton_splits"))
+        print(f"  bs{batch}: {line}  | splits(heur {r.get('heuristic_splits')}): {sweep}")
+    print(f"prefill {CTX} tokens/seq, per layer:")
+    for batch, r in report["prefill"].items():
+        print(f"  bs{batch}: " + "  ".join(f"{n} {v['ms']:.3f}ms {v['TFLOP_s']:.0f}TF/s"
+                                          for n, v in r.items() if "ms" in v and not n.startswith("triton_attn")))
+        for n, v in r.items():
+            if n.startswith("triton_attn"):
+                print(f"     {n}: " + (f"{v['ms']:.3f}ms {v['TFLOP_s']:.0f}TF/s" if "ms" in v else v["error"]))
+
+
+if __name__ == "__main__":
+    main()
