@@ -77,15 +77,18 @@ class Engine:
         aborts the requests it still runs.
         """
         requests = self.add_requests(prompts, sampling_params)
-        mine = set(map(id, requests))
+        reported = [(0, False)] * len(requests)  # (tokens, finished) last yielded per request
         try:
-            for r in requests:
-                if r.finished:  # failed at arrival
-                    yield self.output(r)
-            while not all(r.finished for r in requests):
-                for r in self.step():
-                    if id(r) in mine:
+            while True:
+                for i, r in enumerate(requests):
+                    state = (r.num_generated, r.finished)
+                    if state != reported[i] and (r.num_generated or r.finished):
+                        reported[i] = state
                         yield self.output(r)
+                if all(finished for _, finished in reported):
+                    return
+                if not all(r.finished for r in requests):
+                    self.step()  # also advances other callers' requests; we report only ours
         finally:
             self.abort(requests)
 

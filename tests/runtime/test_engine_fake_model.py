@@ -210,3 +210,13 @@ def test_metrics_record_token_times():
     m = out.metrics
     assert len(m.token_times) == 6 and m.ttft is not None and m.ttft >= 0 and len(m.itl) == 5
     assert m.finished_time >= m.token_times[-1]
+
+
+def test_stream_reports_progress_made_by_other_callers():
+    eng = engine()
+    it = eng.stream(prompts([3]), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    first = next(it)
+    eng.generate(prompts([4]), SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))  # steps ours to the end
+    rest = list(it)
+    assert len(first.token_ids) == 1 and rest[-1].finished
+    assert rest[-1].token_ids == expected_tokens(prompts([3])[0], 5)
