@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from autodeploy.config import (
     ConfigError,
     compose_experiment,
+    config_groups,
+    group_overrides,
     register_configs,
     resolve_experiment,
     split_argv,
@@ -50,8 +52,9 @@ def _hydra_entry(cli_cfg: DictConfig):
 
     hc = HydraConfig.get()
     try:
-        defaults = hydra.compose(hc.job.config_name, overrides=[])
-        cfg = resolve_experiment(cli_cfg, defaults, list(hc.overrides.task))
+        overrides = list(hc.overrides.task)
+        defaults = hydra.compose(hc.job.config_name, overrides=group_overrides(overrides, config_groups()))
+        cfg = resolve_experiment(cli_cfg, defaults, overrides)
         validate_transforms(cfg)
     except ConfigError as e:
         log.error("%s", e)

@@ -8,12 +8,12 @@ from omegaconf import DictConfig
 
 from .cli import CONF_DIR, config_groups, split_argv, translate_argv, validate_override_keys
 from .errors import ConfigError
-from .resolve import resolve_experiment, validate_transforms
+from .resolve import group_overrides, resolve_experiment, validate_transforms
 from .schema import ExperimentConfig, register_configs
 
 __all__ = [
     "CONF_DIR", "ConfigError", "ExperimentConfig", "compose_experiment", "register_configs",
-    "resolve_experiment", "split_argv", "translate_argv", "validate_override_keys", "validate_transforms",
+    "group_overrides", "resolve_experiment", "split_argv", "translate_argv", "validate_override_keys", "validate_transforms",
 ]
 
 
@@ -44,14 +44,15 @@ def compose_experiment(
     if extra and os.path.isfile(os.path.join(extra, f"{config_name}.yaml")):
         primary, extra = extra, primary
     search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
+    groups = group_overrides(translated, config_groups())
     try:
         if GlobalHydra.instance().is_initialized():
             cli = hydra.compose(config_name, overrides=translated)
-            defaults = hydra.compose(config_name, overrides=[])
+            defaults = hydra.compose(config_name, overrides=groups)
         else:
             with hydra.initialize_config_dir(config_dir=primary, version_base="1.3", job_name="autodeploy"):
                 cli = hydra.compose(config_name, overrides=search + translated)
-                defaults = hydra.compose(config_name, overrides=search)
+                defaults = hydra.compose(config_name, overrides=search + groups)
     except HydraException as e:
         cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""
         raise ConfigError(f"{e}{cause}") from None

@@ -97,10 +97,10 @@ def translate_argv(argv: list[str]) -> list[str]:
                 i += 1
             else:
                 value = "true"  # implicit boolean flag, e.g. --dry-run
-            out.append(_override(key, value))
+            out.extend(_override(key, value))
             i += 1
             continue
-        out.append(_hydra_override(tok))
+        out.extend(_hydra_override(tok))
         i += 1
     return out
 
@@ -119,31 +119,34 @@ def _value(value: str) -> str:
     return value if _SAFE_VALUE.match(value) or value.startswith(("[", "{")) else _quote(value)
 
 
-def _override(key: str, value: str) -> str:
+def _override(key: str, value: str) -> list[str]:
     if key == "model":
         return _model_override(value)
-    return f"{_prefix(key)}{key}={_value(value)}"
+    return [f"{_prefix(key)}{key}={_value(value)}"]
 
 
-def _model_override(value: str) -> str:
-    # `model` is a config group: a card selects its option, anything else is a path or hub id
-    if value in model_cards() or "," in value or value.startswith(("glob(", "choice(")):
-        return f"model={value}"
-    return f"args.model={_value(value)}"
+def _model_override(value: str) -> list[str]:
+    """`model` is a config group: a card selects its option (its args become the defaults) and,
+    like a path or hub id, is also set through the `args.model` alias at command-line level."""
+    if "," in value or value.startswith(("glob(", "choice(")):
+        return [f"model={value}"]  # a sweep over cards
+    if value in model_cards():
+        return [f"model={value}", f"args.model={value}"]
+    return [f"args.model={_value(value)}"]
 
 
 def _prefix(key: str) -> str:
     return "++" if any(key.startswith(p + ".") for p in FREE_FORM_PATHS) else ""
 
 
-def _hydra_override(tok: str) -> str:
-    """Native Hydra override: add ``++`` below free-form dicts and route non-card models."""
+def _hydra_override(tok: str) -> list[str]:
+    """Native Hydra override: add ``++`` below free-form dicts and route models like --model."""
     if "=" not in tok or tok.startswith(("+", "~")):
-        return tok
+        return [tok]
     key, value = tok.split("=", 1)
     if key == "model":
         return _model_override(value)
-    return _prefix(key) + tok
+    return [_prefix(key) + tok]
 
 
 def override_key(override: str) -> str:

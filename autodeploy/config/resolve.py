@@ -2,11 +2,12 @@
 
 Layers, lowest first (each later layer wins, and deep merge keeps siblings):
 
-1. built-in defaults: the composed config with no command-line overrides;
+1. built-in defaults: the config composed from the chosen group options (``model=llama3_8b``,
+   ``backend=triton``, ``experiment=...``: a group choice picks the defaults);
 2. ``args.yaml_extra`` files, merged into ``args`` only, in order;
 3. ``yaml_extra`` files, merged into the whole config, in order;
-4. the command line: every leaf the overrides changed (group choices included) plus every key
-   the overrides named explicitly, even when set to its default value.
+4. the command line's key overrides (``args.world_size=2``, ``--args.world-size=2``), even
+   when they equal the default value.
 
 Within one layer ``args.model`` beats ``model`` and a shortcut (``args.compile_backend`` ...) beats
 its transform option; afterwards both sides of each pair agree.
@@ -79,25 +80,30 @@ def load_yaml(path: str, flag: str) -> dict:
     return data
 
 
-def _cli_layer(cli: DictConfig, defaults: DictConfig, overrides: Iterable[str], groups: set[str]):
-    """Sets and deletions that the command line made, relative to the built-in defaults."""
-    new = dict(_flatten(OmegaConf.to_container(cli, resolve=False)))
-    old = dict(_flatten(OmegaConf.to_container(defaults, resolve=False)))
-    sets = [(p, v) for p, v in new.items() if p not in old or old[p] != v]
-    deletes = [p for p in old if p not in new and not any(p[: i] in new for i in range(1, len(p)))]
+def is_group_override(override: str, groups: set[str]) -> bool:
+    key = override_key(override)
+    return key in groups or "/" in key or key.split(".")[0] == "hydra"
+
+
+def group_overrides(overrides: Iterable[str], groups: set[str]) -> list[str]:
+    """The overrides that choose config-group options (they shape the defaults layer)."""
+    return [ov for ov in overrides if not ov.startswith("-") and is_group_override(ov, groups)]
+
+
+def _cli_layer(cli: DictConfig, overrides: Iterable[str], groups: set[str]):
+    """Sets and deletions of the explicit key overrides, with the values Hydra parsed."""
+    sets, deletes = [], []
     for ov in overrides:
-        if ov.startswith("-") or ("=" not in ov and not ov.startswith("~")):
+        if ov.startswith("-") or ("=" not in ov and not ov.startswith("~")) or is_group_override(ov, groups):
             continue
         key = override_key(ov)
-        if key in groups or "/" in key or key.split(".")[0] == "hydra":
-            continue
         path = tuple(key.split("."))
         if ov.startswith("~"):
             deletes.append(path)
-        else:  # explicit keys win even when they equal the default
-            value = OmegaConf.select(cli, key, throw_on_missing=False)
-            value = OmegaConf.to_container(value, resolve=False) if isinstance(value, (DictConfig, ListConfig)) else value
-            sets.extend(_flatten(value, path) if isinstance(value, dict) and value else [(path, value)])
+            continue
+        value = OmegaConf.select(cli, key, throw_on_missing=False)
+        value = OmegaConf.to_container(value, resolve=False) if isinstance(value, (DictConfig, ListConfig)) else value
+        sets.extend(_flatten(value, path) if isinstance(value, dict) and value else [(path, value)])
     return _normalize(sets), deletes
 
 
@@ -124,6 +130,8 @@ def _set(cfg: DictConfig, path: Path_, value: Any, source: str) -> None:
             hint = f" Did you mean: {', '.join('.'.join(map(str, path[:i] + (c,))) for c in close)}?" if close else ""
             raise ConfigError(f"{source}: unknown key '{'.'.join(map(str, path))}': {here} has no field '{key}'.{hint}")
         try:
+            if last and value == {} and isinstance(node.get(key), DictConfig) and not _is_free_form(path):
+                return  # an empty mapping over a typed section sets nothing
             if last:
                 with open_dict(node) if free else nullcontext():
                     node[key] = value
@@ -168,13 +176,15 @@ def resolve_experiment(
 ) -> DictConfig:
     """Merge yaml_extra files under the command line, sync aliases and shortcuts, check values.
 
-    ``extra_layer`` (a nested dict, e.g. the LLM API's kwargs) sits at command-line level.
+    ``cli`` is the config composed with every override, ``defaults`` the one composed with the
+    group choices only (``group_overrides``). ``extra_layer`` (a nested dict, e.g. the LLM API's
+    kwargs) sits at command-line level.
     """
     from .cli import config_groups
 
     overrides = list(overrides)
     groups = config_groups() if groups is None else groups
-    cli_sets, cli_deletes = _cli_layer(cli, defaults, overrides, groups)
+    cli_sets, cli_deletes = _cli_layer(cli, overrides, groups)
     if extra_layer:
         cli_sets = cli_sets + _normalize(_flatten(extra_layer))
 

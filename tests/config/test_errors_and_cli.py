@@ -84,7 +84,7 @@ def test_translation_rules():
         "transforms/compile=torch-opt", "args.tokenizer_kwargs.padding_side=left", "--cfg", "job",
     ])
     assert out == [
-        "model=tiny_mixtral", "args.world_size=2", "++args.model_kwargs.num_hidden_layers=10",
+        "model=tiny_mixtral", "args.model=tiny_mixtral", "args.world_size=2", "++args.model_kwargs.num_hidden_layers=10",
         "yaml_extra=['a.yaml','b.yaml']", "args.yaml_extra=['c.yaml']", "dry_run=true",
         "transforms/compile=torch-opt", "++args.tokenizer_kwargs.padding_side=left", "--cfg", "job",
     ]

@@ -95,12 +95,20 @@ def test_explicit_cli_value_equal_to_default_still_wins(layer_files):
     assert cfg.args.max_seq_len == DEFAULT_MAX_SEQ_LEN
 
 
-def test_cli_group_choice_beats_yaml(tmp_path):
+def test_group_choice_picks_defaults_that_files_and_keys_override(tmp_path):
     f = tmp_path / "x.yaml"
-    f.write_text("args:\n  compile_backend: torch-compile\n  transforms:\n    insert_cached_attention:\n      backend: flashinfer\n")
-    cfg = compose_experiment([f"--yaml-extra={f}", "transforms/compile=torch-simple"], check_transforms=False)
-    assert cfg.args.compile_backend == "torch-simple"  # CLI group choice over the file's shortcut
-    assert cfg.args.attn_backend == "flashinfer"  # the file still wins over built-in defaults
+    f.write_text("args:\n  max_seq_len: 4096\n  compile_backend: torch-compile\n")
+    # the card's own args (max_seq_len 2048, bf16, random weights) are defaults for this run
+    cfg = compose_experiment(["model=llama3_8b", "transforms/compile=torch-simple"], check_transforms=False)
+    assert (cfg.args.max_seq_len, cfg.args.dtype, cfg.args.compile_backend) == (2048, "bfloat16", "torch-simple")
+    # ... so a file overrides them, while the chosen model itself is a command-line value
+    cfg = compose_experiment([f"--yaml-extra={f}", "model=llama3_8b", "transforms/compile=torch-simple"],
+                             check_transforms=False)
+    assert cfg.model == "llama3_8b" and cfg.args.dtype == "bfloat16"
+    assert cfg.args.max_seq_len == 4096 and cfg.args.compile_backend == "torch-compile"
+    # and a key override beats the file
+    cfg = compose_experiment([f"--yaml-extra={f}", "--args.compile-backend=torch-simple"], check_transforms=False)
+    assert cfg.args.compile_backend == "torch-simple"
 
 
 def test_shortcut_beats_transform_option_within_a_layer(tmp_path):
