@@ -17,7 +17,9 @@ from torch import fx, nn
 
 from .cudagraph import CudaGraphRunner
 
-__all__ = ["COMPILE_BACKENDS", "CompiledGraph", "CudaGraphRunner", "check_backend", "compile_graph", "default_batch_sizes"]
+__all__ = [
+    "COMPILE_BACKENDS", "CompiledGraph", "CudaGraphRunner", "check_backend", "compile_graph", "default_batch_sizes",
+]
 
 log = logging.getLogger(__name__)
 

@@ -108,7 +108,7 @@ class CudaGraphRunner(nn.Module):
         self.num_eager = 0
         self._warned: set[str] = set()
         if "seq_len" not in self.input_names:
-            self._warn("no_seq_len", "model has no seq_len input (no cached ops): CUDA graphs disabled, running eagerly")
+            self._warn("no_seq_len", "model has no seq_len input (no cached ops): CUDA graphs off, running eagerly")
 
     def _warn(self, key: str, msg: str, *args) -> None:
         if key not in self._warned:

@@ -45,9 +45,8 @@ class CompileModelConfig(TransformConfig):
         except ValueError as e:
             raise ValueError(f"args.transforms.compile_model.backend: {e}") from None
         if self.cuda_graph_batch_sizes is not None and any(int(b) < 1 for b in self.cuda_graph_batch_sizes):
-            raise ValueError(
-                f"args.transforms.compile_model.cuda_graph_batch_sizes must be >= 1, got {list(self.cuda_graph_batch_sizes)}"
-            )
+            sizes = list(self.cuda_graph_batch_sizes)
+            raise ValueError(f"args.transforms.compile_model.cuda_graph_batch_sizes must be >= 1, got {sizes}")
 
 
 def _arg(args, name, default=None):
