@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+import autodeploy.custom_ops.attention  # noqa: F401  the tests name torch.ops.autodeploy.* at import
+import autodeploy.custom_ops.moe  # noqa: F401
+import autodeploy.custom_ops.rms_norm  # noqa: F401
+import autodeploy.custom_ops.rope  # noqa: F401
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_zoo import VARIANTS, FakeFactory, build_hf_model, export  # noqa: E402

@@ -98,3 +98,19 @@ class FakeFactory:
 
     def __init__(self, config):
         self.config = config
+
+
+def export_module(module: torch.nn.Module):
+    """Export a small custom ``forward(input_ids, position_ids)`` module like export_to_gm does."""
+    from torch.export import Dim
+
+    batch, seq = Dim("batch", min=1, max=8), Dim("seq", min=1, max=128)
+    ids, pos = sample_inputs(2, 8)
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), (ids, pos), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                                      strict=False)
+    return program.module()
+
+
+def count_target(gm, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)

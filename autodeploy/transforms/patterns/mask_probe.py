@@ -59,8 +59,19 @@ def _mask_inputs(mask: fx.Node) -> tuple[list[fx.Node], set[fx.Node]]:
         if is_op(node, aten.sym_size.int) and node.args[0].op != "placeholder":
             continue  # a size of an activation: evaluated from its symbolic expression
         stack.extend(node.all_input_nodes)
+    placeholders = {n for n in nodes if n.op == "placeholder"}
+    for node in placeholders:
+        # positions may shape the mask; other inputs (token ids) only through their sizes, so a
+        # padding mask derived from token values is never mistaken for a causal one
+        by_value = [u for u in node.users if u in nodes and not is_op(u, aten.sym_size.int)]
+        if by_value and not _is_positions(node):
+            raise _NotProbeable(f"mask depends on the values of input {node.name} (padding?)")
     order = {n: i for i, n in enumerate(mask.graph.nodes)}
-    return sorted(nodes, key=order.__getitem__), {n for n in nodes if n.op == "placeholder"}
+    return sorted(nodes, key=order.__getitem__), placeholders
+
+
+def _is_positions(node: fx.Node) -> bool:
+    return "position" in node.name
 
 
 def _window_literals(nodes: Iterable[fx.Node]) -> set[int]:
@@ -88,7 +99,7 @@ def _probe_inputs(placeholders: list[fx.Node], batch: int, seq: int) -> dict[fx.
         v = node.meta.get("val")
         if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.dtype.is_floating_point:
             raise _NotProbeable(f"mask depends on input {node.name} that is not a [batch, seq] integer tensor")
-        if "position" in node.name:
+        if _is_positions(node):
             inputs[node] = torch.arange(seq).unsqueeze(0) + offsets
         else:  # token ids: arbitrary non-special values
             inputs[node] = (torch.arange(batch * seq).reshape(batch, seq) % 7 + 5).to(v.dtype)

@@ -1,0 +1,109 @@
+"""Attention matcher edge cases: what is folded into the op, and what must be left alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_pipeline
+from hf_zoo import build_hf_model, count_target, export, export_module, sample_inputs
+
+attention_op = torch.ops.autodeploy.attention.default
+aten = torch.ops.aten
+
+
+class TinyAttention(torch.nn.Module):
+    """Embedding + one attention block, with the attention math chosen by ``kind``."""
+
+    def __init__(self, kind: str, heads=4, kv_heads=2, head_dim=8, vocab=128):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.h, self.kv, self.d = kind, heads, kv_heads, head_dim
+        self.emb = torch.nn.Embedding(vocab, heads * head_dim)
+        self.q = torch.nn.Linear(heads * head_dim, heads * head_dim)
+        self.k = torch.nn.Linear(heads * head_dim, kv_heads * head_dim)
+        self.v = torch.nn.Linear(heads * head_dim, kv_heads * head_dim)
+
+    def forward(self, input_ids, position_ids):
+        x = self.emb(input_ids)
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, self.d).transpose(1, 2)
+        k = self.k(x).view(b, s, -1, self.d).transpose(1, 2)
+        v = self.v(x).view(b, s, -1, self.d).transpose(1, 2)
+        rep = self.h // self.kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if self.kind == "bidirectional":
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif self.kind == "is_causal":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.kind == "chunked":
+            p = position_ids
+            mask = (p[:, None, :, None] >= p[:, None, None, :]) & (p[:, None, :, None] // 4 == p[:, None, None, :] // 4)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # eager variants with a causal additive mask
+            p = position_ids
+            mask = torch.where(p[:, None, :, None] >= p[:, None, None, :], 0.0, float("-inf"))
+            if self.kind == "eager_div":
+                scores = q @ k.transpose(-1, -2) / math.sqrt(self.d)
+            elif self.kind == "eager_prescaled_q":
+                scores = (q * self.d**-0.5) @ k.transpose(2, 3)
+            elif self.kind == "eager_scale_after_cap":
+                scores = torch.tanh((q @ k.transpose(2, 3)) / 5.0) * 5.0 * 0.3
+            probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32)
+            out = probs @ v
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
+def _check(kind, expect_matches):
+    module = TinyAttention(kind)
+    gm, report = run_pipeline(export_module(module))
+    assert count_target(gm, attention_op) == expect_matches
+    for batch, seq in [(1, 1), (2, 9), (3, 12)]:
+        ids, pos = sample_inputs(batch, seq)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(ids, pos), module(ids, pos), rtol=0, atol=1e-5)
+    return gm, report
+
+
+@pytest.mark.parametrize("kind", ["is_causal", "eager_div", "eager_prescaled_q"])
+def test_causal_variants_become_the_op(kind):
+    gm, _ = _check(kind, 1)
+    (node,) = [n for n in gm.graph.nodes if n.target is attention_op]
+    assert node.args[1].meta["val"].shape[2] == 2  # repeat_interleave folded: k keeps its 2 kv heads
+    assert count_target(gm, aten.repeat_interleave.self_int) == 0
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("bidirectional", "bidirectional"),
+    ("chunked", "neither causal nor sliding"),
+])
+def test_non_causal_masks_are_left_alone(kind, reason):
+    _, report = _check(kind, 0)
+    assert reason in report["match_attention_pattern"].note
+
+
+def test_scale_after_soft_cap_is_not_folded():
+    # the op applies scale before the cap; the other order must stay plain graph code
+    _check("eager_scale_after_cap", 0)
+
+
+def test_sliding_window_found_without_config():
+    """The window comes from the mask itself when no factory config is available."""
+    model = build_hf_model("qwen2_sliding")
+    gm, _ = run_pipeline(export(model), config=None)
+    windows = [n.args[4] for n in gm.graph.nodes if n.target is attention_op]
+    assert windows == [None, 5]
+    ids, pos = sample_inputs(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids, pos), model(input_ids=ids, position_ids=pos).logits, rtol=0, atol=1e-5)
+
+
+def test_disabled_variants_are_not_matched():
+    model = build_hf_model("llama_eager")
+    transforms = {"match_attention_pattern": {"stage": "pattern_matcher", "match_eager": False}}
+    gm, report = run_pipeline(export(model), transforms=transforms)
+    assert report["match_attention_pattern"].num_matches == 0
+    assert count_target(gm, attention_op) == 0
