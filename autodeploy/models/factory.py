@@ -145,6 +145,10 @@ def apply_config_overrides(config: Any, overrides: Mapping[str, Any], path: str 
         if key in ("dtype", "torch_dtype"):
             config.dtype = parse_dtype(value)
             continue
+        if key == "rope_theta" and not hasattr(config, key) and isinstance(getattr(config, "rope_parameters", None), dict):
+            # transformers 5 keeps rope_theta inside rope_parameters; older configs had it top-level
+            config.rope_parameters = {**config.rope_parameters, "rope_theta": value}
+            continue
         if not hasattr(config, key):
             unknown.append(key)
             continue
@@ -354,6 +358,11 @@ class ModelFactory:
                     return checkpoint.read(name, spec, dtype=dtype, device=device)
             if not t.is_param and t.tensor.device.type != "meta":
                 return slice_tensor(t.tensor, spec).to(device)
+            if not t.is_param and t.fqn not in record.shapes:
+                raise CheckpointError(
+                    f"buffer {t.fqn!r} is not in checkpoint {checkpoint.directory} and is not a buffer of the HF "
+                    "model: a tensor constant created during export on meta has no value to load"
+                )
             tied = f" (nor its tied alias(es) {', '.join(aliases[1:])})" if len(aliases) > 1 else ""
             raise CheckpointError(f"key {t.fqn!r}{tied} not found in checkpoint {checkpoint.directory}")
         canonical = min(aliases)  # tied names draw the same values

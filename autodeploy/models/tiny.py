@@ -131,6 +131,7 @@ def ensure_tiny_model(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         build_tiny_model(name, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.rename(tmp, final)
         except OSError:

@@ -62,3 +62,23 @@ def test_histc_patch_makes_meta_exported_moe_run_on_cpu():
     factory.load_weights(gm, "cpu")
     with pytest.raises(RuntimeError, match="histogram_cpu"):
         gm(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]))
+
+
+@pytest.mark.parametrize("model_type,kwargs", [
+    ("bamba", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                   mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=16,
+                   attn_layer_indices=[1], mamba_expand=2)),
+    ("mamba2", dict(num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16, n_groups=2, chunk_size=16, expand=2)),
+])
+def test_other_mamba2_families_export_exactly(model_type, kwargs):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, use_cache=False, **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gm = export_to_gm(model, max_batch_size=4, max_seq_len=64)
+    assert "mamba2_ssm_ops" in gm.meta["autodeploy_export"]["patches"]
+    for batch, seq in [(1, 1), (2, 7), (1, 33)]:
+        ids, pos = torch.randint(0, 256, (batch, seq)), torch.arange(seq).repeat(batch, 1)
+        with torch.no_grad():
+            assert torch.equal(gm(ids, pos), model(input_ids=ids, position_ids=pos, use_cache=False).logits)

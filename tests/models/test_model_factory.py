@@ -97,6 +97,15 @@ def test_model_kwargs_override_top_level_and_nested():
     assert len(model.model.layers) == 1
 
 
+def test_fewer_layers_shortens_per_layer_lists_and_rope_theta_alias():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("qwen3")
+    apply_config_overrides(config, {"num_hidden_layers": 3, "rope_theta": 12345.0})
+    assert config.num_hidden_layers == 3 and len(config.layer_types) == 3
+    assert config.rope_parameters["rope_theta"] == 12345.0
+
+
 def test_model_kwargs_override_sub_config():
     from transformers import AutoConfig
 
