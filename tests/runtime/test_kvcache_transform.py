@@ -117,3 +117,22 @@ def test_uncached_attention_left_in_the_graph_fails_the_build(toy):
     ctx = BuildContext(cache=CacheInterface(2, 16, None, 4, "cpu"))
     with pytest.raises(TransformError, match=r"uncached sequence ops \(2 x attention\); add insert_cached_attention"):
         InferenceOptimizer({"resize_kv_cache": {"stage": "cache_init"}})(ctx, model=toy.export())
+
+
+def test_cache_dtype_options_are_checked_at_config_time():
+    from autodeploy.transforms.interface import build_config
+
+    with pytest.raises(ValueError, match="insert_cached_attention.cache_dtype must be auto"):
+        build_config("insert_cached_attention", {"stage": "cache_init", "cache_dtype": "fp8"})
+    with pytest.raises(ValueError, match="insert_cached_ssm.ssm_state_dtype"):
+        build_config("insert_cached_ssm", {"stage": "cache_init", "ssm_state_dtype": "int8"})
+
+
+def test_bfloat16_kv_cache_for_a_float32_model(toy):
+    ctx = BuildContext(cache=CacheInterface(2, 32, None, 4, "cpu"))
+    pipeline = {"insert_cached_attention": {"stage": "cache_init", "cache_dtype": "bfloat16"},
+                "initialize_cache": {"stage": "cache_init"}}
+    gm = InferenceOptimizer(pipeline)(ctx, model=toy.export())
+    assert ctx.cache.tensors["k_cache_1"].dtype == torch.bfloat16
+    out = Engine(gm, ctx.cache).generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert out[0].error is None and len(out[0].token_ids) == 4

@@ -41,6 +41,15 @@ def _arg(args: Any, name: str, default: Any = None) -> Any:
     return getattr(args, name, default)
 
 
+def _check_dtype_options(config: TransformConfig, transform: str, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value != "auto" and value not in _DTYPES:
+            raise ValueError(
+                f"args.transforms.{transform}.{name} must be auto, {', '.join(_DTYPES)} or null, got {value!r}"
+            )
+
+
 def ensure_cache(ctx: BuildContext) -> CacheInterface:
     if ctx.cache is None:
         ctx.cache = CacheInterface.from_args(ctx.args, ctx.device)
@@ -167,6 +176,9 @@ class InsertCachedAttentionConfig(TransformConfig):
     cache_dtype: Optional[str] = None  # None = args.kv_cache_dtype; "auto" = the K projection's dtype
     requires_shape_prop: bool = True
 
+    def __post_init__(self):
+        _check_dtype_options(self, "insert_cached_attention", "cache_dtype")
+
 
 @register("insert_cached_attention")
 class InsertCachedAttention(BaseTransform):
@@ -217,6 +229,9 @@ class InsertCachedSSMConfig(TransformConfig):
     ssm_state_dtype: Optional[str] = "float32"  # the recurrent state accumulates over every token
     requires_shape_prop: bool = True
 
+    def __post_init__(self):
+        _check_dtype_options(self, "insert_cached_ssm", "conv_state_dtype", "ssm_state_dtype")
+
 
 @register("insert_cached_ssm")
 class InsertCachedSSM(BaseTransform):
@@ -241,7 +256,7 @@ class InsertCachedSSM(BaseTransform):
         for layer, node in enumerate(conv_nodes):
             a = _node_args(node)
             x, weight = _val(a["x"]), _val(a["weight"])
-            dtype = _DTYPES[cfg.conv_state_dtype] if cfg.conv_state_dtype else x.dtype
+            dtype = _DTYPES.get(cfg.conv_state_dtype, x.dtype)
             spec = CacheSpec(f"conv_state_{layer}", (weight.shape[0], weight.shape[1] - 1), dtype, paged=False)
             state = add_cache_input(gm, cache, spec)
             args = (a["x"], a["weight"], a.get("bias"), a.get("activation"), *batch_meta, state)
@@ -249,7 +264,7 @@ class InsertCachedSSM(BaseTransform):
         for layer, node in enumerate(scan_nodes):
             a = _node_args(node)
             x, b = _val(a["x"]), _val(a["B"])
-            dtype = _DTYPES[cfg.ssm_state_dtype] if cfg.ssm_state_dtype else x.dtype
+            dtype = _DTYPES.get(cfg.ssm_state_dtype, x.dtype)
             spec = CacheSpec(f"ssm_state_{layer}", (x.shape[2], x.shape[3], b.shape[3]), dtype, paged=False)
             state = add_cache_input(gm, cache, spec)
             args = (a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("dt_bias"), a["dt_min"], a["dt_max"],
