@@ -242,8 +242,13 @@ def _eos_ids(eos_token_id: Union[int, Iterable[int], None], tokenizer: Optional[
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
+def _graph(model: nn.Module) -> Optional[fx.GraphModule]:
+    """The GraphModule itself or the one inside a compiled wrapper (torch.compile, CUDA graphs)."""
+    return next((m for m in model.modules() if isinstance(m, fx.GraphModule)), None)
+
+
 def _graph_input_names(model: nn.Module) -> Optional[list[str]]:
-    """Placeholder names of a GraphModule (the engine passes only those); None for other modules."""
+    """Placeholder names of a plain GraphModule (the engine passes only those); None otherwise."""
     if not isinstance(model, fx.GraphModule):
         return None
     return [n.target for n in model.graph.nodes if n.op == "placeholder"]
@@ -251,7 +256,8 @@ def _graph_input_names(model: nn.Module) -> Optional[list[str]]:
 
 def _embedding_rows(model: nn.Module) -> Optional[int]:
     """Vocabulary size from the embedding that reads ``input_ids`` (to reject out-of-range ids)."""
-    if not isinstance(model, fx.GraphModule):
+    model = _graph(model)
+    if model is None:
         return None
     for node in model.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:

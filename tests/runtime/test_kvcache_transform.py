@@ -136,3 +136,20 @@ def test_bfloat16_kv_cache_for_a_float32_model(toy):
     assert ctx.cache.tensors["k_cache_1"].dtype == torch.bfloat16
     out = Engine(gm, ctx.cache).generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert out[0].error is None and len(out[0].token_ids) == 4
+
+
+def test_engine_finds_vocab_size_through_a_compiled_wrapper(toy):
+    gm, ctx, _ = build(toy)
+
+    class Wrapper(torch.nn.Module):  # as compile_model's wrappers: the graph is a submodule
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    engine = Engine(Wrapper(gm), ctx.cache)
+    assert engine.vocab_size == 64
+    out = engine.generate([[3, 70]], SamplingParams(temperature=0, max_tokens=2))[0]
+    assert out.finish_reason == "error" and "out of range [0, 64)" in out.error
