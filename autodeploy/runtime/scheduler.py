@@ -1,10 +1,10 @@
 """Continuous batching: which requests run in the next forward, and how many tokens each.
 
 Each step, within ``max_batch_size`` sequences and ``max_num_tokens`` tokens:
-1. running requests, oldest first, get their pending tokens (one for a decode, a chunk of the
-   prompt for a prefill); a request that needs a page when none is free preempts the newest
-   running request (its pages are freed; it goes back to the front of the queue and is recomputed
-   later, keeping the tokens it generated);
+1. running requests get their pending tokens, decodes (one token) first, then prompt chunks,
+   oldest first; a request that needs a page when none is free preempts the newest running
+   request (its pages are freed; it goes back to the front of the queue and is recomputed later,
+   keeping the tokens it generated);
 2. waiting requests are admitted first come, first served while their first chunk fits.
 Long prompts are prefilled in chunks when they exceed the token budget. Nothing is dropped: a
 request leaves only through ``release`` (finished, failed or aborted).
@@ -45,18 +45,19 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        scheduled: dict[Request, int] = {}  # request -> new tokens, in scheduling order
         budget = self.max_num_tokens
-        scheduled: list[tuple[Request, int]] = []
         preemptions_before = self.num_preemptions
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        # decodes before prompt chunks, so a long chunked prefill never stalls token generation
+        for request in sorted(self.running, key=lambda r: r.num_pending > 1):
+            if budget == 0:
+                break
+            if request.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
             n = min(request.num_pending, budget)
-            if not self._reserve_pages(request, request.num_computed + n):
-                break  # it was the newest running request and got preempted itself
-            scheduled.append((request, n))
-            budget -= n
-            i += 1
+            if self._reserve_pages(request, request.num_computed + n, scheduled):
+                scheduled[request] = n
+            budget = self.max_num_tokens - sum(scheduled.values())  # preemption may refund tokens
         # no admissions in a step that preempted: the freed pages go to the requests already running
         preempted = self.num_preemptions != preemptions_before
         while not preempted and self.waiting and len(self.running) < self.max_batch_size and budget > 0:
@@ -66,20 +67,22 @@ class Scheduler:
                 break  # first come, first served: later requests wait too
             self.waiting.popleft()
             request.slot = self.cache.allocate_slot()
-            self._reserve_pages(request, request.num_computed + n)
+            self._reserve_pages(request, request.num_computed + n, scheduled)
             request.status = Status.RUNNING
             self.running.append(request)
-            scheduled.append((request, n))
+            scheduled[request] = n
             budget -= n
-        scheduled.sort(key=lambda item: item[1] == 1)  # stable: prefills first, then decodes
-        return ScheduledBatch([r for r, _ in scheduled], [n for _, n in scheduled])
+        order = sorted(scheduled.items(), key=lambda item: item[1] == 1)  # prefills first, then decodes
+        return ScheduledBatch([r for r, _ in order], [n for _, n in order])
 
-    def _reserve_pages(self, request: Request, num_tokens: int) -> bool:
-        """Give ``request`` pages for ``num_tokens`` tokens, preempting newer requests if needed."""
+    def _reserve_pages(self, request: Request, num_tokens: int, scheduled: dict[Request, int]) -> bool:
+        """Give ``request`` pages for ``num_tokens`` tokens, preempting the newest running requests
+        (also ones already scheduled in this step) if needed. False if ``request`` itself was."""
         missing = self.cache.pages_needed(num_tokens) - len(request.pages)
         while missing > self.cache.num_free_pages:
             victim = self.running[-1]
             self._preempt(victim)
+            scheduled.pop(victim, None)
             if victim is request:
                 return False
         if missing > 0:
