@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import fx
 
 from autodeploy.transforms.library.eliminate_transposes import eliminate_transpose_pairs
 

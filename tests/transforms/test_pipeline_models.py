@@ -92,3 +92,19 @@ def test_transformed_graph_reexports_with_dynamic_shapes(deployed):
         program = torch.export.export(d.gm, (ids, pos), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), strict=False)
         ids, pos = sample_inputs(3, 5)
         torch.testing.assert_close(program.module()(ids, pos), d.gm(ids, pos), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "glm"])
+def test_matchers_leave_valid_shapes(name, deployed):
+    """The matchers report valid shapes (no re-propagation needed): their values must equal a fresh propagation."""
+    from autodeploy.transforms.graph_utils import run_shape_prop
+
+    gm = deployed(name).gm
+    before = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "call_function"}
+    assert all(v is not None for v in before.values())
+    run_shape_prop(gm)
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.meta["val"], torch.Tensor):
+            continue
+        old, new = before[n.name], n.meta["val"]
+        assert (str(tuple(old.shape)), old.dtype) == (str(tuple(new.shape)), new.dtype), n.name

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
-from ..patterns.nodes import SLICE_TO_END, arg, same_shape, schema_arg, static_size, val, is_op
+from ..patterns.nodes import SLICE_TO_END, arg, is_op, same_shape, schema_arg, static_size, val
 
 aten = torch.ops.aten
 

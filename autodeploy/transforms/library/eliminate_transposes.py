@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
-from ..patterns.nodes import ndim, norm_dim, same_shape, val, is_op
+from ..patterns.nodes import is_op, ndim, norm_dim, same_shape, val
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -37,7 +37,10 @@ def permutation(node: fx.Node) -> Optional[list[int]]:
 
 
 def _through_noop_views(node: fx.Node) -> fx.Node:
-    while is_op(node, _VIEWS) and same_shape(val(node.args[0]).shape, val(node).shape):
+    while is_op(node, _VIEWS):
+        src, out = val(node.args[0]), val(node)
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or not same_shape(src.shape, out.shape):
+            break
         node = node.args[0]
     return node
 

@@ -14,7 +14,7 @@ The op is bsnd: q/k/v get a ``transpose(1, 2)`` in front and the output one behi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -256,4 +256,4 @@ class MatchAttentionPattern(BaseTransform):
         for reason in skipped:
             log.warning("attention left as is: %s", reason)
         note = f"{len(skipped)} left as is: {skipped[0]}" + (" ..." if len(skipped) > 1 else "") if skipped else ""
-        return model, TransformInfo(num_matches=num, is_clean=False, has_valid_shapes=True, note=note)
+        return model, TransformInfo(num_matches=num, is_clean=False, has_valid_shapes=editor.shapes_valid, note=note)

@@ -15,7 +15,6 @@ matched and stay as they are.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -39,7 +38,6 @@ from ..patterns.nodes import (
     same_size,
     single_user,
     static_size,
-    strip_casts,
     val,
 )
 
@@ -212,4 +210,4 @@ class MatchMoePattern(BaseTransform):
             editor.erase_unused(m.chain)
         unmatched = sum(1 for n in model.graph.nodes if is_op(n, ops))
         note = f"{unmatched} grouped_mm call(s) left as is" if unmatched else ""
-        return model, TransformInfo(num_matches=len(matches), is_clean=False, has_valid_shapes=True, note=note)
+        return model, TransformInfo(num_matches=len(matches), is_clean=False, has_valid_shapes=editor.shapes_valid, note=note)

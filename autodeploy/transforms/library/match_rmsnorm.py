@@ -113,4 +113,4 @@ class MatchRmsNormPattern(BaseTransform):
             with model.graph.inserting_before(m.output):
                 out = editor.call(torch.ops.autodeploy.rms_norm.default, m.x, m.weight, m.eps)
             editor.replace(m.output, out)
-        return model, TransformInfo(num_matches=len(matches), is_clean=False, has_valid_shapes=True)
+        return model, TransformInfo(num_matches=len(matches), is_clean=False, has_valid_shapes=editor.shapes_valid)

@@ -226,7 +226,7 @@ class MatchRopePattern(BaseTransform):
                 self._rewrite(editor, a, b, insert_at)
                 num += 1
         note = f"{unpaired} RoPE application(s) without a partner left as is" if unpaired else ""
-        return model, TransformInfo(num_matches=num, is_clean=False, has_valid_shapes=True, note=note)
+        return model, TransformInfo(num_matches=num, is_clean=False, has_valid_shapes=editor.shapes_valid, note=note)
 
     @staticmethod
     def _rewrite(editor: GraphEditor, a: RopeMatch, b: RopeMatch, insert_at: fx.Node) -> None:

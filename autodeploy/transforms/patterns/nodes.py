@@ -153,16 +153,21 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
 
 
 def fake_mode_of(gm: fx.GraphModule):
+    """The fake mode of the graph inputs' values (the one shape propagation uses), if any."""
     from torch._guards import detect_fake_mode
 
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    for kinds in (("placeholder",), ("get_attr",)):
+        vals = [n.meta.get("val") for n in gm.graph.nodes if n.op in kinds]
+        vals = [v for v in vals if isinstance(v, torch.Tensor)]
+        if vals:
+            return detect_fake_mode(vals)
+    return None
 
 
 def set_fake_val(node: fx.Node, fake_mode) -> None:
     """Compute ``node.meta["val"]`` from its inputs' values with the graph's fake mode."""
     if fake_mode is None:
-        return
+        raise RuntimeError("the graph has no fake values to compute new ones from")
     args = map_arg(node.args, lambda n: n.meta["val"])
     kwargs = map_arg(node.kwargs, lambda n: n.meta["val"])
     with fake_mode:
@@ -176,14 +181,16 @@ class GraphEditor:
         self.gm = gm
         self.graph = gm.graph
         self.fake_mode = fake_mode_of(gm)
+        # False once a new node could not get a value: the transform then reports stale shapes
+        self.shapes_valid = self.fake_mode is not None
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
         """Insert at the graph's current insertion point (use ``graph.inserting_before``)."""
         node = self.graph.call_function(target, args, kwargs)
         try:
             set_fake_val(node, self.fake_mode)
-        except KeyError:
-            pass  # an input without a value: shapes are recomputed by the next shape propagation
+        except Exception:  # noqa: BLE001 - an input without a value, or values of another fake mode
+            self.shapes_valid = False  # the next transform that needs shapes re-propagates them
         return node
 
     def replace(self, old: fx.Node, new: fx.Node) -> None:
