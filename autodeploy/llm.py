@@ -66,7 +66,8 @@ class LLM:
     def _build(self) -> None:
         from .build import build_engine
 
-        self.engine, self.build_report = build_engine(self.config.args)
+        built = build_engine(self.config.args)
+        self.engine, self.factory, self.build_report = built.engine, built.factory, built.report
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):

@@ -1,0 +1,72 @@
+"""Build an engine from the resolved ``args``: factory -> transform pipeline -> engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"args.device={name!r} but no CUDA device is available (use args.device=cpu or auto)")
+    return device
+
+
+@dataclass
+class Built:
+    engine: Any
+    factory: Any
+    report: list[dict[str, Any]]  # one row per transform (see TransformRecord)
+    build_s: float
+
+
+def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> Built:
+    """Factory -> transform pipeline (with a progress bar) -> engine."""
+    from tqdm.auto import tqdm
+
+    from .models.factory import create_factory
+    from .runtime.engine import Engine
+    from .runtime.kv_cache import CacheInterface
+    from .transforms.interface import BuildContext
+    from .transforms.optimizer import InferenceOptimizer
+
+    if args.world_size > 1:
+        raise NotImplementedError(
+            f"args.world_size={args.world_size}: multi-rank runs (sharding, spawning ranks) are not built yet"
+        )
+    t0 = time.perf_counter()
+    device = resolve_device(args.device)
+    factory = create_factory(args)
+    cache = CacheInterface.from_args(args, device)
+    ctx = BuildContext(
+        args=args, factory=factory, device=device, dtype=factory.dtype, rank=rank, world_size=world_size, cache=cache
+    )
+    optimizer = InferenceOptimizer(_plain(args.transforms))
+    log.info("building %s (%s) on %s, %s: %d transforms", args.model, factory.model_class_name, device,
+             factory.dtype, len(optimizer.pipeline))
+    with tqdm(total=len(optimizer.pipeline), desc="build", unit="transform", disable=not progress) as bar:
+
+        def started(name: str) -> None:  # the bar counts transforms started, named as they run
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        model = optimizer(ctx, progress=started)
+    tokenizer = None if args.skip_tokenizer_init else factory.init_tokenizer()
+    engine = Engine(model, cache, tokenizer, eos_token_id=getattr(factory.config, "eos_token_id", None))
+    build_s = time.perf_counter() - t0
+    log.info("built in %.1fs", build_s)
+    return Built(engine, factory, [r.to_dict() for r in optimizer.report], build_s)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
