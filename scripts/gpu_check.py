@@ -113,6 +113,11 @@ def time_decode(ops, batch, sweep):
                 b.q[0], b.k[0], b.v[0], kc, vc, b.input_pos, b.page_table, D**-0.5, 0, 0.0, num_splits=s))
             res[f"triton_splits{splits}"] = {"graph_ms": bench_graph(call)}
         res["heuristic_splits"] = tk.decode_num_splits(batch, KV, b.page_table.shape[1] * PS, b.q.device, 64)
+        for bn, warps, stages in [(64, 4, 2), (128, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2), (64, 4, 3)]:
+            call = layers(lambda kc, vc, bn=bn, w=warps, st=stages: tk.decode_attention(
+                b.q[0], b.k[0], b.v[0], kc, vc, b.input_pos, b.page_table, D**-0.5, 0, 0.0,
+                block_n=bn, num_warps=w, num_stages=st))
+            res[f"triton_cfg_n{bn}_w{warps}_s{stages}"] = {"graph_ms": bench_graph(call)}
     for v in res.values():
         if isinstance(v, dict):
             v["TB_s"] = kv_bytes / (v["graph_ms"] * 1e-3) / 1e12
@@ -154,6 +159,39 @@ def time_prefill(ops, batch, sweep):
     return res
 
 
+def host_overhead(ops, calls=300):
+    """Host time per call (us) of a tiny decode step (GPU work far below launch cost), by entry point:
+    the registered op, a Library-defined op with the same body, the Python body, the bare kernels."""
+    import time
+
+    b = make_batch([(63, 1)], H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
+    lib = torch.library.Library("adbench", "FRAGMENT")
+    lib.define("attn(Tensor q, Tensor k, Tensor v, Tensor seq_len, Tensor input_pos, Tensor cu_seqlen, "
+               "Tensor page_table, Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int? sliding_window=None, "
+               "float? logit_cap=None) -> Tensor")
+    lib.impl("attn", tk.cached_attention, "CUDA")
+    paths = {
+        "custom_op": lambda: ops["triton"](*b.args(), 0.1, None, None),
+        "library_op": lambda: torch.ops.adbench.attn(*b.args(), 0.1, None, None),
+        "python_body": lambda: tk.cached_attention(*b.args(), 0.1, None, None),
+        "decode_kernels_only": lambda: tk.decode_attention(b.q[0], b.k[0], b.v[0], b.k_cache, b.v_cache,
+                                                           b.input_pos, b.page_table, 0.1, 0, 0.0),
+        "decode_1split": lambda: tk.decode_attention(b.q[0], b.k[0], b.v[0], b.k_cache, b.v_cache,
+                                                     b.input_pos, b.page_table, 0.1, 0, 0.0, num_splits=1),
+    }
+    res = {}
+    for name, fn in paths.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        res[name] = (time.perf_counter() - t0) / calls * 1e6
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -176,6 +214,9 @@ def main():
         print(f"== decode batch {batch}")
         report["decode"][batch] = time_decode(ops, batch, sweep=not args.quick)
         print("  ", report["decode"][batch])
+    if "triton" in ops:
+        report["host_us"] = host_overhead(ops)
+        print("== host time per call (us)", report["host_us"])
     for batch in (1, 8, 32):
         print(f"== prefill batch {batch}")
         report["prefill"][batch] = time_prefill(ops, batch, sweep=not args.quick and batch == 8)
@@ -198,7 +239,10 @@ def main():
         line = "  ".join(f"{n} {r[n]['graph_ms'] * 1e3:.1f}us ({r[n]['eager_ms'] * 1e3:.0f}) {r[n]['TB_s']:.2f}TB/s"
                          for n in ops if n in r)
         sweep = " ".join(f"s{k[13:]}={v['graph_ms'] * 1e3:.1f}" for k, v in r.items() if k.startswith("triton_splits"))
-        print(f"  bs{batch}: {line}  | splits(heur {r.get('heuristic_splits')}): {sweep}")
+        cfgs = " ".join(f"{k[11:]}={v['graph_ms'] * 1e3:.1f}" for k, v in r.items() if k.startswith("triton_cfg"))
+        print(f"  bs{batch}: {line}  | splits(heur {r.get('heuristic_splits')}): {sweep} | {cfgs}")
+    if "host_us" in report:
+        print("host us/call:", {k: round(v, 1) for k, v in report["host_us"].items()})
     print(f"prefill {CTX} tokens/seq, per layer:")
     for batch, r in report["prefill"].items():
         print(f"  bs{batch}: " + "  ".join(f"{n} {v['ms']:.3f}ms {v['TFLOP_s']:.0f}TF/s"

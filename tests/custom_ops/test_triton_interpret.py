@@ -71,3 +71,15 @@ def test_fake_kernel_shapes():
     with FakeTensorMode(allow_non_fake_inputs=True):
         out = torch.ops.autodeploy.triton_cached_attention(*batch.args(), 0.25, None, None)
     assert out.shape == (1, 6, 4, 8)
+
+
+@pytest.mark.parametrize("window,cap", [(None, None), (33, None), (20, 4.0)])
+def test_prefill_small_tiles_cover_unmasked_blocks(window, cap):
+    """Small tiles make most key blocks fully visible (the unmasked path) next to masked edges."""
+    batch = make_batch([(0, 70), (40, 50), (7, 1)], 4, 2, 16, 8)
+    ref, _, _ = reference(batch, 0.25, window, cap)
+    tk.append_kv(batch.k[0], batch.v[0], batch.k_cache, batch.v_cache, batch.input_pos, batch.cu_seqlen,
+                 batch.page_table)
+    out = tk.prefill_attention(batch.q[0], batch.k_cache, batch.v_cache, batch.input_pos, batch.cu_seqlen,
+                               batch.page_table, 0.25, window or 0, cap or 0.0, block_m=16, block_n=16)
+    assert rel_err(out.unsqueeze(0), ref) < 1e-5

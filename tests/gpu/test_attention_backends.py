@@ -25,7 +25,7 @@ LARGE_CASES = [
     ("gemma2_like", [(0, 333), (40, 1), (600, 1)], 16, 8, 256, 64, 128, 50.0),
 ]
 CASES = SMALL_CASES + LARGE_CASES
-TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}  # measured ~2e-3 / ~4e-4 (see scripts/gpu_check.py)
+TOL = {torch.bfloat16: 5e-3, torch.float16: 1e-3}  # H100 max measured: 2.2e-3 / 2.7e-4 (scripts/gpu_check.py)
 
 
 def _backend_or_skip(name):

@@ -61,6 +61,16 @@ def _tanh(x):
 
 
 @triton.jit
+def _logits2(s, c1, c2, HAS_CAP: tl.constexpr):
+    """Scores in the exp2 domain: s * scale * log2(e), or cap * tanh(s * scale / cap) * log2(e);
+    the launcher folds the constants into c1, c2."""
+    if HAS_CAP:
+        return c2 * _tanh(s * c1)
+    else:
+        return s * c1
+
+
+@triton.jit
 def _append_kv(
     k_ptr, v_ptr, kc_ptr, vc_ptr, input_pos_ptr, cu_ptr, pt_ptr, B,
     s_kt, s_kh, s_vt, s_vh,
@@ -89,16 +99,56 @@ def _append_kv(
 
 
 @triton.jit
+def _prefill_range(
+    acc, m_i, l_i, q, q_pos, start, stop, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
+    s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Online softmax over key blocks [start, stop); MASKED=False for blocks every row fully sees."""
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        if MASKED:
+            page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(pt_row + offs_n // PAGE_SIZE).to(tl.int64)
+        slot = offs_n % PAGE_SIZE
+        kv_ok = n_ok[:, None] if MASKED else tl.full([BLOCK_N, 1], 1, tl.int1)
+        k = tl.load(kc_ptr + (page * s_kcp + slot * s_kcs + kvh * s_kch)[:, None] + offs_d[None, :],
+                    mask=kv_ok & d_ok[None, :], other=0.0)
+        s = _logits2(tl.dot(q, tl.trans(k)), c1, c2, HAS_CAP)
+        if MASKED:
+            mask = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                mask = mask & (q_pos[:, None] - offs_n[None, :] < window)
+            s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + (page * s_vcp + slot * s_vcs + kvh * s_vch)[:, None] + offs_dv[None, :],
+                    mask=kv_ok & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _prefill_attn(
     q_ptr, o_ptr, kc_ptr, vc_ptr, input_pos_ptr, cu_ptr, pt_ptr, B,
-    qk_scale, window, cap,
+    c1, c2, window,
     s_qt, s_qh, s_ot, s_oh,
     s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, s_ptb,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # last (longest causal) blocks first: better tail
     kvh = tl.program_id(1)
     b = _find_seq(cu_ptr, qb, B, BLOCK_Q, True)
     start = tl.load(cu_ptr + b)
@@ -131,33 +181,26 @@ def _prefill_attn(
     if HAS_WINDOW:
         lo = tl.maximum(pos0 + q0 - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
+    # key blocks [full_lo, full_hi) are seen whole by every row: at or below the block's first
+    # query and inside the window of its last one; only the blocks around them need masks
+    full_hi = lo + ((pos0 + q0 + 1 - lo) // BLOCK_N) * BLOCK_N
+    full_lo = lo
+    if HAS_WINDOW:
+        full_lo = lo + tl.cdiv(tl.maximum(pos0 + q0 + BLOCK_Q - window - lo, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(full_lo, full_hi)
     pt_row = pt_ptr + b * s_ptb
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
-        slot = offs_n % PAGE_SIZE
-        k = tl.load(kc_ptr + (page * s_kcp + slot * s_kcs + kvh * s_kch)[:, None] + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        if HAS_CAP:
-            s = cap * _tanh(s * (qk_scale / cap))
-        else:
-            s = s * qk_scale
-        s = s * 1.4426950408889634  # exp2 domain
-        mask = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            mask = mask & (q_pos[:, None] - offs_n[None, :] < window)
-        s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vc_ptr + (page * s_vcp + slot * s_vcs + kvh * s_vch)[:, None] + offs_dv[None, :],
-                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    acc, m_i, l_i = _prefill_range(
+        acc, m_i, l_i, q, q_pos, lo, full_lo, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
+        s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
+        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, True)
+    acc, m_i, l_i = _prefill_range(
+        acc, m_i, l_i, q, q_pos, full_lo, full_hi, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
+        s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
+        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, False)
+    acc, m_i, l_i = _prefill_range(
+        acc, m_i, l_i, q, q_pos, full_hi, hi, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
+        s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
+        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, True)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + q_rows[:, None] * s_ot + head[:, None] * s_oh + offs_dv[None, :],
@@ -167,7 +210,7 @@ def _prefill_attn(
 @triton.jit
 def _decode_attn(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr, kc_ptr, vc_ptr, input_pos_ptr, pt_ptr,
-    qk_scale, window, cap,
+    c1, c2, window,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
     s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, s_ptb,
     H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -217,12 +260,7 @@ def _decode_attn(
         slot = offs_n % PAGE_SIZE
         k = tl.load(kc_ptr + (page * s_kcp + slot * s_kcs + kvh * s_kch)[:, None] + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        if HAS_CAP:
-            s = cap * _tanh(s * (qk_scale / cap))
-        else:
-            s = s * qk_scale
-        s = tl.where(n_ok[None, :], s * 1.4426950408889634, float("-inf"))
+        s = tl.where(n_ok[None, :], _logits2(tl.dot(q, tl.trans(k)), c1, c2, HAS_CAP), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -234,12 +272,7 @@ def _decode_attn(
         m_i = m_new
 
     if (s_lo <= pos) & (pos < s_hi):  # the new token itself, straight from the k/v inputs
-        s1 = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1)
-        if HAS_CAP:
-            s1 = cap * _tanh(s1 * (qk_scale / cap))
-        else:
-            s1 = s1 * qk_scale
-        s1 = s1 * 1.4426950408889634
+        s1 = _logits2(tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1), c1, c2, HAS_CAP)
         m_new = tl.maximum(m_i, s1)
         alpha = tl.exp2(m_i - m_new)
         p1 = tl.exp2(s1 - m_new)
@@ -311,6 +344,13 @@ def _cache_strides(c: torch.Tensor) -> tuple[int, int, int]:
     return c.stride(0), c.stride(1), c.stride(2)
 
 
+def _score_consts(scale: float, cap: float) -> tuple[float, float]:
+    """(c1, c2) of _logits2."""
+    if cap:
+        return float(scale) / cap, cap * LOG2E
+    return float(scale) * LOG2E, 0.0
+
+
 def decode_num_splits(batch: int, kv_heads: int, max_ctx: int, device: torch.device, block_n: int) -> int:
     """Programs per (sequence, KV head): enough to give every SM ~2 programs, never a split shorter
     than one key block of the longest context the page table can hold (known without a sync)."""
@@ -356,7 +396,7 @@ def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, sca
     grid = (T // block_q + B, KV)
     _prefill_attn[grid](
         q, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, B,
-        float(scale), int(window or 0), float(cap or 1.0),
+        *_score_consts(scale, cap), int(window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
         G=G, G_PAD=G_PAD, BLOCK_Q=block_q, BLOCK_M=block_q * G_PAD, BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
@@ -391,7 +431,7 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
         part_o = part_lse = out  # unused
     _decode_attn[(B, KV, splits)](
         q, k, v, out, part_o, part_lse, k_cache, v_cache, input_pos, page_table,
-        float(scale), int(window or 0), float(cap or 1.0),
+        *_score_consts(scale, cap), int(window or 0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
