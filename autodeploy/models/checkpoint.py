@@ -76,15 +76,6 @@ def normalize_slices(spec: SliceSpec) -> list[SliceRange] | None:
     return ranges  # type: ignore[return-value]
 
 
-def sliced_shape(shape: Sequence[int], spec: SliceSpec) -> list[int]:
-    shape = list(shape)
-    ranges = normalize_slices(spec)
-    if ranges:
-        dim = ranges[0][0] % len(shape)
-        shape[dim] = sum(stop - start for _, start, stop in ranges)
-    return shape
-
-
 def find_checkpoint_files(directory: Path) -> dict[str, Path]:
     """Map every tensor key to the safetensors file holding it (reads headers only)."""
     from safetensors import safe_open

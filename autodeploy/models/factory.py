@@ -257,9 +257,7 @@ class ModelFactory:
         """The HF model in eval mode, in ``self.dtype``, ``use_cache`` off; parameters on ``device``."""
         from transformers import AutoModelForCausalLM
 
-        from .tiny import _quiet_transformers
-
-        with torch.device(device), _quiet_transformers():
+        with torch.device(device):
             model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         model.eval()
         model.config.use_cache = False
