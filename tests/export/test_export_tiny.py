@@ -145,3 +145,21 @@ def test_export_transform_config_rejects_unknown_options():
     assert build_config("export_to_gm", {"stage": "export"}).strict is False
     with pytest.raises(ValueError, match="args.transforms.export_to_gm"):
         build_config("export_to_gm", {"stage": "export", "stirct": True})
+
+
+def test_tied_model_exports_and_loads_from_a_checkpoint_without_lm_head(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(ModelFactory("tiny_llama").source.local_dir))
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config).eval()
+    ref.save_pretrained(str(tmp_path))
+    factory = ModelFactory(str(tmp_path))
+    gm = export_to_gm(factory.build_model(), max_batch_size=2, max_seq_len=32)
+    # export keeps one name for the tied tensor; the checkpoint only has the other one
+    assert "lm_head.weight" in dict(gm.named_parameters())
+    factory.load_weights(gm, "cpu")
+    ids, pos = _inputs(2, 6, config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(gm(ids, pos), ref(input_ids=ids, position_ids=pos, use_cache=False).logits)
