@@ -163,3 +163,24 @@ def test_tied_model_exports_and_loads_from_a_checkpoint_without_lm_head(tmp_path
     ids, pos = _inputs(2, 6, config.vocab_size)
     with torch.no_grad():
         assert torch.equal(gm(ids, pos), ref(input_ids=ids, position_ids=pos, use_cache=False).logits)
+
+
+def test_qwen3_moe_per_expert_checkpoint_exports_and_loads(tmp_path):
+    # Qwen3-MoE hub checkpoints store experts one by one (gate/up/down per expert), like Mixtral
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config).eval()
+    ref.save_pretrained(str(tmp_path))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.3.gate_proj.weight" in f.keys()
+    factory = ModelFactory(str(tmp_path))
+    gm = export_to_gm(factory.build_model(), max_batch_size=2, max_seq_len=32)
+    factory.load_weights(gm, "cpu")
+    ids, pos = _inputs(2, 9, config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(gm(ids, pos), ref(input_ids=ids, position_ids=pos, use_cache=False).logits)
