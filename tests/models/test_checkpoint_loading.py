@@ -226,3 +226,17 @@ def test_random_init_of_a_shape_card_in_bf16():
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False).logits
     assert torch.isfinite(logits).all()
+
+
+def test_load_weights_transform_reads_shard_slices_from_ctx(hf_models):
+    from autodeploy.transforms.interface import BuildContext, build_config, get_transform_class
+
+    factory = ModelFactory("tiny_llama")
+    model = factory.build_model("meta")
+    fqn = "model.layers.1.mlp.up_proj.weight"
+    set_tensor(model, fqn, torch.empty(64, 64, device="meta"), is_param=True)
+    ctx = BuildContext(factory=factory, device=torch.device("cpu"), shared={"shard_slices": {fqn: (0, 64, 128)}})
+    transform = get_transform_class("load_weights")(build_config("load_weights", {"stage": "weight_load"}))
+    model, info = transform.apply(model, ctx)
+    assert info.num_matches == 1 and "1 sliced" in info.note
+    assert torch.equal(dict(model.named_parameters())[fqn], hf_models["tiny_llama"].state_dict()[fqn][64:128])
