@@ -54,7 +54,8 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
     optimizer = InferenceOptimizer(_plain(args.transforms))
     log.info("building %s (%s) on %s, %s: %d transforms", args.model, factory.model_class_name, device,
              factory.dtype, len(optimizer.pipeline))
-    with tqdm(total=len(optimizer.pipeline), desc="build", unit="transform", disable=not progress) as bar:
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    with tqdm(total=len(optimizer.pipeline), desc="build", unit="transform", disable=None if progress else True) as bar:
 
         def started(name: str) -> None:  # the bar counts transforms started, named as they run
             bar.set_postfix_str(name)

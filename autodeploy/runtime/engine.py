@@ -221,7 +221,8 @@ class Engine:
 def _progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="generate", unit="req", disable=not enabled or total <= 1)
+    # disable=None: no bar when stderr is not a terminal (logs, CI), so the output stays readable
+    return tqdm(total=total, desc="generate", unit="req", disable=None if enabled and total > 1 else True)
 
 
 def _logits(out: Any) -> torch.Tensor:
