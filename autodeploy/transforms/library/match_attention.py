@@ -37,6 +37,7 @@ from ..patterns.nodes import (
     same_size,
     single_user,
     static_size,
+    try_match,
     val,
 )
 
@@ -221,7 +222,9 @@ class MatchAttentionPattern(BaseTransform):
         cfg: MatchAttentionConfig = self.config
         matches = []
         for node in model.graph.nodes:
-            m = (match_sdpa(node) if cfg.match_sdpa else None) or (match_eager(node) if cfg.match_eager else None)
+            m = (try_match(match_sdpa, node) if cfg.match_sdpa else None) or (
+                try_match(match_eager, node) if cfg.match_eager else None
+            )
             if m is not None:
                 matches.append(m)
 

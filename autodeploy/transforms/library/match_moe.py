@@ -38,6 +38,7 @@ from ..patterns.nodes import (
     same_size,
     single_user,
     static_size,
+    try_match,
     val,
 )
 
@@ -199,7 +200,7 @@ class MatchMoePattern(BaseTransform):
             return model, TransformInfo(skipped=True, note="not a GraphModule")
         ops = grouped_mm_ops()
         editor = GraphEditor(model)
-        matches = [m for node in model.graph.nodes if (m := match_moe(node, ops)) is not None]
+        matches = [m for node in model.graph.nodes if (m := try_match(match_moe, node, ops)) is not None]
         for m in matches:
             with model.graph.inserting_before(m.output):
                 out = editor.call(

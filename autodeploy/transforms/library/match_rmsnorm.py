@@ -29,6 +29,7 @@ from ..patterns.nodes import (
     ndim,
     same_size,
     single_user,
+    try_match,
     val,
 )
 
@@ -108,7 +109,7 @@ class MatchRmsNormPattern(BaseTransform):
         if not isinstance(model, fx.GraphModule):
             return model, TransformInfo(skipped=True, note="not a GraphModule")
         editor = GraphEditor(model)
-        matches = [m for node in model.graph.nodes if (m := match_rmsnorm(node)) is not None]
+        matches = [m for node in model.graph.nodes if (m := try_match(match_rmsnorm, node)) is not None]
         for m in matches:
             with model.graph.inserting_before(m.output):
                 out = editor.call(torch.ops.autodeploy.rms_norm.default, m.x, m.weight, m.eps)

@@ -36,6 +36,7 @@ from ..patterns.nodes import (
     same_size,
     single_user,
     static_size,
+    try_match,
     val,
 )
 
@@ -59,8 +60,11 @@ def _last_dim_slice(node: Any, x: Optional[fx.Node] = None) -> Optional[tuple[fx
     src = node.args[0]
     if (x is not None and src is not x) or not is_last_dim(arg(node, 1, "dim", 0), ndim(src)):
         return None
-    start, end, step = arg(node, 2, "start", None) or 0, arg(node, 3, "end", None), arg(node, 4, "step", 1)
-    return src, start, SLICE_TO_END if end is None else end, step
+    start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
+    start, end = 0 if start is None else start, SLICE_TO_END if end is None else end
+    if not all(isinstance(b, int) for b in (start, end, step)):
+        return None  # symbolic bounds: not one of the fixed-size rotary slices
+    return src, start, end, step
 
 
 def _head_size(x: fx.Node) -> Optional[int]:
@@ -206,7 +210,7 @@ class MatchRopePattern(BaseTransform):
         graph = model.graph
         groups: dict[tuple, list[RopeMatch]] = defaultdict(list)
         for node in graph.nodes:
-            m = match_rope(node)
+            m = try_match(match_rope, node)
             if m is not None:
                 groups[(m.cos, m.sin, m.interleaved, m.head_dim_index)].append(m)
 

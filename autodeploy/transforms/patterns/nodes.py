@@ -8,8 +8,9 @@ shapes and the next transform needs no full shape propagation.
 
 from __future__ import annotations
 
+import logging
 import operator
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
 from torch import fx
@@ -17,7 +18,9 @@ from torch.fx.node import map_arg
 
 from ..graph_utils import is_op as _is_op
 
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
+T = TypeVar("T")
 
 # a slice end at or above this is "to the end" (export writes sys.maxsize)
 SLICE_TO_END = 2**62
@@ -28,6 +31,16 @@ CAST_OPS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default)
 def is_op(node: Any, ops: Any) -> bool:
     """``graph_utils.is_op`` that also accepts literals and None (matchers probe arbitrary args)."""
     return isinstance(node, fx.Node) and _is_op(node, ops)
+
+
+def try_match(matcher: Callable[..., Optional[T]], node: fx.Node, *args: Any) -> Optional[T]:
+    """Run a matcher on one node; an unexpected argument form (a node where a literal was
+    expected, a missing value) means "no match", never a failed build."""
+    try:
+        return matcher(node, *args)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        log.debug("%s gave up on %s: %s: %s", getattr(matcher, "__name__", matcher), node.name, type(e).__name__, e)
+        return None
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
