@@ -9,8 +9,6 @@ soft-capping (Gemma-2 style). Cached backends implement the same semantics over 
 (W tokens including itself).
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch

@@ -9,8 +9,6 @@ weighting and the sum over k in the promoted dtype of expert output and routing 
 result cast to the input dtype.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

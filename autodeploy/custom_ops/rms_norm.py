@@ -4,8 +4,6 @@ Normalizes in fp32, casts back to the input dtype, then multiplies by the weight
 round exactly where HF's ``LlamaRMSNorm`` rounds.
 """
 
-from __future__ import annotations
-
 import torch
 
 

@@ -6,8 +6,6 @@ layout, repeat-interleaved ``[f0, f0, f1, f1, ..]`` for the interleaved (GPT-J /
 Only the first R of D dims rotate (partial rotary); the rest pass through.
 """
 
-from __future__ import annotations
-
 import torch
 
 
