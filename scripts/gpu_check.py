@@ -146,16 +146,21 @@ def time_prefill(ops, batch, sweep):
     res["sdpa_dense"] = {"ms": ms, "TFLOP_s": tflops(ms)}
     if "triton" in ops and sweep:
         tk.append_kv(b.k[0], b.v[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen, b.page_table)
-        for bm, bn, warps, stages in [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2),
-                                      (128, 128, 8, 2), (64, 64, 4, 3)]:
-            fn = lambda: tk.prefill_attention(b.q[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen,  # noqa: E731
-                                              b.page_table, D**-0.5, 0, 0.0, block_m=bm, block_n=bn,
-                                              num_warps=warps, num_stages=stages)
+        ref = sdpa(q, k, v, is_causal=True).transpose(1, 2).reshape(batch * CTX, H, D)
+        for bm, bn, warps, stages, rev in [(64, 64, 4, 2, True), (64, 64, 4, 2, False), (128, 64, 8, 2, True),
+                                           (128, 64, 8, 2, False), (64, 64, 4, 3, True), (64, 128, 4, 2, True),
+                                           (128, 128, 8, 2, True)]:
+            def fn(bm=bm, bn=bn, warps=warps, stages=stages, rev=rev):
+                return tk.prefill_attention(b.q[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen, b.page_table,
+                                            D**-0.5, 0, 0.0, block_m=bm, block_n=bn, num_warps=warps,
+                                            num_stages=stages, reverse=rev)
+            key = f"triton_attn_only_m{bm}_n{bn}_w{warps}_s{stages}{'_rev' if rev else '_fwd'}"
             try:
+                err = rel_err(fn(), ref)  # every config must compute the same thing
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                res[f"triton_attn_only_m{bm}_n{bn}_w{warps}_s{stages}"] = {"ms": ms, "TFLOP_s": tflops(ms)}
+                res[key] = {"ms": ms, "TFLOP_s": tflops(ms), "rel_err_vs_sdpa": err}
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
-                res[f"triton_attn_only_m{bm}_n{bn}_w{warps}_s{stages}"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                res[key] = {"error": f"{type(e).__name__}: {e}"[:200]}
     return res
 
 
@@ -164,15 +169,20 @@ def host_overhead(ops, calls=300):
     the registered op, a Library-defined op with the same body, the Python body, the bare kernels."""
     import time
 
+    from typing import Optional
+
     b = make_batch([(63, 1)], H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
-    lib = torch.library.Library("adbench", "FRAGMENT")
-    lib.define("attn(Tensor q, Tensor k, Tensor v, Tensor seq_len, Tensor input_pos, Tensor cu_seqlen, "
-               "Tensor page_table, Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int? sliding_window=None, "
-               "float? logit_cap=None) -> Tensor")
-    lib.impl("attn", tk.cached_attention, "CUDA")
+
+    @torch.library.custom_op("adbench::attn", mutates_args=("k_cache", "v_cache"))
+    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: torch.Tensor, input_pos: torch.Tensor,
+             cu_seqlen: torch.Tensor, page_table: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             scale: float, sliding_window: Optional[int] = None, logit_cap: Optional[float] = None) -> torch.Tensor:
+        return tk.cached_attention(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale,
+                                   sliding_window, logit_cap)
+
     paths = {
-        "custom_op": lambda: ops["triton"](*b.args(), 0.1, None, None),
-        "library_op": lambda: torch.ops.adbench.attn(*b.args(), 0.1, None, None),
+        "library_op (the backend's)": lambda: ops["triton"](*b.args(), 0.1, None, None),
+        "custom_op (same body)": lambda: torch.ops.adbench.attn(*b.args(), 0.1, None, None),
         "python_body": lambda: tk.cached_attention(*b.args(), 0.1, None, None),
         "decode_kernels_only": lambda: tk.decode_attention(b.q[0], b.k[0], b.v[0], b.k_cache, b.v_cache,
                                                            b.input_pos, b.page_table, 0.1, 0, 0.0),
@@ -180,15 +190,17 @@ def host_overhead(ops, calls=300):
                                                      b.input_pos, b.page_table, 0.1, 0, 0.0, num_splits=1),
     }
     res = {}
-    for name, fn in paths.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        res[name] = (time.perf_counter() - t0) / calls * 1e6
+    for order in (list(paths), list(reversed(paths))):  # two rounds, opposite orders; keep the best
+        for name in order:
+            fn = paths[name]
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            res[name] = min(res.get(name, float("inf")), (time.perf_counter() - t0) / calls * 1e6)
     return res
 
 
@@ -219,7 +231,7 @@ def main():
         print("== host time per call (us)", report["host_us"])
     for batch in (1, 8, 32):
         print(f"== prefill batch {batch}")
-        report["prefill"][batch] = time_prefill(ops, batch, sweep=not args.quick and batch == 8)
+        report["prefill"][batch] = time_prefill(ops, batch, sweep=not args.quick and batch in (1, 8))
         print("  ", report["prefill"][batch])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
@@ -249,7 +261,8 @@ def main():
                                           for n, v in r.items() if "ms" in v and not n.startswith("triton_attn")))
         for n, v in r.items():
             if n.startswith("triton_attn"):
-                print(f"     {n}: " + (f"{v['ms']:.3f}ms {v['TFLOP_s']:.0f}TF/s" if "ms" in v else v["error"]))
+                print(f"     {n}: " + (f"{v['ms']:.3f}ms {v['TFLOP_s']:.0f}TF/s err {v['rel_err_vs_sdpa']:.1e}"
+                                          if "ms" in v else v["error"]))
 
 
 if __name__ == "__main__":

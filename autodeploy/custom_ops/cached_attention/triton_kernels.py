@@ -103,7 +103,7 @@ def _prefill_range(
     acc, m_i, l_i, q, q_pos, start, stop, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
     s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-    MASKED: tl.constexpr,
+    PREC: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Online softmax over key blocks [start, stop); MASKED=False for blocks every row fully sees."""
     for n0 in range(start, stop, BLOCK_N):
@@ -117,7 +117,7 @@ def _prefill_range(
         kv_ok = n_ok[:, None] if MASKED else tl.full([BLOCK_N, 1], 1, tl.int1)
         k = tl.load(kc_ptr + (page * s_kcp + slot * s_kcs + kvh * s_kch)[:, None] + offs_d[None, :],
                     mask=kv_ok & d_ok[None, :], other=0.0)
-        s = _logits2(tl.dot(q, tl.trans(k)), c1, c2, HAS_CAP)
+        s = _logits2(tl.dot(q, tl.trans(k), input_precision=PREC), c1, c2, HAS_CAP)
         if MASKED:
             mask = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
@@ -133,7 +133,7 @@ def _prefill_range(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + (page * s_vcp + slot * s_vcs + kvh * s_vch)[:, None] + offs_dv[None, :],
                     mask=kv_ok & dv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -147,8 +147,11 @@ def _prefill_attn(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
+    REVERSE: tl.constexpr, PREC: tl.constexpr,
 ):
-    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # last (longest causal) blocks first: better tail
+    qb = tl.program_id(0)
+    if REVERSE:  # last (longest causal) blocks first, for a shorter tail
+        qb = tl.num_programs(0) - 1 - qb
     kvh = tl.program_id(1)
     b = _find_seq(cu_ptr, qb, B, BLOCK_Q, True)
     start = tl.load(cu_ptr + b)
@@ -192,15 +195,15 @@ def _prefill_attn(
     acc, m_i, l_i = _prefill_range(
         acc, m_i, l_i, q, q_pos, lo, full_lo, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
         s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
-        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, True)
+        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, PREC, True)
     acc, m_i, l_i = _prefill_range(
         acc, m_i, l_i, q, q_pos, full_lo, full_hi, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
         s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
-        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, False)
+        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, PREC, False)
     acc, m_i, l_i = _prefill_range(
         acc, m_i, l_i, q, q_pos, full_hi, hi, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
         s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
-        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, True)
+        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, PREC, True)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + q_rows[:, None] * s_ot + head[:, None] * s_oh + offs_dv[None, :],
@@ -216,7 +219,7 @@ def _decode_attn(
     H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -260,7 +263,8 @@ def _decode_attn(
         slot = offs_n % PAGE_SIZE
         k = tl.load(kc_ptr + (page * s_kcp + slot * s_kcs + kvh * s_kch)[:, None] + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.where(n_ok[None, :], _logits2(tl.dot(q, tl.trans(k)), c1, c2, HAS_CAP), float("-inf"))
+        s = tl.where(n_ok[None, :], _logits2(tl.dot(q, tl.trans(k), input_precision=PREC), c1, c2, HAS_CAP),
+                     float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -268,7 +272,7 @@ def _decode_attn(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + (page * s_vcp + slot * s_vcs + kvh * s_vch)[:, None] + offs_dv[None, :],
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
     if (s_lo <= pos) & (pos < s_hi):  # the new token itself, straight from the k/v inputs
@@ -344,6 +348,11 @@ def _cache_strides(c: torch.Tensor) -> tuple[int, int, int]:
     return c.stride(0), c.stride(1), c.stride(2)
 
 
+def _dot_precision(q: torch.Tensor) -> str:
+    # fp32 inputs (tests, fp32 models) get exact fp32 products rather than Triton's tf32 default
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _score_consts(scale: float, cap: float) -> tuple[float, float]:
     """(c1, c2) of _logits2."""
     if cap:
@@ -376,15 +385,17 @@ def append_kv(k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table):
 
 
 def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
-                      block_m: int | None = None, block_n: int | None = None, num_warps: int = 8,
-                      num_stages: int = 2):
+                      block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                      num_stages: int = 2, reverse: bool = True):
     """Causal attention of q[T, H, D] over the pages (the new K/V must already be appended)."""
     T, H, D = q.shape
     KV, DV = k_cache.shape[2], v_cache.shape[-1]
-    # tiles that fit shared memory and registers: halve them for wide heads or fp32
+    # tiles that fit shared memory and registers (halved for wide heads or fp32); 64x64 with 4 warps
+    # was the fastest of six configs at Llama-8B shapes on an H100 (scripts/gpu_check.py)
     big = max(D, DV) > 128 or q.element_size() > 2
-    block_m = block_m or (64 if big else 128)
+    block_m = block_m or 64
     block_n = block_n or (32 if big else 64)
+    num_warps = num_warps or (8 if big else 4)
     G = H // KV
     G_PAD = _p2(G)
     block_q = max(1, block_m // G_PAD)
@@ -401,7 +412,7 @@ def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, sca
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
         G=G, G_PAD=G_PAD, BLOCK_Q=block_q, BLOCK_M=block_q * G_PAD, BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=_p2_dot(D), BLOCK_DV=_p2_dot(DV),
-        HAS_WINDOW=bool(window), HAS_CAP=bool(cap),
+        HAS_WINDOW=bool(window), HAS_CAP=bool(cap), REVERSE=reverse, PREC=_dot_precision(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -437,7 +448,8 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
         H=H, G=G, G_PAD=max(16, _p2(G)), BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=_p2_dot(D), BLOCK_DV=_p2_dot(DV), NUM_SPLITS=splits,
-        HAS_WINDOW=bool(window), HAS_CAP=bool(cap), num_warps=num_warps, num_stages=num_stages,
+        HAS_WINDOW=bool(window), HAS_CAP=bool(cap), PREC=_dot_precision(q), num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits > 1:
         _combine_splits[(B, H)](
