@@ -178,9 +178,9 @@ def build_config(name: str, options: dict[str, Any]) -> TransformConfig:
         raise ValueError(
             f"args.transforms.{name}: {msg}{hint} (options of {name}: {', '.join(known)})"
         ) from None
-    config = OmegaConf.to_object(merged)
-    if config.stage == "???":
+    if OmegaConf.is_missing(merged, "stage"):
         raise ValueError(f"args.transforms.{name}: 'stage' is required (one of {', '.join(str(s) for s in Stage)})")
+    config = OmegaConf.to_object(merged)
     try:
         Stage.parse(config.stage)
     except ValueError as e:
