@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -169,8 +170,6 @@ def host_overhead(ops, calls=300):
     the registered op, a Library-defined op with the same body, the Python body, the bare kernels."""
     import time
 
-    from typing import Optional
-
     b = make_batch([(63, 1)], H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
 
     @torch.library.custom_op("adbench::attn", mutates_args=("k_cache", "v_cache"))
@@ -217,22 +216,37 @@ def main():
            "triton": triton.__version__, "commit": os.environ.get("GIT_COMMIT", "?")}
     print("env:", env)
     ops = backends()
-    report = {"env": env}
-    print("== correctness (relative error vs float64)")
+    report = {"env": env, "correctness": [], "decode": {}, "prefill": {}, "errors": {}}
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
-    report["correctness"] = check_correctness(ops, dtypes)
-    report["decode"], report["prefill"] = {}, {}
+
+    def section(name, fn):  # a failing section is reported; the others still run
+        print(f"== {name}")
+        try:
+            result = fn()
+            print("  ", result if not isinstance(result, list) else f"{len(result)} rows")
+            return result
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            report["errors"][name] = f"{type(e).__name__}: {e}"
+            return None
+
+    report["correctness"] = section("correctness (relative error vs float64)",
+                                    lambda: check_correctness(ops, dtypes)) or []
     for batch in (1, 8, 32):
-        print(f"== decode batch {batch}")
-        report["decode"][batch] = time_decode(ops, batch, sweep=not args.quick)
-        print("  ", report["decode"][batch])
+        r = section(f"decode batch {batch}", lambda: time_decode(ops, batch, sweep=not args.quick))
+        if r:
+            report["decode"][batch] = r
     if "triton" in ops:
-        report["host_us"] = host_overhead(ops)
-        print("== host time per call (us)", report["host_us"])
+        r = section("host time per call (us)", lambda: host_overhead(ops))
+        if r:
+            report["host_us"] = r
     for batch in (1, 8, 32):
-        print(f"== prefill batch {batch}")
-        report["prefill"][batch] = time_prefill(ops, batch, sweep=not args.quick and batch in (1, 8))
-        print("  ", report["prefill"][batch])
+        sweep = not args.quick and batch in (1, 8)
+        r = section(f"prefill batch {batch}", lambda: time_prefill(ops, batch, sweep=sweep))
+        if r:
+            report["prefill"][batch] = r
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
 
@@ -246,6 +260,8 @@ def main():
     bad_cache = [(r["case"], r["dtype"]) for r in report["correctness"]
                  for k, v in r.items() if k.endswith("_cache_ok") and not v]
     print("max rel err:", {k: f"{v:.2e}" for k, v in worst.items()}, "| cache mismatches:", bad_cache or "none")
+    if report["errors"]:
+        print("FAILED sections:", report["errors"])
     print(f"decode, ctx {CTX}, per layer (CUDA graph replay; eager in brackets):")
     for batch, r in report["decode"].items():
         line = "  ".join(f"{n} {r[n]['graph_ms'] * 1e3:.1f}us ({r[n]['eager_ms'] * 1e3:.0f}) {r[n]['TB_s']:.2f}TB/s"

@@ -15,6 +15,17 @@ Three kernels and one combine step:
   ``_combine_splits``.
 No kernel reads a host value: grids depend on shapes only, so all of it can be CUDA-graph captured.
 Scores use exp2 with log2(e) folded into the scale.
+
+Measured (scripts/gpu_check.py; H100 80GB HBM3, torch 2.11, triton 3.6, 2026-11-27; Llama-8B
+attention: 32/8 heads, head_dim 128, page 64, context 1024, bf16; per layer):
+- error vs float64: bf16 2.2e-3 max (torch backend 1.7e-3), fp16 2.7e-4;
+- decode, CUDA-graph replay: bs1 9.1 us, bs8 20.9 us, bs32 54.9 us (2.44 TB/s of K/V; the copy
+  ceiling is ~3.0 TB/s); torch backend 103 / 305 / 946 us. Small batches are latency-bound: a split
+  holds one 64-key block, then the combine kernel;
+- prefill (append + attention), commit b320015 with 128x64 tiles: bs1 0.10 ms, bs8 0.33 ms
+  (210 TFLOP/s), bs32 1.25 ms (220); dense SDPA (flash, unpaged) 0.035 / 0.16 / 0.65 ms; torch
+  backend 1.2 / 8.6 / 33.5 ms. The 64x64 / 4-warp tiles now default ran attention-only at
+  bs8 in 0.271 ms (254 TFLOP/s) against 0.307 for 128x64.
 """
 
 from __future__ import annotations
