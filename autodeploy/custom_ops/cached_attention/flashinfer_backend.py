@@ -22,8 +22,6 @@ Semantics mapping: our window W (key j visible from position p iff p - j < W) is
 ``logits_soft_cap``; causal prefill aligns queries to the end of the KV, as ours.
 """
 
-from __future__ import annotations
-
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
