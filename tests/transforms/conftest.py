@@ -14,29 +14,7 @@ import autodeploy.custom_ops.rope  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_zoo import VARIANTS, FakeFactory, build_hf_model, export  # noqa: E402
-
-# the front of the default pipeline, as the tests run it
-PATTERN_PIPELINE = {
-    "cleanup_assertions": {"stage": "post_export"},
-    "cleanup_noop_ops": {"stage": "post_export"},
-    "match_attention_pattern": {"stage": "pattern_matcher"},
-    "match_rope_pattern": {"stage": "pattern_matcher"},
-    "match_rmsnorm_pattern": {"stage": "pattern_matcher"},
-    "match_moe_pattern": {"stage": "pattern_matcher"},
-    "eliminate_redundant_transposes": {"stage": "pattern_matcher"},
-}
-
-
-def run_pipeline(gm, config=None, transforms=None):
-    from autodeploy.transforms.interface import BuildContext
-    from autodeploy.transforms.optimizer import InferenceOptimizer
-
-    optimizer = InferenceOptimizer(transforms or PATTERN_PIPELINE)
-    ctx = BuildContext(factory=FakeFactory(config) if config is not None else None)
-    gm = optimizer(ctx, gm)
-    return gm, {r.name: r for r in optimizer.report}
-
+from hf_zoo import VARIANTS, build_hf_model, export, run_pipeline  # noqa: E402
 
 class Deployed:
     def __init__(self, name):

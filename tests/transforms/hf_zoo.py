@@ -114,3 +114,25 @@ def export_module(module: torch.nn.Module):
 
 def count_target(gm, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+# the front of the default pipeline, as the tests run it
+PATTERN_PIPELINE = {
+    "cleanup_assertions": {"stage": "post_export"},
+    "cleanup_noop_ops": {"stage": "post_export"},
+    "match_attention_pattern": {"stage": "pattern_matcher"},
+    "match_rope_pattern": {"stage": "pattern_matcher"},
+    "match_rmsnorm_pattern": {"stage": "pattern_matcher"},
+    "match_moe_pattern": {"stage": "pattern_matcher"},
+    "eliminate_redundant_transposes": {"stage": "pattern_matcher"},
+}
+
+
+def run_pipeline(gm, config=None, transforms=None):
+    from autodeploy.transforms.interface import BuildContext
+    from autodeploy.transforms.optimizer import InferenceOptimizer
+
+    optimizer = InferenceOptimizer(transforms or PATTERN_PIPELINE)
+    ctx = BuildContext(factory=FakeFactory(config) if config is not None else None)
+    gm = optimizer(ctx, gm)
+    return gm, {r.name: r for r in optimizer.report}

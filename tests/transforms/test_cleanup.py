@@ -8,7 +8,7 @@ import torch
 from torch.export import Dim
 
 from autodeploy.transforms.library.cleanup import remove_assertions, remove_noop_ops
-from conftest import run_pipeline
+from hf_zoo import run_pipeline
 from hf_zoo import build_hf_model, export, sample_inputs
 
 aten = torch.ops.aten

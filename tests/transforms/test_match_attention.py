@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_pipeline
+from hf_zoo import run_pipeline
 from hf_zoo import build_hf_model, count_target, export, export_module, sample_inputs
 
 attention_op = torch.ops.autodeploy.attention.default

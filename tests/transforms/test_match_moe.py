@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import run_pipeline
+from hf_zoo import run_pipeline
 from hf_zoo import COMMON, count_target, export, sample_inputs
 
 moe_op = torch.ops.autodeploy.moe.default

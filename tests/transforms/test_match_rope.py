@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import run_pipeline
+from hf_zoo import run_pipeline
 from hf_zoo import count_target, export_module, sample_inputs
 
 rope_op = torch.ops.autodeploy.rope.default

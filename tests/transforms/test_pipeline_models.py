@@ -41,7 +41,8 @@ def test_one_attention_and_rope_per_layer(name, deployed):
     assert ops["moe"] == d.variant.moes
     # nothing of HF's attention or experts is left: no SDPA, no softmax over scores, no grouped_mm
     leftovers = [n for n in d.gm.graph.nodes if n.op == "call_function" and (
-        n.target in (aten.scaled_dot_product_attention.default, aten._grouped_mm.default)
+        n.target in (aten.scaled_dot_product_attention.default, torch.ops.autodeploy.sdpa.default,
+                     aten._grouped_mm.default)
         or (n.target is aten.softmax.int and n.meta["val"].dim() == 4)  # the router's softmax is 2-D
         or "grouped_mm" in str(n.target))]
     assert leftovers == []

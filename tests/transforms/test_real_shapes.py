@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import run_pipeline
+from hf_zoo import run_pipeline
 
 
 def meta_model(card: str, **overrides):

@@ -296,7 +296,7 @@ def check_fully_cached(gm: Any) -> None:
         name = str(node.target)
         if name.startswith("autodeploy.") and name.split(".")[1] in _UNCACHED:
             left[name.split(".")[1]] = left.get(name.split(".")[1], 0) + 1
-        elif "scaled_dot_product_attention" in name:
+        elif "scaled_dot_product_attention" in name or name.startswith("autodeploy.sdpa."):
             left["scaled_dot_product_attention"] = left.get("scaled_dot_product_attention", 0) + 1
     if not left:
         return

@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 import autodeploy.custom_ops.attention  # noqa: F401  registers torch.ops.autodeploy.attention
+import autodeploy.export.patches.sdpa  # noqa: F401  registers torch.ops.autodeploy.sdpa (exported SDPA)
 
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
 from ..patterns.mask_probe import MaskVerdict, classify_mask
@@ -93,7 +94,8 @@ def _heads(node: fx.Node) -> Optional[int]:
 
 
 def match_sdpa(node: fx.Node) -> Optional[AttentionMatch]:
-    if not is_op(node, aten.scaled_dot_product_attention.default):
+    # autodeploy::sdpa is SDPA as exported under the `sdpa_as_op` patch (same arguments)
+    if not is_op(node, (aten.scaled_dot_product_attention.default, torch.ops.autodeploy.sdpa.default)):
         return None
     q, k, v = node.args[:3]
     if any(ndim(t) != 4 for t in (q, k, v)):
