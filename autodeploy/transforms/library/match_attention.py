@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 import autodeploy.custom_ops.attention  # noqa: F401  registers torch.ops.autodeploy.attention
+import autodeploy.export.patches.repeat_kv  # noqa: F401  registers torch.ops.autodeploy.repeat_kv
 import autodeploy.export.patches.sdpa  # noqa: F401  registers torch.ops.autodeploy.sdpa (exported SDPA)
 
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
@@ -61,6 +62,8 @@ class AttentionMatch:
 def strip_repeat_kv(node: Any) -> fx.Node:
     """The kv tensor before HF's repeat_kv (``[B,KV,S,D]``), or ``node`` itself if not repeated."""
     if is_op(node, aten.repeat_interleave.self_int) and norm_dim(arg(node, 2, "dim", 0), 4) == 1:
+        return node.args[0]
+    if is_op(node, torch.ops.autodeploy.repeat_kv.default):  # export patch gqa_without_repeat_views
         return node.args[0]
     if not is_op(node, (aten.reshape.default, aten.view.default, aten._unsafe_view.default)):
         return node
