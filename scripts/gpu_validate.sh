@@ -3,7 +3,7 @@
 # one cannot eat the others. Run from the repo root on a CUDA machine with torch, triton and
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf and antlr4 into .whl/, which this script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor]
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_validate}
 mkdir -p "$OUT"
@@ -34,21 +34,21 @@ if [[ " $STEPS " == *" e2e "* ]]; then
 fi
 
 if [[ " $STEPS " == *" bench "* ]]; then
-  echo "=== Llama-3.1-8B shape, random bf16 weights, isl 1024 osl 128"
-  for backend in torch-cudagraph torch-opt; do
-    timeout 240 python3 launch.py model=llama3_8b backend=triton transforms/compile=$backend benchmark=latency \
-      benchmark.num=3 args.max_batch_size=1 args.cuda_graph_batch_sizes=[1] \
-      hydra.run.dir="$OUT/bench_8b_$backend" > "$OUT/bench_8b_$backend.log" 2>&1
-    echo "$backend rc=$?"
-    python3 - "$OUT/bench_8b_$backend/results.json" <<'EOF'
-import json, sys
-try:
-    r = json.load(open(sys.argv[1]))
-except OSError as e:
-    print("no results:", e); sys.exit()
-b = r["benchmark"]
-print(f"  build {r['build_s']:.1f}s  out {b['output_tok_s']:.1f} tok/s  TTFT p50 {b['ttft_ms']['p50']:.1f} ms"
-      f"  TPOT p50 {b['tpot_ms']['p50']:.2f} ms  ({r['env']['device']})")
-EOF
+  echo "=== Llama-3.1-8B shape, random bf16 weights, triton attention, isl 1024 osl 128"
+  # BENCH="compile:bs[:hf] ...": the configurations to time (hf = also time HF eager generate)
+  for spec in ${BENCH:-torch-cudagraph:1 torch-opt:1:hf torch-cudagraph:32 torch-opt:32}; do
+    IFS=: read -r backend bs hf <<<"$spec"
+    name="bench_8b_${backend}_bs${bs}"
+    timeout 300 python3 launch.py model=llama3_8b backend=triton transforms/compile=$backend benchmark=latency \
+      benchmark.bs=$bs benchmark.num=3 benchmark.compare_hf=$([[ $hf == hf ]] && echo true || echo false) \
+      args.max_batch_size=$bs "args.cuda_graph_batch_sizes=[$bs]" args.free_mem_ratio=0.3 \
+      hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1
+    echo "$backend bs=$bs rc=$?"
+    python3 scripts/summarize_results.py "$OUT/$name/results.json"
   done
+fi
+
+if [[ " $STEPS " == *" anchor "* ]] && [[ -f .anchors/hand_decode.py ]]; then
+  echo "=== anchor: hand-written compiled decode loop (../shared/anchors, carried in .anchors/)"
+  BS=${ANCHOR_BS:-1,32} timeout 400 python3 .anchors/hand_decode.py 2>&1 | grep RESULT
 fi
