@@ -25,11 +25,15 @@ fi
 
 if [[ " $STEPS " == *" e2e "* ]]; then
   echo "=== launch.py on the GPU: tiny models, triton attention, torch-opt"
+  # run folders stay in /tmp (the device tool brings back at most 8 files); logs are appended to one file
   for model in tiny_llama tiny_mixtral tiny_hybrid; do
     timeout 180 python3 launch.py model=$model backend=triton transforms/compile=torch-opt prompt=greedy \
-      hydra.run.dir="$OUT/run_$model" > "$OUT/run_$model.log" 2>&1
-    echo "$model rc=$? $(grep -c '^\[output\]' "$OUT/run_$model.log") outputs"
-    grep -E '^\[(output|error)' "$OUT/run_$model.log" | head -2
+      hydra.run.dir="/tmp/runs/$model" > "/tmp/runs_$model.log" 2>&1
+    rc=$?
+    echo "$model rc=$rc $(grep -c '^\[output\]' "/tmp/runs_$model.log") outputs"
+    grep -E '^\[(output|error)' "/tmp/runs_$model.log" | head -2
+    [[ $rc == 0 ]] || grep -E "Error" "/tmp/runs_$model.log" | tail -2
+    { echo "=== $model"; cat "/tmp/runs_$model.log"; } >> "$OUT/e2e.log"
   done
 fi
 
@@ -42,9 +46,13 @@ if [[ " $STEPS " == *" bench "* ]]; then
     timeout 300 python3 launch.py model=llama3_8b backend=triton transforms/compile=$backend benchmark=latency \
       benchmark.bs=$bs benchmark.num=3 benchmark.compare_hf=$([[ $hf == hf ]] && echo true || echo false) \
       args.max_batch_size=$bs "args.cuda_graph_batch_sizes=[$bs]" args.free_mem_ratio=0.3 \
-      hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1
-    echo "$backend bs=$bs rc=$?"
-    python3 scripts/summarize_results.py "$OUT/$name/results.json"
+      hydra.run.dir="/tmp/runs/$name" > "/tmp/runs_$name.log" 2>&1
+    rc=$?
+    echo "$backend bs=$bs rc=$rc"
+    [[ $rc == 0 ]] || grep -E "Error" "/tmp/runs_$name.log" | tail -2
+    { echo "=== $name"; cat "/tmp/runs_$name.log"; } >> "$OUT/bench.log"
+    cp "/tmp/runs/$name/results.json" "$OUT/$name.json" 2>/dev/null
+    python3 scripts/summarize_results.py "$OUT/$name.json"
   done
 fi
 
