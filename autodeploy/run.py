@@ -44,6 +44,8 @@ def environment(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _git_rev() -> str | None:
+    if os.environ.get("AUTODEPLOY_GIT_REV"):  # set where the tree travels without .git (GPU machine)
+        return os.environ["AUTODEPLOY_GIT_REV"]
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
