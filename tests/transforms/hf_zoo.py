@@ -101,12 +101,15 @@ class FakeFactory:
 
 
 def export_module(module: torch.nn.Module):
-    """Export a small custom ``forward(input_ids, position_ids)`` module like export_to_gm does."""
+    """Export a small custom ``forward(input_ids, position_ids)`` module like export_to_gm does
+    (with the export patches that apply to any model, e.g. SDPA and GQA repeats as opaque ops)."""
     from torch.export import Dim
+
+    from autodeploy.export.patches import export_patches
 
     batch, seq = Dim("batch", min=1, max=8), Dim("seq", min=1, max=128)
     ids, pos = sample_inputs(2, 8)
-    with torch.no_grad():
+    with torch.no_grad(), export_patches(module):
         program = torch.export.export(module.eval(), (ids, pos), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
                                       strict=False)
     return program.module()

@@ -76,6 +76,32 @@ def test_causal_variants_become_the_op(kind):
     assert count_target(gm, aten.repeat_interleave.self_int) == 0
 
 
+@pytest.mark.parametrize("name", ["llama_eager", "gemma2"])
+def test_eager_masks_exported_on_meta_are_probed(name):
+    # transformers 5.17 builds the additive mask with torch.tensor(0.0, device=...): on meta, a
+    # lifted constant without a value, unless export patch scalar_tensor_literals keeps it an op
+    model = build_hf_model(name).to("meta")
+    gm, report = run_pipeline(export(model), model.config)
+    assert count_target(gm, attention_op) == 2, report["match_attention_pattern"].note
+    assert not [n.target for n in gm.graph.nodes if n.op == "get_attr" and "lifted_tensor" in n.target]
+
+
+def test_aten_repeat_interleave_is_folded():
+    # the export patch turns the head repeat into autodeploy::repeat_kv; the plain aten op (exported
+    # without the patch, static shapes: torch 2.11 cannot keep seq dynamic through it) folds too
+    module = TinyAttention("eager_div")
+    ids, pos = sample_inputs(2, 8)
+    with torch.no_grad():
+        gm = torch.export.export(module.eval(), (ids, pos), strict=False).module()
+    assert count_target(gm, aten.repeat_interleave.self_int) == 2
+    gm, _ = run_pipeline(gm)
+    (node,) = [n for n in gm.graph.nodes if n.target is attention_op]
+    assert node.args[1].meta["val"].shape[2] == 2
+    assert count_target(gm, aten.repeat_interleave.self_int) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids, pos), module(ids, pos), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind,reason", [
     ("bidirectional", "bidirectional"),
     ("chunked", "neither causal nor sliding"),

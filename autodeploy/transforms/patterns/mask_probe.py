@@ -128,7 +128,7 @@ def _evaluate(nodes: list[fx.Node], gm: fx.GraphModule, inputs, symbols) -> torc
         if node.op == "placeholder":
             env[node] = inputs[node]
         elif node.op == "get_attr":
-            t = getattr(gm, node.target)
+            t = _get_attr(gm, node.target)
             if isinstance(t, torch.Tensor) and t.device.type == "meta":
                 raise _NotProbeable(f"mask depends on parameter/buffer {node.target} that has no data (meta)")
             env[node] = t.to("cpu")
@@ -144,6 +144,15 @@ def _evaluate(nodes: list[fx.Node], gm: fx.GraphModule, inputs, symbols) -> torc
         else:
             raise _NotProbeable(f"mask depends on {node.op} node {node.name}")
     return env[nodes[-1]]
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+    """A get_attr target: a dotted path (``model.lifted_tensor_0``: export lifts tensor constants
+    the mask code creates into the submodule that made them)."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _allowed(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
