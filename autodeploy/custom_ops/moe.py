@@ -3,6 +3,7 @@
 Weights in the transformers-5 3-D layout: ``w_gate_up [E, 2I, Hd]`` (gate rows first, then up),
 ``w_down [E, Hd, I]``. Routing (router linear, softmax/sigmoid, top-k, renormalization) stays
 in the graph; the op takes its results: ``selected_experts [T, k]`` and ``routing_weights [T, k]``.
+An id outside ``[0, E)`` contributes nothing, like transformers' expert-parallel sentinels.
 
 Math follows transformers' ``grouped_mm`` experts: expert matmuls in the weights' dtype, the
 weighting and the sum over k in the promoted dtype of expert output and routing weights, the
@@ -41,7 +42,7 @@ def moe(
     order = torch.argsort(flat_experts, stable=True)
     counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
     x_w = x.to(w_gate_up.dtype)
-    slot_out = x_w.new_empty((num_tokens * top_k, w_down.shape[1]))
+    slot_out = x_w.new_zeros((num_tokens * top_k, w_down.shape[1]))  # ids outside [0, E) stay 0
     start = 0
     for expert, count in enumerate(counts[:num_experts]):
         if count == 0:

@@ -67,3 +67,18 @@ def test_fake_kernel_and_registration():
         out = moe(torch.empty(5, 4096), torch.empty(5, 2, dtype=torch.long), torch.empty(5, 2),
                   torch.empty(8, 2 * 14336, 4096), torch.empty(8, 4096, 14336))
     assert out.shape == (5, 4096)
+
+
+def test_ids_outside_the_experts_contribute_nothing():
+    # transformers' expert-parallel sentinels (ids >= E) are masked to zero; so are they here
+    block = mixtral_block()
+    block.experts._is_expert_parallel = True  # transformers 5.24 masks only then; 5.17 always
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        _, weights, ids = block.gate(x)
+    ids = ids.clone()
+    ids[::2, 1] = 4  # = E: a sentinel
+    with torch.no_grad():
+        expected = block.experts(x, ids, weights)
+    got = moe(x, ids, weights, block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

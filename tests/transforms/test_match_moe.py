@@ -24,6 +24,27 @@ def test_non_silu_experts_are_left_alone():
         torch.testing.assert_close(gm(ids, pos), model(input_ids=ids, position_ids=pos).logits, rtol=0, atol=1e-5)
 
 
+def test_expert_parallel_sentinel_masks_are_part_of_the_chain():
+    # transformers 5.17 always (5.24 with expert parallelism) masks sentinel ids: a ge/unsqueeze
+    # mask, an in-place clamp_ of the sorted ids and masked_fill(_)s around the grouped_mms
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    for layer in model.model.layers:
+        layer.mlp.experts._is_expert_parallel = True
+    exported = export(model)
+    assert count_target(exported, torch.ops.aten.clamp_.default) == 2
+    gm, report = run_pipeline(exported, config)
+    assert count_target(gm, moe_op) == 2, report["match_moe_pattern"].note
+    left = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert not {"aten.masked_fill.Scalar", "aten.masked_fill_.Scalar", "aten.clamp_.default", "aten.sort.default"} & left
+    ids, pos = sample_inputs(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids, pos), model(input_ids=ids, position_ids=pos).logits, rtol=0, atol=1e-5)
+
+
 def test_moe_op_takes_router_outputs_and_3d_experts(deployed):
     d = deployed("mixtral")
     for node in (n for n in d.gm.graph.nodes if n.target is moe_op):

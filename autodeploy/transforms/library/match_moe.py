@@ -11,6 +11,13 @@ dtype and torch version. The whole dispatch chain becomes one op fed by the rout
 and weights, which stay in the graph (softmax or sigmoid, renormalized or not, shared experts:
 all plain graph code). Experts with biases, another activation or transposed storage are not
 matched and stay as they are.
+
+transformers' expert-parallel sentinel handling (always there in 5.17, only with expert
+parallelism in 5.24) adds ``mask = (sorted ids >= E).unsqueeze(-1)``, an in-place
+``clamp_(sorted ids, max=E-1)``, ``masked_fill_(gathered tokens, mask, 0)`` and a
+``masked_fill(out, mask, 0)`` after each grouped_mm. They zero the rows of ids outside
+``[0, E)``, which ``autodeploy::moe`` leaves out as well, so they belong to the chain (E is read
+from the expert weights' shape).
 """
 
 from __future__ import annotations
@@ -73,12 +80,44 @@ def _need(cond: Any) -> None:
         raise _NoMatch
 
 
+_MASKED_FILLS = (aten.masked_fill.Scalar, aten.masked_fill_.Scalar)
+
+
 class _Walker:
     """Follows one grouped_mm experts chain, collecting its nodes."""
 
     def __init__(self, ops: tuple):
         self.ops = ops
         self.chain: list[fx.Node] = []
+        self.fill_masks: set[fx.Node] = set()  # sentinel masks of skipped masked_fills, checked at the end
+
+    def skip_fill(self, node: Any) -> Any:
+        """``masked_fill[_](t, mask, 0)`` -> t (the mask is checked once the sort is known)."""
+        if is_op(node, _MASKED_FILLS) and node.args[2] == 0 and isinstance(node.args[1], fx.Node):
+            self.chain.append(node)
+            self.fill_masks.add(node.args[1])
+            return node.args[0]
+        return node
+
+    def past_fill(self, node: fx.Node) -> fx.Node:
+        """``node``, or its single user when that is a sentinel ``masked_fill`` of it."""
+        user = single_user(node)
+        if is_op(user, _MASKED_FILLS) and user.args[0] is node and self.skip_fill(user) is node:
+            return user
+        return node
+
+    def sentinel_masks(self, sorted_ids: fx.Node, num_experts: int) -> None:
+        """Every skipped fill's mask is ``unsqueeze(sorted_ids >= E, -1)``; an in-place
+        ``clamp_(sorted_ids, max=E-1)`` without users belongs to the chain too."""
+        for mask in self.fill_masks:
+            self.take(mask, aten.unsqueeze.default)
+            _need(norm_dim(mask.args[1], 2) == 1)
+            ge = self.take(mask.args[0], aten.ge.Scalar)
+            _need(ge.args[0] is sorted_ids and ge.args[1] == num_experts)
+        for user in sorted_ids.users:
+            if (is_op(user, aten.clamp_.default) and not user.users and user.args[0] is sorted_ids
+                    and arg(user, 1, "min", None) is None and arg(user, 2, "max", None) == num_experts - 1):
+                self.chain.append(user)
 
     def take(self, node: Any, op: Any = None) -> fx.Node:
         _need(isinstance(node, fx.Node) and (op is None or is_op(node, op)))
@@ -98,7 +137,7 @@ class _Walker:
         inp, w_t, offs = node.args[0], node.args[1], arg(node, 2, "offs", None)
         self.take(w_t, aten.transpose.int)
         _need({norm_dim(w_t.args[1], 3), norm_dim(w_t.args[2], 3)} == {1, 2} and ndim(w_t.args[0]) == 3)
-        return self.skip_casts(inp), w_t.args[0], offs
+        return self.skip_fill(self.skip_casts(inp)), w_t.args[0], offs
 
     def flat(self, node: Any) -> fx.Node:
         """``reshape(t, [-1])`` of a 2-D ``t`` -> t."""
@@ -125,7 +164,7 @@ def match_moe(down: fx.Node, ops: tuple) -> Optional[MoeMatch]:
         _need(chunk is not None and getitem_source(up_half, 1, aten.chunk.default) is chunk)
         _need(chunk.args[1] == 2 and is_last_dim(arg(chunk, 2, "dim", 0), ndim(chunk.args[0])))
         w.chain += [silu.args[0], up_half, chunk]
-        gathered, w_gate_up, offs_up = w.grouped_mm(chunk.args[0])
+        gathered, w_gate_up, offs_up = w.grouped_mm(w.skip_fill(chunk.args[0]))
         _need(offs_up is offs)
         # tokens gathered in expert order: x[perm // k]
         w.take(gathered, aten.index.Tensor)
@@ -144,10 +183,11 @@ def match_moe(down: fx.Node, ops: tuple) -> Optional[MoeMatch]:
         sorted_ids = w.skip_casts(histc.args[0])
         _need(getitem_source(sorted_ids, 0, (aten.sort.default, aten.sort.stable)) is sort)
         w.chain.append(sorted_ids)
-        # weighted = out * routing_weight[perm][:, None]
-        weighted = w.take(single_user(down), aten.mul.Tensor)
+        # weighted = [masked_fill(]out[)] * routing_weight[perm][:, None]
+        down_out = w.past_fill(down)
+        weighted = w.take(single_user(down_out), aten.mul.Tensor)
         for o, weight_col in commutative_operands(weighted):
-            if o is down and is_op(weight_col, aten.unsqueeze.default):
+            if o is down_out and is_op(weight_col, aten.unsqueeze.default):
                 break
         else:
             raise _NoMatch
@@ -178,6 +218,7 @@ def match_moe(down: fx.Node, ops: tuple) -> Optional[MoeMatch]:
         _need(gu.dim() == 3 and dn.dim() == 3 and gu.shape[0] == dn.shape[0] and gu.shape[2] == xv.shape[1])
         _need(gu.shape[1] == 2 * dn.shape[2] and dn.shape[1] == xv.shape[1])
         _need(dtype(out) == dtype(x))
+        w.sentinel_masks(sorted_ids, num_experts)
     except (_NoMatch, AttributeError, IndexError, TypeError, ValueError):
         return None
     return MoeMatch(out, x, selected, routing, w_gate_up, w_down, w.chain)
