@@ -40,7 +40,12 @@ def run_shape_prop(gm: fx.GraphModule) -> fx.GraphModule:
 
     Placeholders keep the fake values that export gave them (symbolic batch/seq dims); params and
     buffers (``get_attr``) are converted to fakes of the same shape, so this works on meta too.
+    Composite ops (``linear``, ``matmul``, ...) decompose through the Python dispatcher, as in
+    export: torch 2.11's C++ ``matmul`` calls ``numel()`` on a symbolic ``[B, S, H]`` input
+    ("Cannot call numel() on tensor with symbolic sizes/strides") or, when the weight requires
+    grad, specializes B and S.
     """
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -50,6 +55,6 @@ def run_shape_prop(gm: fx.GraphModule) -> fx.GraphModule:
         missing = [n.name for n in gm.graph.nodes if n.op == "placeholder" and "val" not in n.meta]
         raise RuntimeError(f"shape propagation needs meta['val'] on every input; missing: {missing}")
     fake_mode = detect_fake_mode(inputs) or FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_mode:
+    with fake_mode, enable_python_dispatcher():
         FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
     return gm

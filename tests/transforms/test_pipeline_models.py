@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from hf_zoo import NUM_LAYERS, SHAPES, VARIANTS, sample_inputs
+from hf_zoo import NUM_LAYERS, SHAPES, VARIANTS, export_module, sample_inputs
 
 aten = torch.ops.aten
 NAMES = list(VARIANTS)
@@ -109,3 +109,26 @@ def test_matchers_leave_valid_shapes(name, deployed):
             continue
         old, new = before[n.name], n.meta["val"]
         assert (str(tuple(old.shape)), old.dtype) == (str(tuple(new.shape)), new.dtype), n.name
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_shape_prop_keeps_linear_dynamic(requires_grad):
+    # torch 2.11's C++ linear/matmul on a symbolic [B, S, H] input calls numel() (frozen weights)
+    # or specializes B and S (weights that require grad) unless it decomposes in Python
+    from autodeploy.transforms.graph_utils import run_shape_prop
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.proj = torch.nn.Embedding(128, 16), torch.nn.Linear(16, 24, bias=False)
+
+        def forward(self, input_ids, position_ids):
+            return self.proj(self.emb(input_ids))
+
+    gm = export_module(Block())
+    for p in gm.parameters():
+        p.requires_grad_(requires_grad)
+    run_shape_prop(gm)
+    (out,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    batch, seq, width = out.meta["val"].shape
+    assert isinstance(batch, torch.SymInt) and isinstance(seq, torch.SymInt) and width == 24

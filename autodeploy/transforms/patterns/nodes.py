@@ -181,9 +181,11 @@ def set_fake_val(node: fx.Node, fake_mode) -> None:
     """Compute ``node.meta["val"]`` from its inputs' values with the graph's fake mode."""
     if fake_mode is None:
         raise RuntimeError("the graph has no fake values to compute new ones from")
+    from torch._dispatch.python import enable_python_dispatcher
+
     args = map_arg(node.args, lambda n: n.meta["val"])
     kwargs = map_arg(node.kwargs, lambda n: n.meta["val"])
-    with fake_mode:
+    with fake_mode, enable_python_dispatcher():  # symbolic-shape-safe decompositions (see run_shape_prop)
         node.meta["val"] = node.target(*args, **kwargs)
 
 
