@@ -9,6 +9,7 @@ import torch
 
 import autodeploy.custom_ops.ssm  # noqa: F401 - registers the ops
 import autodeploy.custom_ops.ssm_cached  # noqa: F401
+from ssm_reference import assert_equal_to_hf_scan_path
 
 ops = torch.ops.autodeploy
 H, P, G, N, C_K = 8, 16, 2, 16, 4  # heads, head_dim, groups, state, conv kernel
@@ -38,17 +39,7 @@ def test_ssm_scan_equals_hf_chunk_scan(seq):
     theirs = mamba2_chunk_scan(i["x"], i["dt"], i["A"], i["B"], i["C"], chunk_size=16, D=i["D"], dt_bias=i["dt_bias"],
                                dt_softplus=True, dt_limit=(0.001, float("inf")))
     assert ours.dtype == torch.float32 and ours.shape == (2, seq, H, P)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0) if _hf_scan_is_einsum() else \
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-
-
-def _hf_scan_is_einsum() -> bool:
-    # our scan ports the einsum formulation of transformers >= 5.2x; older releases sum broadcasts
-    import inspect
-
-    from transformers.models.nemotron_h import modeling_nemotron_h
-
-    return "einsum" in inspect.getsource(modeling_nemotron_h.mamba2_chunk_scan)
+    assert_equal_to_hf_scan_path(ours, theirs)
 
 
 @pytest.mark.parametrize("seq", [1, 5, 20])
