@@ -89,3 +89,30 @@ def test_other_mamba2_families_export_exactly(model_type, kwargs):
         # bit-exact where our scan ports this transformers' own order of operations (5.24);
         # older transformers sum in another order, so only rounding may differ there
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_scalar_tensor_literals_keep_their_value(device):
+    # exported on meta, torch.tensor(0.5, device=...) would become a lifted constant without a value
+    class Where(torch.nn.Module):
+        def forward(self, input_ids, position_ids):
+            return torch.where(position_ids > 0, torch.tensor(0.5, device=input_ids.device), -1.0)
+
+    ids = torch.zeros(2, 4, dtype=torch.long, device=device)
+    pos = torch.arange(4, device=device).repeat(2, 1)
+    with registry.export_patches(Where(), names=["scalar_tensor_literals"]):
+        gm = torch.export.export(Where(), (ids, pos), strict=False).module()
+    fulls = [n for n in gm.graph.nodes if n.target is torch.ops.aten.full.default]
+    lifted = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    if device == "meta":
+        assert len(fulls) == 1 and fulls[0].args[1] == 0.5 and not lifted
+        from autodeploy.models.materialize import replace_device_literals
+
+        replace_device_literals(gm, torch.device("cpu"))
+        for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+            gm.graph.erase_node(node)  # export's input checks would insist on meta inputs
+        gm.recompile()
+    else:  # elsewhere the constant has its value (and .item() on it keeps working)
+        assert not fulls and len(lifted) == 1
+    out = gm(torch.zeros(2, 4, dtype=torch.long), torch.arange(4).repeat(2, 1))
+    assert out.tolist() == [[-1.0, 0.5, 0.5, 0.5]] * 2 and out.dtype == torch.float32
