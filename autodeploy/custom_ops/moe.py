@@ -26,6 +26,10 @@ def _check(x, selected_experts, routing_weights, w_gate_up, w_down) -> None:
         )
 
 
+# at most this many tokens run every expert on every token (no host sync; CUDA-graph safe)
+DENSE_MAX_TOKENS = 64
+
+
 @torch.library.custom_op("autodeploy::moe", mutates_args=())
 def moe(
     x: torch.Tensor,
@@ -35,6 +39,28 @@ def moe(
     w_down: torch.Tensor,
 ) -> torch.Tensor:
     _check(x, selected_experts, routing_weights, w_gate_up, w_down)
+    if x.shape[0] <= DENSE_MAX_TOKENS or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _moe_dense(x, selected_experts, routing_weights, w_gate_up, w_down)
+    return _moe_grouped(x, selected_experts, routing_weights, w_gate_up, w_down)
+
+
+def _moe_dense(x, selected_experts, routing_weights, w_gate_up, w_down) -> torch.Tensor:
+    """Every expert on every token, weighted by its routing weight (0 where not chosen).
+
+    For decode-sized batches this reads each expert's weights once, like the grouped path, and
+    needs no host sync, so it can be captured in a CUDA graph.
+    """
+    x_w = x.to(w_gate_up.dtype)
+    out = None
+    for expert in range(w_gate_up.shape[0]):
+        weight = (routing_weights * (selected_experts == expert)).sum(dim=1, keepdim=True)  # [T, 1]
+        gate, up = F.linear(x_w, w_gate_up[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w_down[expert]) * weight
+        out = y if out is None else out + y
+    return out.to(x.dtype)
+
+
+def _moe_grouped(x, selected_experts, routing_weights, w_gate_up, w_down) -> torch.Tensor:
     num_tokens, top_k = selected_experts.shape
     num_experts = w_gate_up.shape[0]
     flat_experts = selected_experts.reshape(-1)

@@ -20,7 +20,9 @@ processed, ``cu_seqlen[B+1]`` token offsets, ``slot_idx[B]`` the state slot of e
     uncached op over the whole sequence.
 
 Torch reference implementations: sequences with ``seq_len > 1`` (prefill / chunked prefill) loop
-one by one through the chunked scan; ``seq_len == 1`` (decode) tokens are processed together.
+one by one through the chunked scan; ``seq_len == 1`` (decode) tokens are processed together. A
+decode-only batch (``T == B``: one token per sequence, known from shapes alone) reads nothing on
+the host, so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def cached_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          seq_len: torch.Tensor, input_pos: torch.Tensor, cu_seqlen: torch.Tensor,
                          slot_idx: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
     tokens = x[0]  # [T, C]
+    if tokens.shape[0] == seq_len.shape[0]:  # decode-only batch: no host sync
+        return _conv_decode(tokens, weight, bias, activation, slot_idx, input_pos == 0, conv_state)[None]
     out = torch.zeros_like(tokens)
     lens, decode, prefill = _split_decode_prefill(seq_len)
     starts = cu_seqlen.tolist()
@@ -62,16 +66,21 @@ def cached_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         rows = torch.tensor([starts[i] for i in decode], device=x.device)
         slot_t = torch.tensor([slots[i] for i in decode], device=x.device)
         fresh = torch.tensor([positions[i] == 0 for i in decode], device=x.device)
-        history = conv_state[slot_t].to(tokens.dtype)  # [n, C, K-1]
-        history = history.masked_fill(fresh[:, None, None], 0)
-        window = torch.cat([history, tokens[rows][:, :, None]], dim=-1)  # [n, C, K]
-        conv_state[slot_t] = window[:, :, -width:].to(conv_state.dtype)
-        y = torch.nn.functional.conv1d(window.to(weight.dtype), weight.unsqueeze(1), bias, groups=window.shape[1])
-        act = _activation(activation)
-        if act is not None:
-            y = act(y)
-        out[rows] = y[:, :, 0].to(tokens.dtype)
+        out[rows] = _conv_decode(tokens[rows], weight, bias, activation, slot_t, fresh, conv_state)
     return out[None]
+
+
+def _conv_decode(tokens, weight, bias, activation, slots, fresh, conv_state) -> torch.Tensor:
+    """One new token per sequence (``tokens [n, C]``): shift it into its slot's window, convolve."""
+    width = weight.shape[-1] - 1
+    history = conv_state[slots].to(tokens.dtype).masked_fill(fresh[:, None, None], 0)  # [n, C, K-1]
+    window = torch.cat([history, tokens[:, :, None]], dim=-1)  # [n, C, K]
+    conv_state[slots] = window[:, :, -width:].to(conv_state.dtype)
+    y = torch.nn.functional.conv1d(window.to(weight.dtype), weight.unsqueeze(1), bias, groups=window.shape[1])
+    act = _activation(activation)
+    if act is not None:
+        y = act(y)
+    return y[:, :, 0].to(tokens.dtype)
 
 
 @cached_causal_conv1d.register_fake
@@ -86,6 +95,9 @@ def cached_ssm_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
                     chunk_size: int, dt_softplus: bool, seq_len: torch.Tensor, input_pos: torch.Tensor,
                     cu_seqlen: torch.Tensor, slot_idx: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
     num_heads, head_dim = x.shape[2], x.shape[3]
+    if x.shape[1] == seq_len.shape[0]:  # decode-only batch: no host sync
+        return _ssm_decode(x[0], dt[0], A, B[0], C[0], D, dt_bias, dt_min, dt_max, dt_softplus, slot_idx,
+                           input_pos == 0, ssm_state)[None]
     out = x.new_zeros(x.shape, dtype=torch.float32)[0]  # [T, H, P]
     lens, decode, prefill = _split_decode_prefill(seq_len)
     starts = cu_seqlen.tolist()
@@ -104,20 +116,26 @@ def cached_ssm_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
         rows = torch.tensor([starts[i] for i in decode], device=x.device)
         slot_t = torch.tensor([slots[i] for i in decode], device=x.device)
         fresh = torch.tensor([positions[i] == 0 for i in decode], device=x.device)
-        xs = x[0, rows].float()  # [n, H, P]
-        dts = discretize_dt(dt[0, rows], dt_bias, dt_softplus, dt_min, dt_max).float()  # [n, H]
-        groups = B.shape[2]
-        Bs = B[0, rows].float().repeat_interleave(num_heads // groups, dim=1)  # [n, H, N]
-        Cs = C[0, rows].float().repeat_interleave(num_heads // groups, dim=1)
-        state = ssm_state[slot_t].float().masked_fill(fresh[:, None, None, None], 0)  # [n, H, P, N]
-        dA = torch.exp(dts * A.float())  # [n, H]
-        state = state * dA[:, :, None, None] + (dts[:, :, None] * xs)[..., None] * Bs[:, :, None, :]
-        ssm_state[slot_t] = state.to(ssm_state.dtype)
-        y = torch.einsum("nhpd,nhd->nhp", state, Cs)
-        if D is not None:
-            y = y + xs * D.float()[None, :, None]
-        out[rows] = y
+        out[rows] = _ssm_decode(x[0, rows], dt[0, rows], A, B[0, rows], C[0, rows], D, dt_bias, dt_min, dt_max,
+                                dt_softplus, slot_t, fresh, ssm_state)
     return out.reshape(1, -1, num_heads, head_dim)
+
+
+def _ssm_decode(x, dt, A, B, C, D, dt_bias, dt_min, dt_max, dt_softplus, slots, fresh, ssm_state) -> torch.Tensor:
+    """One SSM step per sequence: ``x [n, H, P]``, ``dt [n, H]``, ``B/C [n, G, N]`` -> ``y [n, H, P]`` fp32."""
+    num_heads = x.shape[1]
+    xs = x.float()
+    dts = discretize_dt(dt, dt_bias, dt_softplus, dt_min, dt_max).float()  # [n, H]
+    Bs = B.float().repeat_interleave(num_heads // B.shape[1], dim=1)  # [n, H, N]
+    Cs = C.float().repeat_interleave(num_heads // C.shape[1], dim=1)
+    state = ssm_state[slots].float().masked_fill(fresh[:, None, None, None], 0)  # [n, H, P, N]
+    dA = torch.exp(dts * A.float())  # [n, H]
+    state = state * dA[:, :, None, None] + (dts[:, :, None] * xs)[..., None] * Bs[:, :, None, :]
+    ssm_state[slots] = state.to(ssm_state.dtype)
+    y = torch.einsum("nhpd,nhd->nhp", state, Cs)
+    if D is not None:
+        y = y + xs * D.float()[None, :, None]
+    return y
 
 
 @cached_ssm_scan.register_fake
