@@ -96,7 +96,8 @@ FAMILY_TO_NAME = {spec["family"]: name for name, spec in TINY_SPECS.items()}
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("AUTODEPLOY_CACHE", Path.home() / ".cache" / "autodeploy")).expanduser()
+    # an empty value counts as unset (it would otherwise mean the current directory)
+    return Path(os.environ.get("AUTODEPLOY_CACHE") or Path.home() / ".cache" / "autodeploy").expanduser()
 
 
 def spec_hash(name: str) -> str:
