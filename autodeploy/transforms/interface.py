@@ -127,6 +127,8 @@ class BaseTransform:
 
     config_class: ClassVar[type[TransformConfig]] = TransformConfig
     name: ClassVar[str] = ""
+    # True: works on the exported GraphModule only; before export the optimizer records it skipped
+    graph_only: ClassVar[bool] = False
 
     def __init__(self, config: TransformConfig):
         self.config = config

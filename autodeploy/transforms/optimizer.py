@@ -61,6 +61,9 @@ class InferenceOptimizer:
                 record.skipped, record.note = True, "disabled"
                 continue
             transform = get_transform_class(name)(config)
+            if transform.graph_only and not isinstance(model, fx.GraphModule):
+                record.skipped, record.note = True, "needs the exported graph (no GraphModule yet)"
+                continue
             mem0, t0 = _memory_mb(ctx.device), time.perf_counter()
             try:
                 model, state = self._prepare(model, config, state)

@@ -1,7 +1,6 @@
 """Engine, scheduler and cache manager end to end on a fake paged model (fast, no real LM)."""
 
 import pytest
-import torch
 
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.sampling_params import SamplingParams

@@ -170,3 +170,14 @@ def test_bad_pipeline_config(transforms, needle):
 def test_build_config_returns_typed_config():
     config = build_config("_test_record", {"stage": "compile", "tag": "t"})
     assert isinstance(config, _RecordConfig) and config.tag == "t" and config.enabled is True
+
+
+@register("_test_graph_only")
+class _GraphOnly(_Record):
+    graph_only = True
+
+
+def test_graph_only_transform_is_skipped_before_export():
+    _, ctx, report = run({"_test_graph_only": {"stage": "factory", "tag": "x"}})
+    assert "order" not in ctx.shared
+    assert report[0].skipped and "exported graph" in report[0].note

@@ -109,10 +109,9 @@ class CleanupAssertions(BaseTransform):
     """Drop export's runtime assertions (tensor-metadata, scalar and range checks)."""
 
     config_class = CleanupAssertionsConfig
+    graph_only = True
 
     def apply(self, model, ctx: BuildContext):
-        if not isinstance(model, fx.GraphModule):
-            return model, TransformInfo(skipped=True, note="not a GraphModule")
         removed = remove_assertions(model)
         return model, TransformInfo(num_matches=removed, is_clean=False, has_valid_shapes=True)
 
@@ -127,9 +126,8 @@ class CleanupNoopOps(BaseTransform):
     """Remove no-op casts, ``alias``/``detach``, full slices, same-shape views and inference dropout."""
 
     config_class = CleanupNoopOpsConfig
+    graph_only = True
 
     def apply(self, model, ctx: BuildContext):
-        if not isinstance(model, fx.GraphModule):
-            return model, TransformInfo(skipped=True, note="not a GraphModule")
         removed = remove_noop_ops(model)
         return model, TransformInfo(num_matches=removed, is_clean=False, has_valid_shapes=True)

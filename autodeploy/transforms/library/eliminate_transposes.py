@@ -73,9 +73,8 @@ class EliminateRedundantTransposes(BaseTransform):
     """Remove transpose/permute pairs that cancel (bsnd op wrappers against HF's bnsd transposes)."""
 
     config_class = EliminateTransposesConfig
+    graph_only = True
 
     def apply(self, model, ctx: BuildContext):
-        if not isinstance(model, fx.GraphModule):
-            return model, TransformInfo(skipped=True, note="not a GraphModule")
         removed = eliminate_transpose_pairs(model)
         return model, TransformInfo(num_matches=removed, is_clean=False, has_valid_shapes=True)

@@ -220,10 +220,9 @@ class MatchAttentionPattern(BaseTransform):
     """SDPA / eager attention (+ repeat_kv, causal or sliding mask, soft-cap) -> autodeploy::attention."""
 
     config_class = MatchAttentionConfig
+    graph_only = True
 
     def apply(self, model, ctx: BuildContext):
-        if not isinstance(model, fx.GraphModule):
-            return model, TransformInfo(skipped=True, note="not a GraphModule")
         cfg: MatchAttentionConfig = self.config
         matches = []
         for node in model.graph.nodes:

@@ -235,10 +235,9 @@ class MatchMoePattern(BaseTransform):
     """transformers grouped_mm experts (sort/histc/cumsum dispatch + SiLU-gated experts) -> autodeploy::moe."""
 
     config_class = MatchMoeConfig
+    graph_only = True
 
     def apply(self, model, ctx: BuildContext):
-        if not isinstance(model, fx.GraphModule):
-            return model, TransformInfo(skipped=True, note="not a GraphModule")
         ops = grouped_mm_ops()
         editor = GraphEditor(model)
         matches = [m for node in model.graph.nodes if (m := try_match(match_moe, node, ops)) is not None]

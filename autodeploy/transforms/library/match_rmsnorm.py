@@ -104,10 +104,9 @@ class MatchRmsNormPattern(BaseTransform):
     """Llama-style RMSNorm -> autodeploy::rms_norm (eps read from the graph)."""
 
     config_class = MatchRmsNormConfig
+    graph_only = True
 
     def apply(self, model, ctx: BuildContext):
-        if not isinstance(model, fx.GraphModule):
-            return model, TransformInfo(skipped=True, note="not a GraphModule")
         editor = GraphEditor(model)
         matches = [m for node in model.graph.nodes if (m := try_match(match_rmsnorm, node)) is not None]
         for m in matches:

@@ -203,10 +203,9 @@ class MatchRopePattern(BaseTransform):
     """HF rotate-half / interleaved RoPE (full or partial) on q and k -> autodeploy::rope (bsnd)."""
 
     config_class = MatchRopeConfig
+    graph_only = True
 
     def apply(self, model, ctx: BuildContext):
-        if not isinstance(model, fx.GraphModule):
-            return model, TransformInfo(skipped=True, note="not a GraphModule")
         graph = model.graph
         groups: dict[tuple, list[RopeMatch]] = defaultdict(list)
         for node in graph.nodes:
