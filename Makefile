@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -m "not gpu and not multigpu" -n 2
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-gpu bench lint clean wheels-gpu
+.PHONY: setup run test test-gpu bench bench-gpu sweep lint clean wheels-gpu
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,22 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m "gpu" $(ARGS)
+
+# build-time benchmark of the pipeline front (CPU is fine): tiny models and 8B/Mixtral shapes on meta
+bench: $(STAMP)
+	$(PY) -m autodeploy.bench.build_time
+
+# Llama-3.1-8B shape latency benchmark on a GPU (random weights); see docs/performance.md
+bench-gpu: $(STAMP)
+	$(PY) launch.py experiment=llama3_8b_latency $(ARGS)
+
+# a multirun sweep from sweeps/: make sweep NAME=compile_backends
+NAME ?= compile_backends
+sweep: $(STAMP)
+	$(PY) launch.py -cd sweeps -cn $(NAME) $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check --select E9,F autodeploy tests launch.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -12,7 +12,7 @@ import logging
 from dataclasses import fields
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .config import ConfigError, compose_experiment
 from .config.cli import model_cards
@@ -93,7 +93,3 @@ class LLM:
 
     def __repr__(self) -> str:
         return f"LLM(model={self.config.model!r}, world_size={self.args.world_size})"
-
-
-def to_plain(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
