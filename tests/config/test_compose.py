@@ -130,3 +130,15 @@ def test_bad_option_names_the_group():
 def test_conf_symlink_points_at_package_configs():
     root_conf = Path(__file__).resolve().parents[2] / "conf"
     assert root_conf.resolve() == CONF_DIR
+
+
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS.glob("*.yaml")))
+def test_sweep_files_compose(name):
+    """Each sweeps/<name>.yaml is a primary config over ours (python launch.py -cd sweeps -cn <name>)."""
+    cfg = compose_experiment([], config_name=name, config_dir=str(SWEEPS))
+    text = (SWEEPS / f"{name}.yaml").read_text()
+    assert "hydra:" in text and "sweeper:" in text
+    assert cfg.args.transforms.compile_model.stage == "compile"  # the whole default pipeline is there
