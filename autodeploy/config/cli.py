@@ -42,22 +42,27 @@ def model_cards() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
+def _hydra_flag_len(argv: list[str], i: int) -> int:
+    """How many tokens the Hydra flag at ``argv[i]`` spans (0: not a Hydra flag)."""
+    flag, _, inline = argv[i].partition("=")
+    if flag not in HYDRA_FLAGS:
+        return 0
+    takes = HYDRA_FLAGS[flag]
+    has_next = not inline and i + 1 < len(argv)
+    return 2 if has_next and (takes or (takes is None and argv[i + 1] in INFO_CHOICES)) else 1
+
+
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(Hydra flags with their values, overrides) of a translated argument list."""
     flags, overrides = [], []
     i = 0
     while i < len(argv):
-        tok = argv[i]
-        flag, _, inline = tok.partition("=")
-        if flag in HYDRA_FLAGS:
-            flags.append(tok)
-            takes = HYDRA_FLAGS[flag]
-            if not inline and i + 1 < len(argv) and (takes or (takes is None and argv[i + 1] in INFO_CHOICES)):
-                flags.append(argv[i + 1])
-                i += 1
+        span = _hydra_flag_len(argv, i)
+        if span:
+            flags.extend(argv[i : i + span])
         else:
-            overrides.append(tok)
-        i += 1
+            overrides.append(argv[i])
+        i += max(span, 1)
     return flags, overrides
 
 
@@ -66,18 +71,13 @@ def translate_argv(argv: list[str]) -> list[str]:
     out: list[str] = []
     i = 0
     while i < len(argv):
+        span = _hydra_flag_len(argv, i)
+        if span:
+            out.extend(argv[i : i + span])
+            i += span
+            continue
         tok = argv[i]
         flag, _, inline = tok.partition("=")
-        if flag in HYDRA_FLAGS:
-            out.append(tok)
-            takes = HYDRA_FLAGS[flag]
-            if not inline and i + 1 < len(argv):
-                nxt = argv[i + 1]
-                if takes or (takes is None and nxt in INFO_CHOICES):
-                    out.append(nxt)
-                    i += 1
-            i += 1
-            continue
         if tok.startswith("--"):
             key = flag[2:].replace("-", "_")
             if key in LIST_FLAGS:
