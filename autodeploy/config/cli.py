@@ -157,16 +157,24 @@ def config_groups() -> set[str]:
     return {str(p.relative_to(CONF_DIR)) for p in CONF_DIR.rglob("*") if p.is_dir() and p.name != "__pycache__"}
 
 
+def is_group_override(override: str, groups: set[str]) -> bool:
+    """A group choice (``model=...``, ``transforms/compile=...``) or one of Hydra's own keys."""
+    key = override_key(override)
+    return key in groups or "/" in key or key.split(".")[0] == "hydra"
+
+
+def key_overrides(overrides: list[str], groups: set[str]) -> list[str]:
+    """The overrides that set or delete a config key (not flags, group choices or Hydra keys)."""
+    return [
+        ov for ov in overrides
+        if not ov.startswith("-") and ("=" in ov or ov.startswith("~")) and not is_group_override(ov, groups)
+    ]
+
+
 def validate_override_keys(overrides: list[str]) -> None:
     """Fail fast on a key the schema doesn't have, naming the closest valid keys."""
-    groups = config_groups()
-    for ov in overrides:
-        if ov.startswith("-") or ("=" not in ov and not ov.startswith("~")):
-            continue
-        key = override_key(ov)
-        if key in groups or "/" in key or key.split(".")[0] == "hydra":
-            continue  # group choices and Hydra's own keys are Hydra's business
-        _check_path(key.split("."))
+    for ov in key_overrides(overrides, config_groups()):
+        _check_path(override_key(ov).split("."))
 
 
 def _check_path(parts: list[str]) -> None:

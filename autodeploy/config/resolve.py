@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from .cli import override_key
+from .cli import is_group_override, key_overrides, override_key
 from .errors import ConfigError
 from .schema import CHOICES, FREE_FORM_PATHS, MINIMUMS, SHORTCUTS
 
@@ -80,11 +80,6 @@ def load_yaml(path: str, flag: str) -> dict:
     return data
 
 
-def is_group_override(override: str, groups: set[str]) -> bool:
-    key = override_key(override)
-    return key in groups or "/" in key or key.split(".")[0] == "hydra"
-
-
 def group_overrides(overrides: Iterable[str], groups: set[str]) -> list[str]:
     """The overrides that choose config-group options (they shape the defaults layer)."""
     return [ov for ov in overrides if not ov.startswith("-") and is_group_override(ov, groups)]
@@ -93,9 +88,7 @@ def group_overrides(overrides: Iterable[str], groups: set[str]) -> list[str]:
 def _cli_layer(cli: DictConfig, overrides: Iterable[str], groups: set[str]):
     """Sets and deletions of the explicit key overrides, with the values Hydra parsed."""
     sets, deletes = [], []
-    for ov in overrides:
-        if ov.startswith("-") or ("=" not in ov and not ov.startswith("~")) or is_group_override(ov, groups):
-            continue
+    for ov in key_overrides(list(overrides), groups):
         key = override_key(ov)
         path = tuple(key.split("."))
         if ov.startswith("~"):
@@ -115,10 +108,6 @@ def _is_free_form(path: Path_) -> bool:
     return any(dotted == p or dotted.startswith(p + ".") for p in FREE_FORM_PATHS)
 
 
-def _known_keys(node: DictConfig) -> list[str]:
-    return [str(k) for k in node.keys()]
-
-
 def _set(cfg: DictConfig, path: Path_, value: Any, source: str) -> None:
     node = cfg
     for i, key in enumerate(path):
@@ -126,7 +115,7 @@ def _set(cfg: DictConfig, path: Path_, value: Any, source: str) -> None:
         free = _is_free_form(path[:i])  # the node we write into accepts any key
         if not free and key not in node:
             here = ".".join(path[:i]) or "the config"
-            close = difflib.get_close_matches(str(key), _known_keys(node), n=3, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), [str(k) for k in node.keys()], n=3, cutoff=0.5)
             hint = f" Did you mean: {', '.join('.'.join(map(str, path[:i] + (c,))) for c in close)}?" if close else ""
             raise ConfigError(f"{source}: unknown key '{'.'.join(map(str, path))}': {here} has no field '{key}'.{hint}")
         try:
