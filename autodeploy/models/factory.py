@@ -271,6 +271,15 @@ class ModelFactory:
         assert self._built is not None
         return self._built
 
+    def sharding_config(self) -> dict[str, Any] | None:
+        """The model's own TP plan (HF ``base_model_tp_plan``) for the ``factory`` sharding source."""
+        plan = getattr(self.config, "base_model_tp_plan", None)
+        if not plan:
+            return None
+        heads = getattr(self.config, "num_attention_heads", None)
+        head_dim = getattr(self.config, "head_dim", None) or (self.config.hidden_size // heads if heads else None)
+        return {"tp_plan": dict(plan), "head_dim": head_dim}
+
     # ----- tokenizer ---------------------------------------------------------------------------
     def init_tokenizer(self):
         """The tokenizer from ``tokenizer`` or the model directory / hub id; None for shape cards."""
