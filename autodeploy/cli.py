@@ -29,6 +29,15 @@ log = logging.getLogger("autodeploy")
 
 
 def main(argv: list[str] | None = None) -> None:
+    from autodeploy.distributed.env import detect
+
+    rank_env = detect()
+    if rank_env is not None and rank_env.rank > 0:
+        # torchrun / srun started this process as a worker rank: rank 0 composes the config and sends it
+        from autodeploy.distributed.ranks import worker_main
+
+        worker_main(rank_env)
+        return
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
     try:

@@ -55,15 +55,30 @@ def _git_rev() -> str | None:
 
 
 def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
+    from .distributed.env import detect
     from .llm import LLM
     from .runtime.sampling_params import SamplingParams
 
+    rank_env = detect()
+    if rank_env is not None and rank_env.rank > 0 and not cfg.plan_only:
+        # a launcher (SLURM/submitit) ran this job in every task: ranks > 0 serve rank 0 and write nothing
+        if cfg.args.world_size > 1:
+            from .distributed.ranks import worker_main
+
+            worker_main(rank_env)
+        else:
+            log.warning("rank %d of a world_size 1 run: nothing to do", rank_env.rank)
+        return {}
     out_dir = Path(output_dir)
     results: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True), "env": environment(cfg)}
+    if cfg.plan_only:
+        return _plan_only(cfg, out_dir, results)
     t0 = time.perf_counter()
     llm = LLM.from_config(cfg)
     results["build_s"] = time.perf_counter() - t0
     results["transforms"] = llm.build_report
+    if llm.sharding_plan is not None:
+        results.update(_sharding_results(llm.sharding_plan))
 
     queries = expand_queries(cfg.prompt)
     if llm.tokenizer is None:
@@ -96,6 +111,31 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     log.info("results: %s", path)
     _track(cfg, results, out_dir)
     llm.shutdown()
+    return results
+
+
+def _sharding_results(plan) -> dict[str, Any]:
+    return {"sharding_plan": [row.to_dict() for row in plan.rows()], "sharding_summary": plan.summary()}
+
+
+def _plan_only(cfg: DictConfig, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """``plan_only=true``: the sharding plan of ``args.world_size`` ranks, computed on meta here."""
+    from .build import plan_sharding
+
+    built = plan_sharding(cfg.args)
+    results["build_s"] = built.build_s
+    results["transforms"] = built.report
+    if built.sharding is None:
+        print(f"plan_only: nothing to shard at args.world_size={cfg.args.world_size}", flush=True)
+    else:
+        results.update(_sharding_results(built.sharding))
+        summary = results["sharding_summary"]
+        print(f"world_size {summary['world_size']}: {summary['bytes_total'] / 2**30:.2f} GiB of weights in all, at most "
+              f"{summary['bytes_per_rank_max'] / 2**30:.2f} GiB per rank, {summary['collectives_per_forward']} "
+              f"collectives per forward", flush=True)
+    path = out_dir / "results.json"
+    _write_json(path, results)
+    log.info("results: %s", path)
     return results
 
 
