@@ -65,7 +65,9 @@ class LLM:
 
     def _build(self) -> None:
         from .build import build_engine
+        from .config import preflight
 
+        preflight(self.config)  # device choices, model, model_kwargs, checkpoint: before any model work
         built = build_engine(self.config.args)
         self.engine, self.factory, self.build_report = built.engine, built.factory, built.report
         self.tokenizer = self.engine.tokenizer
