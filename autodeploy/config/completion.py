@@ -54,7 +54,7 @@ def flag_candidates(word: str) -> list[str]:
         if not flag.startswith(word):
             continue
         rest = flag[len(word):]
-        if "." not in rest.rstrip(".=") or flag in SEED_ONLY_FLAGS:
+        if rest and ("." not in rest.rstrip(".=") or flag in SEED_ONLY_FLAGS):
             out.add(flag)
     return sorted(out)
 

@@ -323,7 +323,6 @@ class ModelFactory:
         model.config.use_cache = False
         self.model_class_name = type(model).__name__
         self._built = _BuildRecord.of(model)
-        self.check_checkpoint_fits(model)
         return model
 
     def check_checkpoint_fits(self, model: nn.Module) -> None:
