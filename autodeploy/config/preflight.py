@@ -73,15 +73,19 @@ def _check_attention_backend(args: Any, device: str) -> None:
         return
     name = attention.backend
     interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # Triton on the CPU (tests)
-    if device != "cuda" and name != "torch" and not interpreted:
-        raise ConfigError(
-            f"backend={name} (args.attn_backend) needs a CUDA GPU and this run's device is {device}: "
-            "use backend=torch on the CPU"
-        )
     try:
         get_backend(name)  # unknown names fail earlier, in validate_transforms
+        missing = None
     except RuntimeError as e:  # not installed / not usable here: the message names the extra
-        raise ConfigError(f"backend={name} (args.attn_backend): {e}") from None
+        missing = str(e)
+    if device != "cuda" and name != "torch" and not interpreted:
+        extra = " and the flashinfer package (pip install autodeploy[gpu])" if missing and "autodeploy[gpu]" in missing else ""
+        raise ConfigError(
+            f"backend={name} (args.attn_backend) needs a CUDA GPU{extra} and this run's device is {device}: "
+            "use backend=torch on the CPU"
+        )
+    if missing:
+        raise ConfigError(f"backend={name} (args.attn_backend): {missing}")
 
 
 def check_model(args: Any) -> Any:

@@ -46,7 +46,9 @@ def no_cuda(monkeypatch):
 
 @pytest.mark.parametrize("argv,needle", [
     (["backend=triton"], r"backend=triton \(args.attn_backend\) needs a CUDA GPU .*use backend=torch on the CPU"),
-    (["--args.attn-backend=flashinfer"], r"backend=flashinfer .*needs a CUDA GPU .*use backend=torch"),
+    (["--args.attn-backend=flashinfer"], r"backend=flashinfer \(args.attn_backend\) needs a CUDA GPU( and the "
+                                         r"flashinfer package \(pip install autodeploy\[gpu\]\))? and this run's "
+                                         r"device is cpu: use backend=torch"),
     (["transforms/compile=torch-opt"], r"transforms/compile=torch-opt .*needs a CUDA GPU .*transforms/compile=auto"),
     (["args.compile_backend=torch-cudagraph"], r"transforms/compile=torch-cudagraph .*needs a CUDA GPU"),
     (["args.device=cuda"], r"args.device=cuda but this machine has no CUDA device: use args.device=auto or cpu"),
