@@ -65,7 +65,9 @@ class LLM:
 
     def _build(self) -> None:
         from .build import build_engine
+        from .config import preflight
 
+        preflight(self.config)  # device choices, model, model_kwargs, checkpoint: before any model work
         self.ranks = None
         world_size = int(self.args.world_size)
         if world_size > 1:

@@ -26,6 +26,30 @@ def expand_queries(prompt: DictConfig) -> list[Any]:
     return [queries[i % len(queries)] for i in range(n)]
 
 
+def show_prompt(prompt: Any) -> str:
+    """A prompt as a reader wants it: text quoted, chat messages as ``role: content`` turns."""
+    if isinstance(prompt, dict) and len(prompt) == 1 and next(iter(prompt)) in ("prompt", "messages"):
+        prompt = next(iter(prompt.values()))
+    if isinstance(prompt, str):
+        return repr(prompt)
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return " | ".join(f"{m['role']}: {m.get('content', '')!r}" for m in prompt)
+    return json.dumps(prompt)
+
+
+def random_weights_note(cfg: DictConfig, factory: Any) -> str | None:
+    """One line when the weights are random, so nobody reads meaning into the text."""
+    from .models.cards import is_tiny
+
+    if is_tiny(cfg.model):
+        why = f"{cfg.model} is a built-in test model with random weights"
+    elif cfg.args.skip_loading_weights or getattr(getattr(factory, "source", None), "kind", None) == "card":
+        why = f"{cfg.model} runs with random weights (args.skip_loading_weights=true)"
+    else:
+        return None
+    return f"[note  ] {why}, so its text is noise: pass --model DIR (a local HF checkpoint) for real text"
+
+
 def environment(cfg: DictConfig) -> dict[str, Any]:
     import transformers
 
@@ -80,6 +104,10 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     if llm.sharding_plan is not None:
         results.update(_sharding_results(llm.sharding_plan))
 
+    note = random_weights_note(cfg, llm.factory)
+    if note:
+        print(note, flush=True)
+        log.info("%s", note)
     queries = expand_queries(cfg.prompt)
     if llm.tokenizer is None:
         log.warning("model %s has no tokenizer: the prompt queries are skipped", cfg.model)
@@ -88,11 +116,11 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     outputs = llm.generate(queries, params) if queries else []
     results["generations"] = []
     for out in outputs:
-        shown = out.prompt if isinstance(out.prompt, str) else json.dumps(out.prompt)
+        shown = show_prompt(out.prompt)
         if out.error:
-            print(f"[prompt] {shown!r}\n[error ] {out.error}", flush=True)
+            print(f"[prompt] {shown}\n[error ] {out.error}", flush=True)
         else:
-            print(f"[prompt] {shown!r}\n[output] {out.text!r} ({out.finish_reason})", flush=True)
+            print(f"[prompt] {shown}\n[output] {out.text!r} ({out.finish_reason})", flush=True)
         results["generations"].append({
             "prompt": out.prompt, "text": out.text, "token_ids": list(out.token_ids),
             "finish_reason": out.finish_reason, "error": out.error,
