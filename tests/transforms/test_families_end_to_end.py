@@ -15,7 +15,7 @@ import torch
 
 from hf_zoo import build_hf_model
 
-FAMILIES = ["falcon", "apertus", "dbrx", "jamba", "falcon_h1", "zamba2"]
+FAMILIES = ["falcon", "apertus", "dbrx", "jamba", "falcon_h1", "zamba2", "lfm2"]
 MAX_NUM_TOKENS = 48
 PROMPT_LENGTHS = (40, 5, 1, 23)  # 40 > the token budget of a step / 2, and > 2 SSM chunks
 
@@ -92,3 +92,24 @@ def test_greedy_generation_equals_hf_generate(family):
     outs = family.engine.generate(family.prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert [o.error for o in outs] == [None] * len(outs)
     assert [o.token_ids for o in outs] == [family.hf_greedy(p, 8) for p in family.prompts]
+
+
+def test_a_sequence_conv_left_as_plain_code_fails_the_build():
+    # without the export patch, LFM2's short conv stays an aten conv1d: in a flattened batch it
+    # would mix sequences and forget each sequence's history, so cache_init must refuse it
+    from autodeploy.export.export import export_to_gm
+    from autodeploy.export.patches import patches_for
+    from autodeploy.runtime.kv_cache import CacheInterface
+    from autodeploy.transforms.interface import BuildContext, TransformError
+    from autodeploy.transforms.optimizer import InferenceOptimizer
+    from hf_zoo import PATTERN_PIPELINE
+
+    hf = build_hf_model("lfm2")
+    others = [p.name for p in patches_for(hf) if p.name != "ssm_helper_ops"]
+    gm = export_to_gm(hf, max_batch_size=2, max_seq_len=32, patches=others)
+    pipeline = {**PATTERN_PIPELINE, "insert_cached_attention": {"stage": "cache_init", "backend": "torch"},
+                "insert_cached_ssm": {"stage": "cache_init"}, "initialize_cache": {"stage": "cache_init"}}
+    ctx = BuildContext(cache=CacheInterface(2, 32, None, 8, "cpu"))
+    with pytest.raises(TransformError, match=r"uncached sequence ops \(1 x convolution\); a convolution is plain graph "
+                                             r"code \(no export patch made it autodeploy::causal_conv1d\)"):
+        InferenceOptimizer(pipeline)(ctx, model=gm)

@@ -306,13 +306,18 @@ def check_fully_cached(gm: Any) -> None:
             left[name.split(".")[1]] = left.get(name.split(".")[1], 0) + 1
         elif "scaled_dot_product_attention" in name or name.startswith("autodeploy.sdpa."):
             left["scaled_dot_product_attention"] = left.get("scaled_dot_product_attention", 0) + 1
+        elif node.target in (torch.ops.aten.conv1d.default, torch.ops.aten.convolution.default):
+            left["convolution"] = left.get("convolution", 0) + 1
     if not left:
         return
     fixes = sorted({_UNCACHED[op] for op in left if op in _UNCACHED})
-    hint = f"add {', '.join(fixes)} (stage cache_init) to args.transforms" if fixes else (
-        "the attention pattern matcher did not rewrite this attention into autodeploy::attention")
+    hints = [f"add {', '.join(fixes)} (stage cache_init) to args.transforms"] if fixes else []
+    if "scaled_dot_product_attention" in left:
+        hints.append("the attention pattern matcher did not rewrite this attention into autodeploy::attention")
+    if "convolution" in left:  # e.g. a short conv over the sequence: no per-sequence state in a flattened batch
+        hints.append("a convolution is plain graph code (no export patch made it autodeploy::causal_conv1d)")
     found = ", ".join(f"{n} x {op}" for op, n in sorted(left.items()))
-    raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {hint}")
+    raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {'; '.join(hints)}")
 
 
 # ---- initialize_cache ----
