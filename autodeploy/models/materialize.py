@@ -146,8 +146,10 @@ def nonpersistent_buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
         if not names:
             continue
         prefix = f"{mod_name}." if mod_name else ""
-        if all(module._buffers[n].device.type != "meta" for n in names):
-            values.update({prefix + n: module._buffers[n].detach().clone() for n in names})
+        known = [n for n in names if module._buffers[n].device.type != "meta"]
+        values.update({prefix + n: module._buffers[n].detach().clone() for n in known})
+        names = [n for n in names if n not in known]
+        if not names:
             continue
         originals = (dict(module._parameters), dict(module._buffers))
         try:
