@@ -35,10 +35,12 @@ def test_logits_match_hf_eager(name, deployed):
 def test_one_attention_and_rope_per_layer(name, deployed):
     d = deployed(name)
     ops = canonical_ops(d.gm)
-    assert ops["attention"] == NUM_LAYERS
-    assert ops["rope"] == NUM_LAYERS
+    assert ops["attention"] == len(d.variant.attention_args)
+    assert ops["rope"] == d.variant.ropes
     assert ops["rms_norm"] == d.variant.rms_norms
     assert ops["moe"] == d.variant.moes
+    ssm_ops = ("causal_conv1d", "ssm_scan", "selective_scan")
+    assert {op: ops[op] for op in ssm_ops} == {op: d.variant.ssm_ops.get(op, 0) for op in ssm_ops}
     # nothing of HF's attention or experts is left: no SDPA, no softmax over scores, no grouped_mm
     leftovers = [n for n in d.gm.graph.nodes if n.op == "call_function" and (
         n.target in (aten.scaled_dot_product_attention.default, torch.ops.autodeploy.sdpa.default,
@@ -61,7 +63,7 @@ def test_attention_carries_window_and_softcap(name, deployed):
         q, k, v = (a.meta["val"] for a in n.args[:3])
         # bsnd, GQA inside: k/v keep their own (un-repeated) head count
         assert (q.shape[2], q.shape[3]) == (cfg.num_attention_heads, head_dim)
-        assert k.shape[2] == v.shape[2] == cfg.num_key_value_heads
+        assert k.shape[2] == v.shape[2] == (d.variant.kv_heads or cfg.num_key_value_heads)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_eager", "mixtral", "glm"])

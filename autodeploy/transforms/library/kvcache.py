@@ -4,7 +4,8 @@ Run in this order (YAML order within the stage):
 - ``insert_cached_attention``: every canonical ``autodeploy::attention`` becomes the chosen
   backend's cached op; the batch metadata (``seq_len, input_pos, cu_seqlen, page_table,
   slot_idx``) and one K and one V cache per layer become graph inputs (docs/architecture.md).
-- ``insert_cached_ssm``: the same for Mamba2 blocks (conv + SSM state per sequence slot).
+- ``insert_cached_ssm``: the same for Mamba blocks (conv + SSM state per sequence slot; Mamba2
+  ``ssm_scan`` and Mamba1 ``selective_scan``).
 - ``initialize_cache``: allocate every registered cache.
 - ``resize_kv_cache``: on GPU, grow the paged caches into free memory measured after a
   max-token forward (times ``free_mem_ratio``); on CPU the initial size already holds
@@ -235,7 +236,7 @@ class InsertCachedSSMConfig(TransformConfig):
 
 @register("insert_cached_ssm")
 class InsertCachedSSM(BaseTransform):
-    """Mamba2 ``causal_conv1d`` / ``ssm_scan`` -> cached ops over per-slot conv and SSM state."""
+    """``causal_conv1d`` / ``ssm_scan`` / ``selective_scan`` -> cached ops over per-slot conv and SSM state."""
 
     config_class = InsertCachedSSMConfig
 
@@ -245,7 +246,8 @@ class InsertCachedSSM(BaseTransform):
         importlib.import_module("autodeploy.custom_ops.ssm_cached")
         ops = torch.ops.autodeploy
         conv_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.causal_conv1d.default]
-        scan_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.ssm_scan.default]
+        scans = (ops.ssm_scan.default, ops.selective_scan.default)
+        scan_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in scans]
         if not conv_nodes and not scan_nodes:
             return gm, TransformInfo(num_matches=0, note="no SSM ops in the graph")
         cfg: InsertCachedSSMConfig = self.config
@@ -265,11 +267,16 @@ class InsertCachedSSM(BaseTransform):
             a = _node_args(node)
             x, b = _val(a["x"]), _val(a["B"])
             dtype = _DTYPES.get(cfg.ssm_state_dtype, x.dtype)
-            spec = CacheSpec(f"ssm_state_{layer}", (x.shape[2], x.shape[3], b.shape[3]), dtype, paged=False)
-            state = add_cache_input(gm, cache, spec)
-            args = (a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("dt_bias"), a["dt_min"], a["dt_max"],
-                    a["chunk_size"], a.get("dt_softplus", True), *batch_meta, state)
-            _replace(gm, node, ops.cached_ssm_scan.default, args)
+            if node.target is ops.selective_scan.default:  # Mamba1: a state row per channel
+                spec = CacheSpec(f"ssm_state_{layer}", (x.shape[2], b.shape[2]), dtype, paged=False)
+                args = (a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("dt_bias"), a["dt_softplus"])
+                cached = ops.cached_selective_scan.default
+            else:  # Mamba2: a [head_dim, state] matrix per head
+                spec = CacheSpec(f"ssm_state_{layer}", (x.shape[2], x.shape[3], b.shape[3]), dtype, paged=False)
+                args = (a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("dt_bias"), a["dt_min"],
+                        a["dt_max"], a["chunk_size"], a.get("dt_softplus", True))
+                cached = ops.cached_ssm_scan.default
+            _replace(gm, node, cached, (*args, *batch_meta, add_cache_input(gm, cache, spec)))
         gm.recompile()
         note = f"{len(conv_nodes)} conv + {len(scan_nodes)} scan ops, {cache.num_slots} state slots"
         return gm, TransformInfo(num_matches=len(conv_nodes) + len(scan_nodes), has_valid_shapes=True, note=note)
@@ -282,6 +289,7 @@ _UNCACHED = {
     "attention": "insert_cached_attention",
     "causal_conv1d": "insert_cached_ssm",
     "ssm_scan": "insert_cached_ssm",
+    "selective_scan": "insert_cached_ssm",
 }
 
 
@@ -298,13 +306,18 @@ def check_fully_cached(gm: Any) -> None:
             left[name.split(".")[1]] = left.get(name.split(".")[1], 0) + 1
         elif "scaled_dot_product_attention" in name or name.startswith("autodeploy.sdpa."):
             left["scaled_dot_product_attention"] = left.get("scaled_dot_product_attention", 0) + 1
+        elif node.target in (torch.ops.aten.conv1d.default, torch.ops.aten.convolution.default):
+            left["convolution"] = left.get("convolution", 0) + 1
     if not left:
         return
     fixes = sorted({_UNCACHED[op] for op in left if op in _UNCACHED})
-    hint = f"add {', '.join(fixes)} (stage cache_init) to args.transforms" if fixes else (
-        "the attention pattern matcher did not rewrite this attention into autodeploy::attention")
+    hints = [f"add {', '.join(fixes)} (stage cache_init) to args.transforms"] if fixes else []
+    if "scaled_dot_product_attention" in left:
+        hints.append("the attention pattern matcher did not rewrite this attention into autodeploy::attention")
+    if "convolution" in left:  # e.g. a short conv over the sequence: no per-sequence state in a flattened batch
+        hints.append("a convolution is plain graph code (no export patch made it autodeploy::causal_conv1d)")
     found = ", ".join(f"{n} x {op}" for op, n in sorted(left.items()))
-    raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {hint}")
+    raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {'; '.join(hints)}")
 
 
 # ---- initialize_cache ----
