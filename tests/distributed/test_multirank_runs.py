@@ -153,3 +153,12 @@ def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
     assert "rank 1 failed: RuntimeError: injected failure on rank 1" in output
     time.sleep(1.0)
     assert _alive_with_marker(marker) == []
+
+
+def test_tiny_moe_ep_experiment_runs_expert_parallel(tmp_path):
+    proc = _launch(["experiment=tiny_moe_ep", "prompt.sp_kwargs.max_tokens=4", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    experts = [r for r in results["sharding_plan"] if r["target"].endswith("mlp.experts")]
+    assert len(experts) == 2 and {(r["strategy"], r["dim"]) for r in experts} == {("ep", "ep")}
+    assert all(g["finish_reason"] in ("length", "stop") for g in results["generations"])
