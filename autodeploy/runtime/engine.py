@@ -166,7 +166,9 @@ class Engine:
         if self._input_names is not None:
             args = {k: args[k] for k in self._input_names}
         with torch.inference_mode():
-            logits = _logits(self.model(**args))[0, inputs.last_token_idx]  # [B, V]
+            logits = _logits(self.model(**args))[0]
+            if logits.shape[0] != inputs.num_seqs:  # every token's logits (no gather_last_token_logits)
+                logits = logits[inputs.last_token_idx]  # [B, V]
             sampling = SamplingBatch.from_params(
                 [r.params for r in batch.requests], [r.seed for r in batch.requests],
                 [r.num_generated for r in batch.requests],

@@ -282,6 +282,7 @@ _UNCACHED = {
     "attention": "insert_cached_attention",
     "causal_conv1d": "insert_cached_ssm",
     "ssm_scan": "insert_cached_ssm",
+    "last_tokens": "insert_cached_last_tokens",
 }
 
 
