@@ -49,12 +49,16 @@ class FuseAddRmsNorm(BaseTransform):
         matches = 0
         for norm in [n for n in gm.graph.nodes if is_op(n, rms_norm)]:
             add, weight = norm.args[0], norm.args[1]
+            if not _fusable_add(add):
+                continue
             order = node_order(gm.graph)  # earlier rewrites added nodes
-            # the fused op goes right after the add, so every user of the sum still comes after it
-            if not _fusable_add(add) or order.get(weight, -1) > order[add]:
+            # the fused op goes after the add and the weight (Gemma computes 1 + w late), and
+            # every other user of the sum must still come after it
+            anchor = max(add, weight, key=lambda n: order.get(n, -1))
+            if any(order[u] < order[anchor] for u in add.users if u is not norm):
                 continue
             residual, x = sorted(add.args[:2], key=lambda n: order[n])  # x: the later, freshly computed one
-            with gm.graph.inserting_after(add):
+            with gm.graph.inserting_after(anchor):
                 fused = editor.call(fused_op, x, residual, weight, norm.args[2])
             with gm.graph.inserting_after(fused):
                 total = editor.call(operator.getitem, fused, 1)

@@ -1,9 +1,10 @@
 """``fuse_silu_mul`` (stage post_load_fusion): SwiGLU's ``silu(gate) * up`` -> ``autodeploy::silu_mul``.
 
 Runs after ``fuse_parallel_linears``: matches ``mul(silu(part_i), part_{i+1})`` where both parts
-are equal-sized neighbours of one ``split_with_sizes`` of the fused gate/up GEMM, so the op reads
-the contiguous ``[gate | up]`` columns in place (a ``slice`` of them when the split has other
-parts). Models whose gate and up were not fused are left as they are.
+are equal-sized neighbours of one last-dim ``split_with_sizes`` of the fused gate/up GEMM (or of a
+checkpoint's own ``gate_up_proj`` output cut with ``chunk(2)``), so the op reads the contiguous
+``[gate | up]`` columns in place (a ``slice`` of them when the split has other parts). Models
+whose gate and up were not fused are left as they are.
 """
 
 from __future__ import annotations
@@ -16,22 +17,30 @@ import torch
 import autodeploy.custom_ops.silu_mul  # noqa: F401  registers torch.ops.autodeploy.silu_mul
 
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
-from ..patterns.nodes import GraphEditor, commutative_operands, is_op
+from ..patterns.nodes import GraphEditor, commutative_operands, is_op, static_size
 
 aten = torch.ops.aten
 
 
 def _split_part(node):
-    """(split node, index) if ``node`` is ``getitem(split_with_sizes(x, sizes, -1), i)``."""
+    """(source, sizes, index) if ``node`` is part ``index`` of a last-dim ``split_with_sizes`` or
+    two-way ``chunk`` of ``source``."""
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is operator.getitem):
         return None
     split, index = node.args
-    if not is_op(split, aten.split_with_sizes.default):
+    if not is_op(split, (aten.split_with_sizes.default, aten.chunk.default)):
         return None
+    source = split.args[0]
+    x = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    x = split.args[0].meta.get("val")
-    last = -1 if x is None else x.dim() - 1
-    return (split, index) if dim in (-1, last) and x is not None else None
+    if not isinstance(x, torch.Tensor) or dim not in (-1, x.dim() - 1):
+        return None
+    if is_op(split, aten.split_with_sizes.default):
+        return source, list(split.args[1]), index
+    width = static_size(x.shape[-1])
+    if split.args[1] != 2 or width is None or width % 2:
+        return None
+    return source, [width // 2] * 2, index
 
 
 def match_silu_mul(mul):
@@ -45,11 +54,10 @@ def match_silu_mul(mul):
         gate_part, up_part = _split_part(act.args[0]), _split_part(up)
         if gate_part is None or up_part is None or gate_part[0] is not up_part[0]:
             continue
-        split, i = gate_part
-        sizes = split.args[1]
-        if up_part[1] != i + 1 or sizes[i] != sizes[i + 1]:
+        source, sizes, i = gate_part
+        if up_part[2] != i + 1 or sizes[i] != sizes[i + 1]:
             continue
-        return split.args[0], sum(sizes[:i]), 2 * sizes[i], len(sizes) == 2
+        return source, sum(sizes[:i]), 2 * sizes[i], len(sizes) == 2
     return None
 
 
