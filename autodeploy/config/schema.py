@@ -82,6 +82,8 @@ class AutoDeployArgs:
     max_seq_len: int = 512
     max_batch_size: int = 8
     max_num_tokens: Optional[int] = None  # None = max_batch_size * max_seq_len, capped at 8192
+    # prompt tokens per step while other requests decode (bounds their inter-token latency); None = no cap
+    prefill_chunk_size: Optional[int] = 2048
     attn_page_size: int = 64
     kv_cache_dtype: str = "auto"
     # shortcuts: None = keep the transform's value; a value overwrites it (see config/resolve.py)
@@ -131,6 +133,7 @@ MINIMUMS = {
     "args.max_seq_len": 1,
     "args.max_batch_size": 1,
     "args.attn_page_size": 1,
+    "args.prefill_chunk_size": 1,
     "prompt.batch_size": 1,
     "prompt.sp_kwargs.max_tokens": 1,
     "benchmark.bs": 1,
