@@ -55,6 +55,7 @@ def _git_rev() -> str | None:
 
 
 def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
+    from .bench.report import build_stage_times, write_artifacts
     from .llm import LLM
     from .runtime.sampling_params import SamplingParams
 
@@ -64,6 +65,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     llm = LLM.from_config(cfg)
     results["build_s"] = time.perf_counter() - t0
     results["transforms"] = llm.build_report
+    results["build_stage_s"] = build_stage_times(llm.build_report)
 
     queries = expand_queries(cfg.prompt)
     if llm.tokenizer is None:
@@ -94,6 +96,9 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     path = out_dir / "results.json"
     _write_json(path, results)
     log.info("results: %s", path)
+    if cfg.benchmark.enabled:
+        for kind, written in write_artifacts(results, out_dir, cfg.benchmark).items():
+            log.info("benchmark %s: %s", kind, written)
     _track(cfg, results, out_dir)
     llm.shutdown()
     return results

@@ -50,7 +50,10 @@ class BenchmarkConfig:
     warmup: int = 2
     results_path: str = "./benchmark_results.json"
     store_results: bool = False
-    compare_hf: bool = False
+    compare_hf: bool = False  # HF eager and HF static cache + torch.compile on the same prompts (at bs)
+    batch_sizes: List[int] = field(default_factory=list)  # more sizes after bs, on the same engine
+    jsonl_path: Optional[str] = "benchmark.jsonl"  # a row per batch size; relative = the run folder
+    plot: bool = True  # benchmark.png beside results.json (ITL over the run, tok/s vs batch size)
 
 
 @dataclass

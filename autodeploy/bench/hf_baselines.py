@@ -1,0 +1,89 @@
+"""HF transformers on the same prompts, same device, same process: the baselines beside our figures.
+
+- ``eager``: ``generate`` with its default (dynamic) cache;
+- ``static_compile``: ``generate`` with a fixed-size ``StaticCache``, which transformers compiles
+  (``torch.compile``, CUDA graphs) on CUDA by itself: its fastest documented setup. The cache is
+  sized once and reset before every call, so the compiled graphs are reused. Off CUDA it runs
+  uncompiled (transformers compiles on accelerators only) and says so.
+Both report TTFT (a one-token ``generate``), decode tok/s and TPOT from the full run minus that.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from .stats import percentiles
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
+
+
+def _measure(generate, bs: int, osl: int, num: int, warmup: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        generate(osl)
+        generate(1)
+    ttfts, walls = [], []
+    for _ in range(num):
+        ttfts.append(_timed(lambda: generate(1)))
+        walls.append(_timed(lambda: generate(osl)))
+    wall, ttft = statistics.median(walls), statistics.median(ttfts)
+    decode_s = max(wall - ttft, 1e-9)
+    return {
+        "ttft_ms": percentiles([t * 1e3 for t in ttfts]), "wall_s": wall,
+        "output_tok_s": bs * osl / wall,
+        "tpot_ms": decode_s * 1e3 / max(osl - 1, 1), "decode_tok_s": bs * max(osl - 1, 1) / decode_s,
+    }
+
+
+def hf_baselines(factory: Any, device: torch.device, prompts: list[list[int]], osl: int, num: int,
+                 compile: bool = True) -> dict[str, Any]:
+    """``{"eager": {...}, "static_compile": {...}}``; ``compile=False`` keeps the static cache eager."""
+    from transformers import StaticCache
+
+    if factory is None:
+        raise ValueError("benchmark.compare_hf needs the model factory")
+    model = factory.build_model("meta")
+    factory.load_weights(model, device)
+    model.eval()
+    # the factory's model comes with use_cache off (export): generate would recompute every
+    # token's prefix at every step (and overrun a static cache)
+    model.config.use_cache = model.generation_config.use_cache = True
+    ids = torch.tensor(prompts, device=device)
+    common = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, use_cache=True)
+    bs = len(prompts)
+
+    def eager(n: int):
+        model.generate(ids, **common, max_new_tokens=n, min_new_tokens=n)
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + osl + 8)
+    compiled = compile and device.type == "cuda"
+
+    def static(n: int):
+        cache.reset()
+        model.generate(ids, **common, max_new_tokens=n, min_new_tokens=n, past_key_values=cache,
+                       disable_compile=not compiled)
+
+    try:
+        with torch.inference_mode():
+            results = {"eager": _measure(eager, bs, osl, num, warmup=1)}
+            # two warm-up rounds: the first compiles, the second records the CUDA graphs
+            results["static_compile"] = {**_measure(static, bs, osl, num, warmup=2), "compiled": compiled}
+    finally:
+        del model, cache
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
