@@ -52,38 +52,40 @@ def _measure(generate, bs: int, osl: int, num: int, warmup: int) -> dict[str, An
 def hf_baselines(factory: Any, device: torch.device, prompts: list[list[int]], osl: int, num: int,
                  compile: bool = True) -> dict[str, Any]:
     """``{"eager": {...}, "static_compile": {...}}``; ``compile=False`` keeps the static cache eager."""
-    from transformers import StaticCache
-
     if factory is None:
         raise ValueError("benchmark.compare_hf needs the model factory")
     model = factory.build_model("meta")
     factory.load_weights(model, device)
-    model.eval()
+    try:
+        return _measure_both(model.eval(), device, prompts, osl, num, compile and device.type == "cuda")
+    finally:
+        del model  # its weights leave the GPU before the caller goes on
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _measure_both(model: Any, device: torch.device, prompts: list[list[int]], osl: int, num: int,
+                  compiled: bool) -> dict[str, Any]:
+    from transformers import StaticCache
+
     # the factory's model comes with use_cache off (export): generate would recompute every
     # token's prefix at every step (and overrun a static cache)
     model.config.use_cache = model.generation_config.use_cache = True
     ids = torch.tensor(prompts, device=device)
     common = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, use_cache=True)
     bs = len(prompts)
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + osl + 8)
 
     def eager(n: int):
         model.generate(ids, **common, max_new_tokens=n, min_new_tokens=n)
-
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + osl + 8)
-    compiled = compile and device.type == "cuda"
 
     def static(n: int):
         cache.reset()
         model.generate(ids, **common, max_new_tokens=n, min_new_tokens=n, past_key_values=cache,
                        disable_compile=not compiled)
 
-    try:
-        with torch.inference_mode():
-            results = {"eager": _measure(eager, bs, osl, num, warmup=1)}
-            # two warm-up rounds: the first compiles, the second records the CUDA graphs
-            results["static_compile"] = {**_measure(static, bs, osl, num, warmup=2), "compiled": compiled}
-    finally:
-        del model, cache
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with torch.inference_mode():
+        results = {"eager": _measure(eager, bs, osl, num, warmup=1)}
+        # two warm-up rounds: the first compiles, the second records the CUDA graphs
+        results["static_compile"] = {**_measure(static, bs, osl, num, warmup=2), "compiled": compiled}
     return results

@@ -38,7 +38,6 @@ def copy_bandwidth(device: torch.device, max_bytes: int = 2**30) -> float:
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
     ms = _median_ms(lambda: dst.copy_(src))
-    del src, dst
     return 2 * n * 4 / (ms * 1e-3)
 
 
@@ -49,7 +48,6 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: i
         n //= 2
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     ms = _median_ms(lambda: a @ b)
-    del a, b
     return 2 * n**3 / (ms * 1e-3)
 
 
