@@ -480,7 +480,9 @@ def cached_attention(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache
     cap = float(logit_cap) if logit_cap is not None and logit_cap > 0 else 0.0
     if T == B:
         out = decode_attention(q3, k3, v3, k_cache, v_cache, input_pos, page_table, scale, window, cap)
-    else:
+    else:  # new keys straight from k/v, the cached prefix from the pages (triton_prefill.py)
+        from .triton_prefill import varlen_attention
+
         append_kv(k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table)
-        out = prefill_attention(q3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
+        out = varlen_attention(q3, k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
     return out.unsqueeze(0)
