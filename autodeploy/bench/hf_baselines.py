@@ -89,3 +89,40 @@ def _measure_both(model: Any, device: torch.device, prompts: list[list[int]], os
         # two warm-up rounds: the first compiles, the second records the CUDA graphs
         results["static_compile"] = {**_measure(static, bs, osl, num, warmup=2), "compiled": compiled}
     return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m autodeploy.bench.hf_baselines [--model llama3_8b] [--bs 1] ...``: the baselines
+    alone (no engine build), on the benchmark's prompts; prints one JSON line."""
+    import argparse
+    import json
+
+    from autodeploy.config import compose_experiment
+    from autodeploy.models.factory import create_factory
+
+    from .benchmark import random_prompts
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", default="llama3_8b")
+    ap.add_argument("--bs", type=int, default=1)
+    ap.add_argument("--isl", type=int, default=1024)
+    ap.add_argument("--osl", type=int, default=128)
+    ap.add_argument("--num", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="static cache without torch.compile")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    cfg = compose_experiment([f"model={args.model}"], check_transforms=False)
+    factory = create_factory(cfg.args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = random_prompts(args.bs, args.isl, factory.config.vocab_size)
+    result = {"model": args.model, "bs": args.bs, "isl": args.isl, "osl": args.osl,
+              **hf_baselines(factory, device, prompts, args.osl, args.num, compile=not args.no_compile)}
+    line = json.dumps(result, default=str)
+    print("HF_BASELINES", line, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
