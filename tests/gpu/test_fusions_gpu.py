@@ -92,3 +92,34 @@ def test_benchmark_roofline_on_cuda():
     assert roof["weight_gb"] == pytest.approx(weights / 1e9)
     assert 0 < roof["decode_fraction"] and 0 < roof["prefill_fraction"]
     assert result["peak_gpu_mem_gib"] > 0 and result["by_batch_size"]["1"]["roofline"] is not None
+
+
+def test_prompt_and_mixed_forwards_never_sync_the_host():
+    """The cached graph (triton attention, every fusion, eager) runs a prefill and a mixed batch
+    under CUDA's sync debug mode set to error: no .item(), no host-read shapes inside the forward."""
+    from tiny_deployment import MAX_BATCH_SIZE, MAX_SEQ_LEN, PAGE_SIZE, PIPELINE
+    from transformers import AutoModelForCausalLM
+
+    from autodeploy.export.export import export_to_gm
+    from autodeploy.models.tiny import ensure_tiny_model
+    from autodeploy.runtime.kv_cache import CacheInterface
+    from autodeploy.transforms.interface import BuildContext
+    from autodeploy.transforms.optimizer import InferenceOptimizer
+
+    hf = AutoModelForCausalLM.from_pretrained(ensure_tiny_model("tiny_llama"), dtype=torch.bfloat16).eval()
+    gm = export_to_gm(hf, max_batch_size=MAX_BATCH_SIZE, max_seq_len=MAX_SEQ_LEN).to("cuda")
+    cache = CacheInterface(MAX_BATCH_SIZE, MAX_SEQ_LEN, None, PAGE_SIZE, "cuda")
+    pipeline = {**PIPELINE, "insert_cached_attention": {"stage": "cache_init", "backend": "triton"},
+                "resize_kv_cache": {"stage": "cache_init", "free_mem_ratio": 0.05}}
+    model = InferenceOptimizer(pipeline)(BuildContext(cache=cache, device=torch.device("cuda")), model=gm)
+    batches = [cache.info.build([[1, 5, 9, 22, 41], [7, 8, 9]], [0, 0], [[1], [2]], [1, 2]),
+               cache.info.build([[3, 4, 5, 6], [2]], [5, 3], [[1], [2]], [1, 2])]
+    with torch.inference_mode():
+        for inputs in batches:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                logits = model(**inputs.named_args, **cache.tensors)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert logits.shape[:2] == (1, 2) and torch.isfinite(logits).all()
