@@ -112,7 +112,7 @@ def test_prompt_and_mixed_forwards_never_sync_the_host():
     pipeline = {**PIPELINE, "insert_cached_attention": {"stage": "cache_init", "backend": "triton"},
                 "resize_kv_cache": {"stage": "cache_init", "free_mem_ratio": 0.05}}
     model = InferenceOptimizer(pipeline)(BuildContext(cache=cache, device=torch.device("cuda")), model=gm)
-    batches = [([[1, 5, 9, 22, 41], [7, 8, 9]], [0, 0]), ([[3, 4, 5, 6], [2]], [5, 3])]  # prefills; chunk + decode
+    batches = [([[1, 5, 9, 22, 41], [7, 8, 9]], [0, 0]), ([[3, 4, 5], [2]], [5, 3])]  # prefills; chunk + decode
     with torch.inference_mode():
         for tokens, input_pos in batches:  # one batch at a time: the inputs are views of one buffer
             inputs = cache.info.build(tokens, input_pos, [[1], [2]], [1, 2])
