@@ -43,12 +43,24 @@ def _scalar_like(x) -> bool:
     return not isinstance(x, fx.Node) or (isinstance(v, torch.Tensor) and v.dim() <= 1)
 
 
+def _vocab_all_gather(node) -> bool:
+    """Tensor parallelism's ``autodeploy::all_gather(x, dim, group)`` of a vocab-sharded head along
+    the last dim: each token's row is gathered on its own, so it is row-wise too."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and str(node.target).startswith("autodeploy.all_gather")):
+        return False
+    x, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    v = val(x)
+    return isinstance(dim, int) and isinstance(v, torch.Tensor) and dim in (-1, v.dim() - 1)
+
+
 def find_lm_head(gm: fx.GraphModule) -> tuple[Optional[fx.Node], list[fx.Node]]:
     """(the head ``linear``, the row-wise nodes between it and the output), or (None, [])."""
     node, chain = _output_tensor(gm), []
-    while node is not None and is_op(node, _ROW_WISE):
+    while node is not None and (_vocab_all_gather(node) or is_op(node, _ROW_WISE)):
         tensor_args = [a for a in node.args if isinstance(a, fx.Node) and not _scalar_like(a)]
-        if len(tensor_args) != 1 or not all(_scalar_like(a) for a in node.args if a is not tensor_args[0]):
+        if _vocab_all_gather(node):
+            tensor_args = [node.args[0]]
+        elif len(tensor_args) != 1 or not all(_scalar_like(a) for a in node.args if a is not tensor_args[0]):
             return None, []
         chain.append(node)
         node = tensor_args[0]
