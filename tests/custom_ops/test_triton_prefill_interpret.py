@@ -55,3 +55,26 @@ def test_16bit_tiles():
     out = varlen_attention(batch.q[0], batch.k[0], batch.v[0], batch.k_cache, batch.v_cache, batch.input_pos,
                            batch.cu_seqlen, batch.page_table, 0.125, 0, 0.0)  # 128 x 64 tiles, 3 stages
     assert rel_err(out.unsqueeze(0), ref) < 1e-3  # fp16 operands
+
+
+def test_config_that_does_not_fit_falls_through(monkeypatch):
+    """A GPU without the shared memory for the largest tiles runs the next config (remembered)."""
+    from autodeploy.custom_ops.cached_attention import triton_prefill as tp
+
+    real_launch, tried = tp._launch, []
+
+    def launch(*args):
+        tried.append(args[-1])
+        if args[-1]["num_stages"] == 3:
+            raise tp._out_of_resources()[0](200_000, 232_448, "shared memory")
+        return real_launch(*args)
+
+    monkeypatch.setattr(tp, "_launch", launch)
+    monkeypatch.setattr(tp, "_first_fit", {})
+    batch = make_batch([(0, 40), (9, 1)], 4, 2, 16, 8, dtype=torch.float16)
+    ref, _, _ = reference(batch, 0.25)
+    for _ in range(2):
+        out = varlen_attention(batch.q[0], batch.k[0], batch.v[0], batch.k_cache, batch.v_cache, batch.input_pos,
+                               batch.cu_seqlen, batch.page_table, 0.25, 0, 0.0)
+        assert rel_err(out.unsqueeze(0), ref) < 1e-3
+    assert tried == [tp.CONFIGS[0], tp.CONFIGS[1], tp.CONFIGS[1]]  # the second call starts at the fit

@@ -14,7 +14,7 @@ never reads what that writes, so the two do not depend on each other.
 One program per (query block, KV head): the query heads sharing a KV head are packed into the
 tile's rows (``BLOCK_Q`` tokens x ``G_PAD`` heads), so K/V is loaded once per group. A sequence
 with one new token (a decode in a mixed batch) takes a small-tile branch of the same program
-(``G`` rows instead of ``BLOCK_M``). Grids depend on shapes only (no host sync): blocks are
+(``G`` rows instead of ``BLOCK_M``, at most 32 keys per block). Grids depend on shapes only (no host sync): blocks are
 over-provisioned by B and programs past their sequence's end return at once. Scores use exp2.
 Sliding windows and tanh soft-capping are supported; options the old kernels learn later (sinks,
 ALiBi) keep that path: see ``triton_kernels.cached_attention``.
@@ -22,7 +22,6 @@ ALiBi) keep that path: see ``triton_kernels.cached_attention``.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -171,7 +170,7 @@ def _varlen_attn(
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
     s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, s_ptb,
     G: tl.constexpr, G_PAD: tl.constexpr, G_ONE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N_ONE: tl.constexpr, PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
 ):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)  # last (longest causal) blocks first: a shorter tail
@@ -188,7 +187,7 @@ def _varlen_attn(
         _attend_rows(q_ptr, k_ptr, v_ptr, o_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new,
                      c1, c2, window, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                      s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch,
-                     G, G_ONE, 1, BLOCK_N, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP, PREC)
+                     G, G_ONE, 1, BLOCK_N_ONE, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP, PREC)
     else:
         _attend_rows(q_ptr, k_ptr, v_ptr, o_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new,
                      c1, c2, window, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
@@ -196,12 +195,24 @@ def _varlen_attn(
                      G, G_PAD, BLOCK_Q, BLOCK_N, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP, PREC)
 
 
-def tile_config(q: torch.Tensor, D: int, DV: int) -> dict[str, int]:
-    """Tiles by head size and dtype: 128 query rows x 64 keys, 8 warps, 3 stages for 16-bit heads
-    up to 128 wide (K/V tiles 16 KiB each per stage); half of that for wider heads or fp32."""
-    if max(D, DV) <= 128 and q.element_size() <= 2:
-        return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
-    return {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
+# tile configurations, largest first: 128 query rows x 64 keys with 3 pipeline stages keep K/V
+# tiles of 16 KiB each in flight per stage for 16-bit heads up to 128 wide; a config that does not
+# fit the GPU's shared memory (both branches of the kernel count) falls through to the next
+CONFIGS = (
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
+)
+_first_fit: dict[tuple, int] = {}  # (device, dtype, D, DV, G) -> first config that launched
+
+
+def _out_of_resources() -> tuple[type, ...]:
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # older layouts
+        from triton.runtime.autotuner import OutOfResources
+    return (OutOfResources,)
 
 
 def varlen_attention(q, k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
@@ -209,27 +220,50 @@ def varlen_attention(q, k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table
                      num_stages: int | None = None):
     """Causal attention of q[T, H, D] over each sequence's cached prefix (pages) and its new
     tokens (k[T, KV, D], v[T, KV, Dv]); -> [T, H, Dv]. Every sequence may bring any number of
-    tokens (prefills, later chunks, decodes)."""
+    tokens (prefills, later chunks, decodes). Tiles: the arguments, else the first of ``CONFIGS``
+    that fits (16-bit heads up to 128 wide start at the largest, others at the smallest)."""
     T, H, D = q.shape
     KV, DV = k.shape[1], v.shape[-1]
     B = input_pos.shape[0]
     out = q.new_empty((T, H, DV))
     if T == 0 or B == 0:
         return out
-    cfg = tile_config(q, D, DV)
-    block_m, block_n = block_m or cfg["block_m"], block_n or cfg["block_n"]
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    args = (q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
+    if block_m or block_n or num_warps or num_stages:
+        base = CONFIGS[0] if max(D, DV) <= 128 and q.element_size() <= 2 else CONFIGS[-1]
+        _launch(*args, {"block_m": block_m or base["block_m"], "block_n": block_n or base["block_n"],
+                        "num_warps": num_warps or base["num_warps"], "num_stages": num_stages or base["num_stages"]})
+        return out
+    key = (q.device, q.dtype, D, DV, H // KV)
+    start = _first_fit.get(key, 0 if max(D, DV) <= 128 and q.element_size() <= 2 else len(CONFIGS) - 1)
+    for i in range(start, len(CONFIGS)):
+        try:
+            _launch(*args, CONFIGS[i])
+        except _out_of_resources():
+            if i == len(CONFIGS) - 1:
+                raise
+            continue
+        _first_fit[key] = i
+        return out
+    return out
+
+
+def _launch(q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap, cfg):
+    T, H, D = q.shape
+    KV, DV = k.shape[1], v.shape[-1]
+    B = input_pos.shape[0]
     G = H // KV
     G_PAD = _p2(G)
-    block_q = max(1, block_m // G_PAD)
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    block_q = max(1, cfg["block_m"] // G_PAD)
     _varlen_attn[(T // block_q + B, KV)](
         q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, B,
         *_score_consts(scale, cap), int(window or 0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
-        G=G, G_PAD=G_PAD, G_ONE=max(16, G_PAD), BLOCK_Q=block_q, BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
+        G=G, G_PAD=G_PAD, G_ONE=max(16, G_PAD), BLOCK_Q=block_q, BLOCK_N=cfg["block_n"],
+        BLOCK_N_ONE=min(cfg["block_n"], 32), PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=max(16, _p2(D)), BLOCK_DV=max(16, _p2(DV)),
         HAS_WINDOW=bool(window), HAS_CAP=bool(cap), PREC=_dot_precision(q),
-        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
