@@ -61,7 +61,7 @@ def batch_sizes(bench: Any) -> list[int]:
     return sizes
 
 
-def run_batch_size(engine: Any, bench: Any, bs: int, ceilings: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def run_batch_size(engine: Any, bench: Any, bs: int) -> dict[str, Any]:
     """Warm-up and timed rounds at one batch size; every figure of the module docstring."""
     from autodeploy.runtime.sampling_params import SamplingParams
 
@@ -107,15 +107,6 @@ def run_batch_size(engine: Any, bench: Any, bs: int, ceilings: Optional[dict[str
         "roofline": None,
         "itl_trace": trace,
     })
-    result_floors = roofline.floors(ceilings, bs, isl, osl)
-    if result_floors is not None:
-        itl_p50 = result["itl_ms"].get("p50")
-        result["roofline"] = {
-            **ceilings, **result_floors,
-            "decode_fraction": result_floors["decode_step_floor_ms"] / itl_p50 if itl_p50 else None,
-            # all bs prompts are prefilled by the time the last first token arrives
-            "prefill_fraction": result_floors["prefill_floor_ms"] * bs / result["ttft_ms"]["max"] if ttft else None,
-        }
     log.info("benchmark bs=%d isl=%d osl=%d: %.1f output tok/s, %.1f decode tok/s, TTFT p50 %.1f ms, "
              "TPOT p50 %.2f ms, host %.2f ms/decode step", bs, isl, osl, result["output_tok_s"],
              result["decode_tok_s"] or float("nan"), result["ttft_ms"].get("p50", float("nan")),
@@ -123,13 +114,30 @@ def run_batch_size(engine: Any, bench: Any, bs: int, ceilings: Optional[dict[str
     return result
 
 
+def with_roofline(result: dict[str, Any], ceilings: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """``result["roofline"]``: the ceilings, this shape's floors and how close the run came."""
+    floors = roofline.floors(ceilings, result["bs"], result["isl"], result["osl"])
+    if floors is not None:
+        itl_p50, ttft_max = result["itl_ms"].get("p50"), result["ttft_ms"].get("max")
+        result["roofline"] = {
+            **ceilings, **floors,
+            "decode_fraction": floors["decode_step_floor_ms"] / itl_p50 if itl_p50 else None,
+            # all bs prompts are prefilled by the time the last first token arrives
+            "prefill_fraction": floors["prefill_floor_ms"] * result["bs"] / ttft_max if ttft_max else None,
+        }
+    return result
+
+
 def run_benchmark(engine: Any, bench: Any, factory: Any = None) -> dict[str, Any]:
     """The result at ``bench.bs`` (its keys at the top level) plus ``by_batch_size`` for every size run."""
+    by_size = {bs: run_batch_size(engine, bench, bs) for bs in batch_sizes(bench)}
+    # the peak before the ceilings are measured: their buffers are no part of serving
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     ceilings = roofline.measure(engine.model, engine.cache)
-    by_size = {bs: run_batch_size(engine, bench, bs, ceilings) for bs in batch_sizes(bench)}
+    by_size = {bs: with_roofline(r, ceilings) for bs, r in by_size.items()}
     result = dict(by_size[int(bench.bs)])
     result["by_batch_size"] = {str(bs): r for bs, r in by_size.items()}
-    result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    result["peak_gpu_mem_gib"] = peak
     if getattr(bench, "compare_hf", False):
         from .hf_baselines import hf_baselines
 

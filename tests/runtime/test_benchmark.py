@@ -105,3 +105,16 @@ def test_streamed_weights_skip_the_embedding_table(tiny_llama):
     total = sum(p.numel() for p in {p.data_ptr(): p for p in gm.parameters()}.values())
     assert params == total - table.numel() + sum(b.numel() for b in gm.buffers())
     assert nbytes == params * 4  # fp32
+
+
+def test_roofline_fractions():
+    from autodeploy.bench.benchmark import with_roofline
+
+    ceilings = {"copy_bw_tb_s": 4.0, "matmul_tflop_s": 800.0, "weight_gb": 16.0, "params": 8e9, "kv_bytes_per_token": 0}
+    result = {"bs": 2, "isl": 1000, "osl": 10, "itl_ms": {"p50": 8.0}, "ttft_ms": {"max": 80.0}, "roofline": None}
+    roof = with_roofline(result, ceilings)["roofline"]
+    assert roof["decode_step_floor_ms"] == pytest.approx(4.0)  # 16 GB / 4 TB/s
+    assert roof["decode_fraction"] == pytest.approx(0.5)  # 4 ms floor / 8 ms ITL
+    assert roof["prefill_floor_ms"] == pytest.approx(20.0)  # 2 * 8e9 * 1000 / 800e12
+    assert roof["prefill_fraction"] == pytest.approx(0.5)  # 2 prompts * 20 ms / 80 ms
+    assert with_roofline(dict(result, roofline=None), None)["roofline"] is None
