@@ -155,8 +155,8 @@ def time_prefill(ops, batch, sweep):
         ms = triton.testing.do_bench(old_paged, warmup=25, rep=100, return_mode="median")
         res["triton_old_paged"] = {"ms": ms, "TFLOP_s": tflops(ms)}
         ref = sdpa(q, k, v, is_causal=True).transpose(1, 2).reshape(batch * CTX, H, D)
-        for bm, bn, warps, stages in ([(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
-                                       (128, 32, 4, 3)] if sweep else [(128, 64, 8, 3)]):
+        for bm, bn, warps, stages in ([(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2),
+                                       (64, 64, 4, 3)] if sweep else [(128, 64, 8, 3), (128, 32, 8, 3)]):
             def fn(bm=bm, bn=bn, warps=warps, stages=stages):
                 return tp.varlen_attention(b.q[0], b.k[0], b.v[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen,
                                            b.page_table, D**-0.5, 0, 0.0, block_m=bm, block_n=bn, num_warps=warps,

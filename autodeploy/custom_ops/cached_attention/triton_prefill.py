@@ -73,12 +73,12 @@ def _attend_pages(acc, m_i, l_i, q, q_pos, lo, hi, window, c1, c2, kc_ptr, vc_pt
         slot = offs_n % PAGE_SIZE
         k = tl.load(kc_ptr + (page * s_kcp + slot * s_kcs + kvh * s_kch)[:, None] + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(vc_ptr + (page * s_vcp + slot * s_vcs + kvh * s_vch)[:, None] + offs_dv[None, :],
-                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         mask = n_ok[None, :]
         if HAS_WINDOW:
             mask = mask & (q_pos[:, None] - offs_n[None, :] < window)
         s = tl.where(mask, _scores(q, k, c1, c2, HAS_CAP, PREC), float("-inf"))
+        v = tl.load(vc_ptr + (page * s_vcp + slot * s_vcs + kvh * s_vch)[:, None] + offs_dv[None, :],
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, True, PREC)
     return acc, m_i, l_i
 
@@ -90,22 +90,22 @@ def _attend_new(acc, m_i, l_i, q, tok, lo, hi, window, c1, c2, k_rows, v_rows, s
     """New keys j in [lo, hi) from the k/v inputs (``k_rows`` points at the sequence's first
     new token of this KV head); query row of new token t sees j <= t (and t - j < window)."""
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        rows = offs_n.to(tl.int64)
+        offs_n = n0 + tl.arange(0, BLOCK_N)  # int32 offsets inside one sequence's rows
         if MASKED:
             n_ok = offs_n < hi
-            k = tl.load(k_rows + rows[:, None] * s_kt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_rows + rows[:, None] * s_vt + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
-                        other=0.0)
+            k = tl.load(k_rows + offs_n[:, None] * s_kt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             mask = n_ok[None, :] & (offs_n[None, :] <= tok[:, None])
             if HAS_WINDOW:
                 mask = mask & (tok[:, None] - offs_n[None, :] < window)
             s = tl.where(mask, _scores(q, k, c1, c2, HAS_CAP, PREC), float("-inf"))
+            v = tl.load(v_rows + offs_n[:, None] * s_vt + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
+                        other=0.0)
             acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, True, PREC)
         else:  # blocks every row sees whole: no masks, so the loads can be pipelined freely
-            k = tl.load(k_rows + rows[:, None] * s_kt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_rows + rows[:, None] * s_vt + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
-            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, _scores(q, k, c1, c2, HAS_CAP, PREC), v, False, PREC)
+            k = tl.load(k_rows + offs_n[:, None] * s_kt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            s = _scores(q, k, c1, c2, HAS_CAP, PREC)
+            v = tl.load(v_rows + offs_n[:, None] * s_vt + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
+            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, False, PREC)
     return acc, m_i, l_i
 
 
@@ -113,12 +113,13 @@ def _attend_new(acc, m_i, l_i, q, tok, lo, hi, window, c1, c2, k_rows, v_rows, s
 def _attend_rows(q_ptr, k_ptr, v_ptr, o_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new,
                  c1, c2, window, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                  s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch,
-                 G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr):
+                 G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
+                 PREC: tl.constexpr):
     """Attention of new tokens [q0, q0 + BLOCK_Q) of one sequence, the G query heads of KV head
-    ``kvh`` packed into the rows (row r: token q0 + r // G_PAD, head kvh * G + r % G_PAD)."""
-    BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
+    ``kvh`` packed into the BLOCK_M = BLOCK_Q * G_PAD rows (row r: token q0 + r // G_PAD, head
+    kvh * G + r % G_PAD)."""
     offs_m = tl.arange(0, BLOCK_M)
     tok = q0 + offs_m // G_PAD
     head = kvh * G + offs_m % G_PAD
@@ -169,8 +170,8 @@ def _varlen_attn(
     c1, c2, window,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
     s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, s_ptb,
-    G: tl.constexpr, G_PAD: tl.constexpr, G_ONE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_N_ONE: tl.constexpr, PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, G_ONE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_N_ONE: tl.constexpr, PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
 ):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)  # last (longest causal) blocks first: a shorter tail
@@ -187,12 +188,13 @@ def _varlen_attn(
         _attend_rows(q_ptr, k_ptr, v_ptr, o_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new,
                      c1, c2, window, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                      s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch,
-                     G, G_ONE, 1, BLOCK_N_ONE, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP, PREC)
+                     G, G_ONE, 1, G_ONE, BLOCK_N_ONE, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP, PREC)
     else:
         _attend_rows(q_ptr, k_ptr, v_ptr, o_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new,
                      c1, c2, window, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                      s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch,
-                     G, G_PAD, BLOCK_Q, BLOCK_N, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP, PREC)
+                     G, G_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP,
+                     PREC)
 
 
 # tile configurations, largest first: 128 query rows x 64 keys with 3 pipeline stages keep K/V
@@ -261,7 +263,7 @@ def _launch(q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, sc
         *_score_consts(scale, cap), int(window or 0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
-        G=G, G_PAD=G_PAD, G_ONE=max(16, G_PAD), BLOCK_Q=block_q, BLOCK_N=cfg["block_n"],
+        G=G, G_PAD=G_PAD, G_ONE=max(16, G_PAD), BLOCK_Q=block_q, BLOCK_M=block_q * G_PAD, BLOCK_N=cfg["block_n"],
         BLOCK_N_ONE=min(cfg["block_n"], 32), PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=max(16, _p2(D)), BLOCK_DV=max(16, _p2(DV)),
         HAS_WINDOW=bool(window), HAS_CAP=bool(cap), PREC=_dot_precision(q),
