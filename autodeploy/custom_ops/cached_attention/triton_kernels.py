@@ -473,7 +473,9 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
 def cached_attention(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache,
                      scale, sliding_window=None, logit_cap=None):
     """The op body: q[1, T, H, D] ... -> [1, T, H, Dv]. Decode-only batches (T == B, i.e. every
-    sequence brings one token, since none brings zero) take the decode kernel."""
+    sequence brings one token, since none brings zero) take the decode kernel; others append the
+    new K/V and attend with ``triton_prefill.varlen_attention`` (``prefill_attention`` above, which
+    reads every key from the pages, stays for comparison: scripts/gpu_check.py times both)."""
     q3, k3, v3 = q[0], k[0], v[0]
     T, B = q3.shape[0], seq_len.shape[0]
     window = int(sliding_window) if sliding_window is not None and sliding_window > 0 else 0
