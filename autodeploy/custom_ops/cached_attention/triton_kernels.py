@@ -473,14 +473,18 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
 def cached_attention(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache,
                      scale, sliding_window=None, logit_cap=None):
     """The op body: q[1, T, H, D] ... -> [1, T, H, Dv]. Decode-only batches (T == B, i.e. every
-    sequence brings one token, since none brings zero) take the decode kernel."""
+    sequence brings one token, since none brings zero) take the decode kernel; others append the
+    new K/V and attend with ``triton_prefill.varlen_attention`` (``prefill_attention`` above, which
+    reads every key from the pages, stays for comparison: scripts/gpu_check.py times both)."""
     q3, k3, v3 = q[0], k[0], v[0]
     T, B = q3.shape[0], seq_len.shape[0]
     window = int(sliding_window) if sliding_window is not None and sliding_window > 0 else 0
     cap = float(logit_cap) if logit_cap is not None and logit_cap > 0 else 0.0
     if T == B:
         out = decode_attention(q3, k3, v3, k_cache, v_cache, input_pos, page_table, scale, window, cap)
-    else:
+    else:  # new keys straight from k/v, the cached prefix from the pages (triton_prefill.py)
+        from .triton_prefill import varlen_attention
+
         append_kv(k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table)
-        out = prefill_attention(q3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
+        out = varlen_attention(q3, k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
     return out.unsqueeze(0)

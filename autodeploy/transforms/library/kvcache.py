@@ -290,6 +290,7 @@ _UNCACHED = {
     "causal_conv1d": "insert_cached_ssm",
     "ssm_scan": "insert_cached_ssm",
     "selective_scan": "insert_cached_ssm",
+    "last_tokens": "insert_cached_last_tokens",
 }
 
 
