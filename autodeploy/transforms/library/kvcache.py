@@ -185,10 +185,11 @@ class InsertCachedAttention(BaseTransform):
     config_class = InsertCachedAttentionConfig
 
     def apply(self, gm: fx.GraphModule, ctx: BuildContext):
-        from ...custom_ops.cached_attention import get_backend
+        from ...custom_ops.cached_attention import ATTENTION_VARIANTS, get_backend
 
         cfg: InsertCachedAttentionConfig = self.config
-        cached_op = get_backend(cfg.backend).op()  # fails early, naming a missing extra
+        backend = get_backend(cfg.backend)
+        cached_op = backend.op()  # fails early, naming a missing extra
         source = _canonical_attention_op()
         nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is source]
         if not nodes:
@@ -204,8 +205,9 @@ class InsertCachedAttention(BaseTransform):
                 add_cache_input(gm, cache, CacheSpec(f"{kind}_cache_{layer}", (cache.page_size, *t.shape[2:]), dtype, True))
                 for kind, t in (("k", k), ("v", v))
             ]
+            backend.check_features(node.name, {name: a.get(name) for name in ATTENTION_VARIANTS})
             args = (a["q"], a["k"], a["v"], meta["seq_len"], meta["input_pos"], meta["cu_seqlen"],
-                    meta["page_table"], *caches, a["scale"], a.get("sliding_window"), a.get("logit_cap"))
+                    meta["page_table"], *caches, a["scale"], *(a.get(name) for name in ATTENTION_VARIANTS))
             _replace(gm, node, cached_op, args)
         gm.recompile()
         note = f"{cfg.backend} backend, {len(nodes)} layers, pages of {cache.page_size} tokens"
