@@ -301,12 +301,50 @@ def check_fully_cached(gm: Any) -> None:
         elif "scaled_dot_product_attention" in name or name.startswith("autodeploy.sdpa."):
             left["scaled_dot_product_attention"] = left.get("scaled_dot_product_attention", 0) + 1
     if not left:
+        # the softmax of each unmatched attention first: it names the layer best
+        pairs = sorted(token_pair_nodes(gm), key=lambda n: "softmax" not in str(n.target))
+        if pairs:
+            shown = "; ".join(_describe(n) for n in pairs[:3]) + (f"; ... ({len(pairs)} nodes)" if len(pairs) > 3 else "")
+            raise RuntimeError(
+                f"the cached graph still computes over pairs of tokens in plain graph code ({shown}): an attention "
+                "the pattern matcher did not rewrite into autodeploy::attention (see match_attention_pattern's note "
+                "for why); without a KV cache it would give wrong tokens, so the build stops"
+            )
         return
     fixes = sorted({_UNCACHED[op] for op in left if op in _UNCACHED})
     hint = f"add {', '.join(fixes)} (stage cache_init) to args.transforms" if fixes else (
         "the attention pattern matcher did not rewrite this attention into autodeploy::attention")
     found = ", ".join(f"{n} x {op}" for op, n in sorted(left.items()))
     raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {hint}")
+
+
+def token_pair_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes whose value spans the sequence in two dims (``[.., S, S']``: attention scores or probs).
+
+    Unmatched attention stays such graph code; on the cached runtime's flattened batch it would
+    attend within one step's tokens only. Sizes come from the export's symbol for ``seq``.
+    """
+    ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "input_ids"), None)
+    ids_val = ids.meta.get("val") if ids is not None else None
+    if not isinstance(ids_val, torch.Tensor) or ids_val.dim() != 2 or not isinstance(ids_val.shape[1], torch.SymInt):
+        return []
+    seq = ids_val.shape[1].node.expr.free_symbols
+
+    def spans(size: Any) -> bool:
+        return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols & seq)
+
+    out = []
+    for node in gm.graph.nodes:
+        v = node.meta.get("val")
+        if node.op == "call_function" and isinstance(v, torch.Tensor) and sum(map(spans, v.shape)) >= 2:
+            out.append(node)
+    return out
+
+
+def _describe(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    where = f" in {list(stack.values())[-1][0]}" if stack else ""
+    return f"{node.name} = {node.target}{tuple(node.meta['val'].shape)}{where}"
 
 
 # ---- initialize_cache ----
