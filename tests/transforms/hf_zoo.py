@@ -31,6 +31,11 @@ class Variant:
     attn_implementation: str = "sdpa"
     # per layer (sliding_window, logit_cap) the attention ops must carry
     attention_args: list[tuple[Any, Any]] = field(default_factory=lambda: [(None, None)] * NUM_LAYERS)
+    # per layer (has sinks, has ALiBi slopes, attention_chunk_size) of the attention ops
+    attention_variants: list[tuple[bool, bool, Any]] = field(default_factory=lambda: [(False, False, None)] * NUM_LAYERS)
+    ropes: int = NUM_LAYERS  # RoPEs the matcher must find
+    # experts the MoE matcher leaves as graph code (transformers' grouped_mm stays in the graph)
+    experts_as_graph_code: bool = False
 
 
 L = NUM_LAYERS
@@ -60,6 +65,26 @@ VARIANTS: dict[str, Variant] = {
                                            attn_logit_softcapping=30.0),
                       "eager, soft-capping, alternating sliding window, (1+w) norms, GeGLU", 4 * L + 1,
                       attn_implementation="eager", attention_args=[(4, 30.0), (None, 30.0)]),
+    # gpt-oss: learned sinks; MoE with clamped SwiGLU, interleaved gate/up, biases (left as graph code);
+    # YaRN RoPE with an attention factor (left as graph code)
+    "gpt_oss": Variant("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                            head_dim=16, sliding_window=4),
+                       "eager, attention sinks, alternating sliding window, biased clamped-SwiGLU experts", 2 * L + 1,
+                       attn_implementation="eager", attention_args=[(4, None), (None, None)],
+                       attention_variants=[(True, False, None)] * L, ropes=0, experts_as_graph_code=True),
+    # BLOOM: ALiBi through baddbmm over [B*H, S, D] views, fused QKV, LayerNorm, untied head
+    "bloom": Variant("BloomConfig", dict(num_key_value_heads=4, tie_word_embeddings=False),
+                     "eager batched-matmul attention, ALiBi, fused QKV, LayerNorm", 0, attn_implementation="eager",
+                     attention_variants=[(False, True, None)] * L, ropes=0),
+    # Llama-4 text: chunk-local attention on RoPE layers, full attention on NoPE layers, L2 q/k norms,
+    # attention temperature tuning, MoE with a shared expert (left as graph code)
+    "llama4_text": Variant("Llama4TextConfig", dict(intermediate_size=64, intermediate_size_mlp=64, head_dim=16,
+                                                    attention_chunk_size=4, num_local_experts=2, num_experts_per_tok=1,
+                                                    no_rope_layers=[1, 0], attn_temperature_tuning=True,
+                                                    floor_scale=4),
+                           "chunked attention, NoPE layers, complex RoPE, L2 q/k norms, temperature tuning", 0,
+                           attention_variants=[(False, False, 4), (False, False, None)], ropes=0,
+                           experts_as_graph_code=True),
 }
 
 
@@ -67,7 +92,7 @@ def build_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
     import transformers
 
     variant = VARIANTS[name]
-    config = getattr(transformers, variant.config_class)(**COMMON, **variant.kwargs)
+    config = getattr(transformers, variant.config_class)(**{**COMMON, **variant.kwargs})
     config._attn_implementation = variant.attn_implementation
     config.use_cache = False
     torch.manual_seed(seed)

@@ -115,11 +115,46 @@ def add_metadata_inputs(gm: fx.GraphModule, cache: CacheInterface) -> dict[str, 
     missing = [n for n in ("input_ids", "position_ids") if n not in _placeholders(gm)]
     if missing:
         raise ValueError(f"the graph has no input(s) {missing}; expected forward(input_ids, position_ids)")
+    token_index_as_positions(gm)
     B, P = cache.max_batch_size, cache.pages_per_seq
     shapes = {"seq_len": (B,), "input_pos": (B,), "cu_seqlen": (B + 1,), "page_table": (B, P), "slot_idx": (B,)}
     return {
         name: add_input(gm, name, _fake(gm, shapes[name], torch.int32, cache.device)) for name in METADATA_NAMES
     }
+
+
+def token_index_as_positions(gm: fx.GraphModule) -> int:
+    """Replace ``arange(S)`` over the sequence by ``position_ids[0]``; returns how many.
+
+    HF computes the tokens' cache positions as ``arange(S) + past`` (past = 0 at export), e.g.
+    Llama-4's attention temperature. In the flattened batch the index along the sequence runs over
+    every sequence of the step, while ``position_ids`` holds each token's cache position.
+    """
+    inputs = _placeholders(gm)
+    ids, positions = inputs.get("input_ids"), inputs.get("position_ids")
+    size = ids.meta.get("val").shape[1] if ids is not None and isinstance(ids.meta.get("val"), torch.Tensor) else None
+    if positions is None or not isinstance(size, torch.SymInt):
+        return 0
+    num = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.kwargs.get("dtype") not in (None, torch.int64):
+            continue
+        if node.target is torch.ops.aten.arange.default and len(node.args) == 1:
+            end = node.args[0]
+        elif node.target is torch.ops.aten.arange.start and len(node.args) == 2 and node.args[0] == 0:
+            end = node.args[1]
+        else:
+            continue
+        end_val = end.meta.get("val") if isinstance(end, fx.Node) else None
+        if not isinstance(end_val, torch.SymInt) or end_val.node.expr != size.node.expr:
+            continue
+        with gm.graph.inserting_before(node):
+            first_row = gm.graph.call_function(torch.ops.aten.select.int, (positions, 0, 0))
+        first_row.meta["val"] = node.meta.get("val")  # [S] int64, like the arange
+        node.replace_all_uses_with(first_row)
+        gm.graph.erase_node(node)
+        num += 1
+    return num
 
 
 def add_cache_input(gm: fx.GraphModule, cache: CacheInterface, spec: CacheSpec) -> fx.Node:
