@@ -118,3 +118,17 @@ def test_prefill_small_tiles_with_chunks(chunk, window):
     out = tk.prefill_attention(batch.q[0], batch.k_cache, batch.v_cache, batch.input_pos, batch.cu_seqlen,
                                batch.page_table, 0.25, window or 0, 0.0, block_m=16, block_n=16, chunk=chunk)
     assert rel_err(out.unsqueeze(0), ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "bloom", "llama4_text"])
+def test_default_pipeline_with_triton_equals_hf(name, tmp_path):
+    """Sinks, ALiBi and chunked attention through the whole default pipeline with backend=triton."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "transforms"))
+    from test_attention_families import PROMPTS, Deployment
+
+    from autodeploy.runtime.sampling_params import SamplingParams
+
+    d = Deployment(name, tmp_path, "backend=triton")
+    outs = d.built.engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [d.hf_greedy(p, 8) for p in PROMPTS]

@@ -26,7 +26,7 @@ PROMPTS = [[1, 5, 9, 22, 41, 7, 3, 88, 17, 60, 4, 31, 12], [1, 3], list(range(3,
 
 
 class Deployment:
-    def __init__(self, name: str, directory: Path):
+    def __init__(self, name: str, directory: Path, *overrides: str):
         from autodeploy.build import build_engine
         from autodeploy.config import compose_experiment
 
@@ -35,6 +35,7 @@ class Deployment:
         cfg = compose_experiment([
             f"model={directory}", "args.device=cpu", "args.dtype=float32", "args.skip_tokenizer_init=true",
             "transforms/compile=torch-simple", "args.max_seq_len=64", "args.max_batch_size=4", "args.attn_page_size=8",
+            *overrides,
         ])
         self.built = build_engine(cfg.args, progress=False)
         self.report = {r["name"]: r for r in self.built.report}
