@@ -47,7 +47,11 @@ def test_graph_takes_flattened_inputs_and_caches(toy):
     assert "cpu" in rows["resize_kv_cache"].note
 
 
-@pytest.mark.parametrize("variant", [{}, {"sliding_window": 5}, {"logit_cap": 3.0}])
+@pytest.mark.parametrize("variant", [
+    {}, {"sliding_window": 5}, {"logit_cap": 3.0}, {"sinks": True}, {"alibi": True}, {"attention_chunk_size": 4},
+    {"sinks": True, "alibi": True, "sliding_window": 6, "attention_chunk_size": 5},
+    {"index_positions": True},  # arange(S) as positions: read from position_ids in the flattened batch
+])
 def test_greedy_equals_full_recompute(variant):
     torch.manual_seed(1)
     toy = ToyLM(**variant).eval()
@@ -153,3 +157,21 @@ def test_engine_finds_vocab_size_through_a_compiled_wrapper(toy):
     assert engine.vocab_size == 64
     out = engine.generate([[3, 70]], SamplingParams(temperature=0, max_tokens=2))[0]
     assert out.finish_reason == "error" and "out of range [0, 64)" in out.error
+
+
+def test_index_positions_become_position_ids():
+    torch.manual_seed(1)
+    gm, _, _ = build(ToyLM(index_positions=True).eval())
+    aranges = [n for n in gm.graph.nodes if n.op == "call_function" and "arange" in str(n.target)]
+    assert aranges == []
+
+
+def test_backend_without_a_variant_fails_naming_it():
+    from autodeploy.custom_ops.cached_attention import BACKENDS, _load_builtin
+
+    _load_builtin()
+    flashinfer = BACKENDS["flashinfer"]  # no GPU needed: the check is on the graph's arguments
+    with pytest.raises(ValueError, match="'flashinfer' does not support attention sinks, chunked attention "
+                                         r"\(attention attention_3\); use backend=torch or backend=triton"):
+        flashinfer.check_features("attention_3", {"sliding_window": 4, "sinks": object(), "attention_chunk_size": 8})
+    flashinfer.check_features("attention_1", {"sliding_window": 4, "logit_cap": 30.0, "sinks": None})
