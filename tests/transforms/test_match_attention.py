@@ -163,7 +163,7 @@ def test_unsupported_bias_stays_right_and_the_cached_build_names_it(kind, reason
     cached = {**PATTERN_PIPELINE, "insert_cached_attention": {"stage": "cache_init"},
               "initialize_cache": {"stage": "cache_init"}}
     ctx = BuildContext(cache=CacheInterface(2, 32, None, 8, "cpu"))
-    with pytest.raises(TransformError, match=r"initialize_cache.*pairs of tokens in plain graph code \(softmax"):
+    with pytest.raises(TransformError, match=r"initialize_cache.*mixes tokens in plain graph code \(softmax"):
         InferenceOptimizer(cached)(ctx, model=export_module(TinyAttention(kind)))
 
 

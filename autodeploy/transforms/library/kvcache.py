@@ -337,13 +337,13 @@ def check_fully_cached(gm: Any) -> None:
             left["scaled_dot_product_attention"] = left.get("scaled_dot_product_attention", 0) + 1
     if not left:
         # the softmax of each unmatched attention first: it names the layer best
-        pairs = sorted(token_pair_nodes(gm), key=lambda n: "softmax" not in str(n.target))
-        if pairs:
-            shown = "; ".join(_describe(n) for n in pairs[:3]) + (f"; ... ({len(pairs)} nodes)" if len(pairs) > 3 else "")
+        mixing = sorted(token_mixing_nodes(gm), key=lambda n: "softmax" not in str(n.target))
+        if mixing:
+            shown = "; ".join(_describe(n) for n in mixing[:3]) + (f"; ... ({len(mixing)} nodes)" if len(mixing) > 3 else "")
             raise RuntimeError(
-                f"the cached graph still computes over pairs of tokens in plain graph code ({shown}): an attention "
-                "the pattern matcher did not rewrite into autodeploy::attention (see match_attention_pattern's note "
-                "for why); without a KV cache it would give wrong tokens, so the build stops"
+                f"the cached graph still mixes tokens in plain graph code ({shown}): e.g. an attention the pattern "
+                "matcher did not rewrite into autodeploy::attention (see match_attention_pattern's note for why); "
+                "over the flattened batch, without a KV cache, it would give wrong tokens, so the build stops"
             )
         return
     fixes = sorted({_UNCACHED[op] for op in left if op in _UNCACHED})
@@ -353,11 +353,18 @@ def check_fully_cached(gm: Any) -> None:
     raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {hint}")
 
 
-def token_pair_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes whose value spans the sequence in two dims (``[.., S, S']``: attention scores or probs).
+# scans along a dim: over the sequence they carry state from token to token
+_SCANS = (torch.ops.aten.cumsum.default, torch.ops.aten.cumprod.default, torch.ops.aten.logcumsumexp.default,
+          torch.ops.aten.diff.default)
 
-    Unmatched attention stays such graph code; on the cached runtime's flattened batch it would
-    attend within one step's tokens only. Sizes come from the export's symbol for ``seq``.
+
+def token_mixing_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Graph code that mixes tokens along the sequence: values spanning it in two dims
+    (``[.., S, S']``: attention scores or probs) and scans along it (cumsum, ...).
+
+    Unmatched attention or recurrences stay such graph code; over the cached runtime's flattened
+    batch they would see one step's tokens only, and mix sequences. Sizes come from the export's
+    symbol for ``seq``.
     """
     ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "input_ids"), None)
     ids_val = ids.meta.get("val") if ids is not None else None
@@ -371,8 +378,15 @@ def token_pair_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     out = []
     for node in gm.graph.nodes:
         v = node.meta.get("val")
-        if node.op == "call_function" and isinstance(v, torch.Tensor) and sum(map(spans, v.shape)) >= 2:
+        if node.op != "call_function" or not isinstance(v, torch.Tensor):
+            continue
+        if sum(map(spans, v.shape)) >= 2:
             out.append(node)
+        elif node.target in _SCANS and isinstance(x := node.args[0].meta.get("val"), torch.Tensor):
+            dim_index = 2 if node.target is torch.ops.aten.diff.default else 1  # diff(input, n, dim, ...)
+            dim = node.args[dim_index] if len(node.args) > dim_index else node.kwargs.get("dim", -1)
+            if spans(x.shape[dim]):
+                out.append(node)
     return out
 
 
