@@ -189,3 +189,12 @@ def test_disabled_variants_are_not_matched():
     gm, report = run_pipeline(export(model), transforms=transforms)
     assert report["match_attention_pattern"].num_matches == 0
     assert count_target(gm, attention_op) == 0
+
+
+def test_alibi_in_bfloat16_is_alibi_up_to_its_rounding():
+    """HF casts BLOOM's bias to the model dtype: in bf16 it is slope * j rounded, still ALiBi."""
+    model = build_hf_model("bloom").to(device="meta", dtype=torch.bfloat16)
+    gm, report = run_pipeline(export(model), model.config)
+    nodes = [n for n in gm.graph.nodes if n.target is attention_op]
+    assert len(nodes) == 2, report["match_attention_pattern"].note
+    assert all(tuple(n.args[7].meta["val"].shape) == (4,) for n in nodes)

@@ -49,7 +49,7 @@ _ARITH_AND_COMPARE = (
 _BASE_PROBE_LENS = (1, 2, 5, 16)
 _SHIFTED_PROBE_LEN = 6  # positions n-3 .. n+2 cross a chunk boundary at n
 _ALL_HEADS_MAX_LEN = 512  # longer probes check a few heads (memory: batch x heads x S x S)
-_ALIBI_RTOL = 1e-5
+_ALIBI_RTOL = 1e-5  # at least; a bias in bf16/fp16 is ALiBi up to its own rounding
 
 
 class BiasTerm(NamedTuple):
@@ -252,7 +252,14 @@ def _fit_slopes(values: torch.Tensor, pattern: torch.Tensor) -> Optional[torch.T
     return values[b, :, i, i] - values[b, :, i, i - 1]
 
 
-def _check_values(values: torch.Tensor, allowed: torch.Tensor, slopes: Optional[torch.Tensor], row_shift: bool) -> bool:
+def _rtol(values: list[torch.Tensor]) -> float:
+    """Relative tolerance of ALiBi checks: the terms' rounding (HF casts BLOOM's bias to the model dtype)."""
+    eps = [torch.finfo(t.dtype).eps for t in values if t.dtype.is_floating_point and t.dtype != torch.float64]
+    return max([_ALIBI_RTOL] + [2 * e for e in eps])
+
+
+def _check_values(values: torch.Tensor, allowed: torch.Tensor, slopes: Optional[torch.Tensor], row_shift: bool,
+                  rtol: float) -> bool:
     """values == slope_h * j + c (c = 0 unless ``row_shift``) on every allowed pair."""
     seq = values.shape[-1]
     j = torch.arange(seq, dtype=values.dtype)
@@ -261,7 +268,7 @@ def _check_values(values: torch.Tensor, allowed: torch.Tensor, slopes: Optional[
     if row_shift:  # the diagonal (a query and its own key) is always allowed
         rest = rest - rest.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
     scale = values.masked_fill(~allowed, 0).abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
-    bad = (rest.abs() > _ALIBI_RTOL * scale) & allowed
+    bad = (rest.abs() > rtol * scale) & allowed
     return not bool(bad.any())
 
 
@@ -274,13 +281,13 @@ def _constant_nodes(nodes: list[fx.Node]) -> list[fx.Node]:
     return [n for n in nodes if n not in varying and n.op in ("call_function", "get_attr")]
 
 
-def _slopes_node(nodes: list[fx.Node], env: dict[fx.Node, Any], slopes: torch.Tensor) -> Optional[fx.Node]:
+def _slopes_node(nodes: list[fx.Node], env: dict[fx.Node, Any], slopes: torch.Tensor, rtol: float) -> Optional[fx.Node]:
     """A constant node of the subgraph whose value is the per-head slopes (``[H]`` preferred)."""
     found = []
     for node in _constant_nodes(nodes):
         t = env.get(node)
         if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.numel() == slopes.numel():
-            if torch.allclose(t.reshape(-1).double(), slopes, rtol=_ALIBI_RTOL, atol=1e-7):
+            if torch.allclose(t.reshape(-1).double(), slopes, rtol=rtol, atol=1e-7):
                 found.append(node)
     found.sort(key=lambda n: env[n].dim() != 1)  # stable: earliest exactly-[H] node first
     return found[0] if found else None
@@ -321,6 +328,7 @@ def classify_bias(
         kinds = [("causal", None)] + [("window", n) for n in probed] + [("chunk", n) for n in candidates]
         slopes: Optional[torch.Tensor] = None
         env: dict[fx.Node, Any] = {}
+        rtol = _ALIBI_RTOL
         for positions in probes:
             batch, seq = positions.shape
             inputs = _probe_inputs(used, positions)
@@ -353,7 +361,8 @@ def classify_bias(
             slopes_here = None if slopes is None else (slopes if heads_idx is None else slopes[heads_idx])
             if slopes_here is not None and slopes_here.numel() != total.shape[1] and total.shape[1] != 1:
                 raise _NotProbeable("bias changes its head count between probes")
-            if not _check_values(finite, allowed, slopes_here, row_shift_ok):
+            rtol = _rtol(values)
+            if not _check_values(finite, allowed, slopes_here, row_shift_ok, rtol):
                 return MaskVerdict(False, reason=f"additive bias is neither a 0/-inf mask nor ALiBi (probe seq={seq})")
     except _NotProbeable as e:
         return MaskVerdict(False, reason=str(e))
@@ -362,7 +371,7 @@ def classify_bias(
     if slopes is not None and bool(slopes.ne(0).any()):
         if heads is None or slopes.numel() != heads:
             return MaskVerdict(False, reason="ALiBi-like bias that is the same for every head")
-        alibi = _slopes_node(nodes, env, slopes)
+        alibi = _slopes_node(nodes, env, slopes, rtol)
         if alibi is None:
             return MaskVerdict(False, reason="ALiBi-like bias, but no tensor in the graph holds its per-head slopes")
     kind, n = kinds[0]  # causal first; the probes around n separate the rest
