@@ -35,6 +35,10 @@ class Variant:
     ssm_ops: dict[str, int] = field(default_factory=dict)  # e.g. {"causal_conv1d": 2, "ssm_scan": 2}
     kv_heads: Any = None  # K/V heads of the attention ops; None: config.num_key_value_heads
     own_sizes: bool = False  # the config names its sizes itself (COMMON gives only vocab and token ids)
+    # per layer (has sinks, has ALiBi slopes, attention_chunk_size) of the attention ops
+    attention_variants: list[tuple[bool, bool, Any]] = field(default_factory=lambda: [(False, False, None)] * NUM_LAYERS)
+    # experts the MoE matcher leaves as graph code (transformers' grouped_mm stays in the graph)
+    experts_as_graph_code: bool = False
 
 
 L = NUM_LAYERS
@@ -96,6 +100,26 @@ VARIANTS: dict[str, Variant] = {
                                            use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True),
                       "Mamba2 + one shared (tied) attention block called twice, LoRA adapters", 4 + 2 * 2 + 1,
                       ssm_ops={"causal_conv1d": 4, "ssm_scan": 4}),
+    # gpt-oss: learned sinks; MoE with clamped SwiGLU, interleaved gate/up, biases (left as graph code);
+    # YaRN RoPE with an attention factor (left as graph code)
+    "gpt_oss": Variant("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                            head_dim=16, sliding_window=4),
+                       "eager, attention sinks, alternating sliding window, biased clamped-SwiGLU experts", 2 * L + 1,
+                       attn_implementation="eager", attention_args=[(4, None), (None, None)],
+                       attention_variants=[(True, False, None)] * L, ropes=0, experts_as_graph_code=True),
+    # BLOOM: ALiBi through baddbmm over [B*H, S, D] views, fused QKV, LayerNorm, untied head
+    "bloom": Variant("BloomConfig", dict(num_key_value_heads=4, tie_word_embeddings=False),
+                     "eager batched-matmul attention, ALiBi, fused QKV, LayerNorm", 0, attn_implementation="eager",
+                     attention_variants=[(False, True, None)] * L, ropes=0),
+    # Llama-4 text: chunk-local attention on RoPE layers, full attention on NoPE layers, L2 q/k norms,
+    # attention temperature tuning, MoE with a shared expert (left as graph code)
+    "llama4_text": Variant("Llama4TextConfig", dict(intermediate_size=64, intermediate_size_mlp=64, head_dim=16,
+                                                    attention_chunk_size=4, num_local_experts=2, num_experts_per_tok=1,
+                                                    no_rope_layers=[1, 0], attn_temperature_tuning=True,
+                                                    floor_scale=4),
+                           "chunked attention, NoPE layers, complex RoPE, L2 q/k norms, temperature tuning", 0,
+                           attention_variants=[(False, False, 4), (False, False, None)], ropes=0,
+                           experts_as_graph_code=True),
 }
 
 

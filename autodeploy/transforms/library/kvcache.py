@@ -116,11 +116,46 @@ def add_metadata_inputs(gm: fx.GraphModule, cache: CacheInterface) -> dict[str, 
     missing = [n for n in ("input_ids", "position_ids") if n not in _placeholders(gm)]
     if missing:
         raise ValueError(f"the graph has no input(s) {missing}; expected forward(input_ids, position_ids)")
+    token_index_as_positions(gm)
     B, P = cache.max_batch_size, cache.pages_per_seq
     shapes = {"seq_len": (B,), "input_pos": (B,), "cu_seqlen": (B + 1,), "page_table": (B, P), "slot_idx": (B,)}
     return {
         name: add_input(gm, name, _fake(gm, shapes[name], torch.int32, cache.device)) for name in METADATA_NAMES
     }
+
+
+def token_index_as_positions(gm: fx.GraphModule) -> int:
+    """Replace ``arange(S)`` over the sequence by ``position_ids[0]``; returns how many.
+
+    HF computes the tokens' cache positions as ``arange(S) + past`` (past = 0 at export), e.g.
+    Llama-4's attention temperature. In the flattened batch the index along the sequence runs over
+    every sequence of the step, while ``position_ids`` holds each token's cache position.
+    """
+    inputs = _placeholders(gm)
+    ids, positions = inputs.get("input_ids"), inputs.get("position_ids")
+    size = ids.meta.get("val").shape[1] if ids is not None and isinstance(ids.meta.get("val"), torch.Tensor) else None
+    if positions is None or not isinstance(size, torch.SymInt):
+        return 0
+    num = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.kwargs.get("dtype") not in (None, torch.int64):
+            continue
+        if node.target is torch.ops.aten.arange.default and len(node.args) == 1:
+            end = node.args[0]
+        elif node.target is torch.ops.aten.arange.start and len(node.args) == 2 and node.args[0] == 0:
+            end = node.args[1]
+        else:
+            continue
+        end_val = end.meta.get("val") if isinstance(end, fx.Node) else None
+        if not isinstance(end_val, torch.SymInt) or end_val.node.expr != size.node.expr:
+            continue
+        with gm.graph.inserting_before(node):
+            first_row = gm.graph.call_function(torch.ops.aten.select.int, (positions, 0, 0))
+        first_row.meta["val"] = node.meta.get("val")  # [S] int64, like the arange
+        node.replace_all_uses_with(first_row)
+        gm.graph.erase_node(node)
+        num += 1
+    return num
 
 
 def add_cache_input(gm: fx.GraphModule, cache: CacheInterface, spec: CacheSpec) -> fx.Node:
@@ -186,10 +221,11 @@ class InsertCachedAttention(BaseTransform):
     config_class = InsertCachedAttentionConfig
 
     def apply(self, gm: fx.GraphModule, ctx: BuildContext):
-        from ...custom_ops.cached_attention import get_backend
+        from ...custom_ops.cached_attention import ATTENTION_VARIANTS, get_backend
 
         cfg: InsertCachedAttentionConfig = self.config
-        cached_op = get_backend(cfg.backend).op()  # fails early, naming a missing extra
+        backend = get_backend(cfg.backend)
+        cached_op = backend.op()  # fails early, naming a missing extra
         source = _canonical_attention_op()
         nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is source]
         if not nodes:
@@ -205,8 +241,9 @@ class InsertCachedAttention(BaseTransform):
                 add_cache_input(gm, cache, CacheSpec(f"{kind}_cache_{layer}", (cache.page_size, *t.shape[2:]), dtype, True))
                 for kind, t in (("k", k), ("v", v))
             ]
+            backend.check_features(node.name, {name: a.get(name) for name in ATTENTION_VARIANTS})
             args = (a["q"], a["k"], a["v"], meta["seq_len"], meta["input_pos"], meta["cu_seqlen"],
-                    meta["page_table"], *caches, a["scale"], a.get("sliding_window"), a.get("logit_cap"))
+                    meta["page_table"], *caches, a["scale"], *(a.get(name) for name in ATTENTION_VARIANTS))
             _replace(gm, node, cached_op, args)
         gm.recompile()
         note = f"{cfg.backend} backend, {len(nodes)} layers, pages of {cache.page_size} tokens"
@@ -310,6 +347,15 @@ def check_fully_cached(gm: Any) -> None:
         elif node.target in (torch.ops.aten.conv1d.default, torch.ops.aten.convolution.default):
             left["convolution"] = left.get("convolution", 0) + 1
     if not left:
+        # the softmax of each unmatched attention first: it names the layer best
+        mixing = sorted(token_mixing_nodes(gm), key=lambda n: "softmax" not in str(n.target))
+        if mixing:
+            shown = "; ".join(_describe(n) for n in mixing[:3]) + (f"; ... ({len(mixing)} nodes)" if len(mixing) > 3 else "")
+            raise RuntimeError(
+                f"the cached graph still mixes tokens in plain graph code ({shown}): e.g. an attention the pattern "
+                "matcher did not rewrite into autodeploy::attention (see match_attention_pattern's note for why); "
+                "over the flattened batch, without a KV cache, it would give wrong tokens, so the build stops"
+            )
         return
     fixes = sorted({_UNCACHED[op] for op in left if op in _UNCACHED})
     hints = [f"add {', '.join(fixes)} (stage cache_init) to args.transforms"] if fixes else []
@@ -319,6 +365,49 @@ def check_fully_cached(gm: Any) -> None:
         hints.append("a convolution is plain graph code (no export patch made it autodeploy::causal_conv1d)")
     found = ", ".join(f"{n} x {op}" for op, n in sorted(left.items()))
     raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {'; '.join(hints)}")
+
+
+# scans along a dim: over the sequence they carry state from token to token
+_SCANS = (torch.ops.aten.cumsum.default, torch.ops.aten.cumprod.default, torch.ops.aten.logcumsumexp.default,
+          torch.ops.aten.diff.default)
+
+
+def token_mixing_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Graph code that mixes tokens along the sequence: values spanning it in two dims
+    (``[.., S, S']``: attention scores or probs) and scans along it (cumsum, ...).
+
+    Unmatched attention or recurrences stay such graph code; over the cached runtime's flattened
+    batch they would see one step's tokens only, and mix sequences. Sizes come from the export's
+    symbol for ``seq``.
+    """
+    ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "input_ids"), None)
+    ids_val = ids.meta.get("val") if ids is not None else None
+    if not isinstance(ids_val, torch.Tensor) or ids_val.dim() != 2 or not isinstance(ids_val.shape[1], torch.SymInt):
+        return []
+    seq = ids_val.shape[1].node.expr.free_symbols
+
+    def spans(size: Any) -> bool:
+        return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols & seq)
+
+    out = []
+    for node in gm.graph.nodes:
+        v = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(v, torch.Tensor):
+            continue
+        if sum(map(spans, v.shape)) >= 2:
+            out.append(node)
+        elif node.target in _SCANS and isinstance(x := node.args[0].meta.get("val"), torch.Tensor):
+            dim_index = 2 if node.target is torch.ops.aten.diff.default else 1  # diff(input, n, dim, ...)
+            dim = node.args[dim_index] if len(node.args) > dim_index else node.kwargs.get("dim", -1)
+            if spans(x.shape[dim]):
+                out.append(node)
+    return out
+
+
+def _describe(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    where = f" in {list(stack.values())[-1][0]}" if stack else ""
+    return f"{node.name} = {node.target}{tuple(node.meta['val'].shape)}{where}"
 
 
 # ---- initialize_cache ----
