@@ -35,6 +35,8 @@ class Deployment:
         cfg = compose_experiment([
             f"model={directory}", "args.device=cpu", "args.dtype=float32", "args.skip_tokenizer_init=true",
             "transforms/compile=torch-simple", "args.max_seq_len=64", "args.max_batch_size=4", "args.attn_page_size=8",
+            # every token's logits, to compare them all with HF's
+            "args.transforms.gather_last_token_logits.enabled=false",
             *overrides,
         ])
         self.built = build_engine(cfg.args, progress=False)

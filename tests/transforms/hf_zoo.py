@@ -36,7 +36,8 @@ class Variant:
     kv_heads: Any = None  # K/V heads of the attention ops; None: config.num_key_value_heads
     own_sizes: bool = False  # the config names its sizes itself (COMMON gives only vocab and token ids)
     # per layer (has sinks, has ALiBi slopes, attention_chunk_size) of the attention ops
-    attention_variants: list[tuple[bool, bool, Any]] = field(default_factory=lambda: [(False, False, None)] * NUM_LAYERS)
+    # (None: none, for each attention op of attention_args)
+    attention_variants: Any = None
     # experts the MoE matcher leaves as graph code (transformers' grouped_mm stays in the graph)
     experts_as_graph_code: bool = False
 
