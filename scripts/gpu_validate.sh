@@ -3,7 +3,7 @@
 # one cannot eat the others. Run from the repo root on a CUDA machine with torch, triton and
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf and antlr4 into .whl/, which this script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor]
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
 #   bash scripts/gpu_validate.sh perf            # ours with/without fusions at bs 1 and 32 + the anchor (~8.5 min)
 #   bash scripts/gpu_validate.sh tests kernels hf  # GPU tests, attention kernels, HF baselines (~9 min)
@@ -98,6 +98,51 @@ if [[ " $STEPS " == *" perf "* ]]; then
   else
     echo "no .anchors/hand_decode.py: anchor skipped"
   fi
+fi
+
+# ---- issue 7 on two GPUs (nvidia-h200-x2): TP=1 vs TP=2, same config, same prompts. TP=1 runs on GPU 0
+# while the hand-written loop's TP=1 anchor compiles and runs on GPU 1; then TP=2 on both; then the
+# unfused TP=1 variant of the perf step. `tp_anchor` is the anchor's TP=2 (torchrun), a call of its own.
+if [[ " $STEPS " == *" tp "* ]]; then
+  echo "=== tp: Llama-3.1-8B shape, random bf16, triton, torch-opt, bs 1 and 32: TP=1 vs TP=2"
+  anchor_pid=
+  if [[ -f .anchors/hand_decode.py ]]; then
+    (CUDA_VISIBLE_DEVICES=1 BS=1,32 timeout ${ANCHOR_TIMEOUT:-260} python3 .anchors/hand_decode.py > "$OUT/anchor_tp1.txt" 2>&1) &
+    anchor_pid=$!
+  fi
+  for tp in 1 2; do
+    t0=$SECONDS
+    devices=$([[ $tp == 1 ]] && echo 0 || echo 0,1)
+    CUDA_VISIBLE_DEVICES=$devices timeout ${TP_TIMEOUT:-210} python3 scripts/tp_check.py --tp $tp --out "$OUT" \
+      > "/tmp/tp$tp.log" 2>&1
+    echo "tp=$tp rc=$? in $((SECONDS - t0)) s"; grep RESULT "/tmp/tp$tp.log" || tail -5 "/tmp/tp$tp.log"
+    { echo "=== tp$tp"; cat "/tmp/tp$tp.log"; } >> "$OUT/tp.log"
+    if [[ $tp == 1 && -n $anchor_pid ]]; then wait $anchor_pid; echo "anchor tp=1:"; grep RESULT "$OUT/anchor_tp1.txt"; fi
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+try:
+    a, b = (json.loads((out / f"tp{n}.json").read_text())["tokens"] for n in (1, 2))
+except (OSError, KeyError) as e:
+    sys.exit(f"token comparison skipped: {e}")
+same = sum(x == y for x, y in zip(a, b)); first = sum(x[0] == y[0] for x, y in zip(a, b))
+pos = sum(p == q for x, y in zip(a, b) for p, q in zip(x, y)); total = sum(len(x) for x in a)
+print(f"greedy tokens TP=2 vs TP=1: {same}/{len(a)} sequences equal, first token {first}/{len(a)}, {pos}/{total} positions")
+PY
+  t0=$SECONDS
+  CUDA_VISIBLE_DEVICES=0 timeout ${PERF_TIMEOUT:-175} python3 launch.py "${PERF_ARGS[@]}" "${UNFUSED[@]}" \
+    hydra.run.dir=/tmp/runs/perf_unfused > /tmp/runs_perf_unfused.log 2>&1
+  echo "unfused tp=1 rc=$? in $((SECONDS - t0)) s"
+  cp /tmp/runs/perf_unfused/results.json "$OUT/perf_unfused.json" 2>/dev/null
+fi
+
+if [[ " $STEPS " == *" tp_anchor "* ]] && [[ -f .anchors/hand_decode.py ]]; then
+  echo "=== anchor TP=2: hand-written loop under torchrun on two GPUs, bs 1 and 32"
+  t0=$SECONDS
+  BS=1,32 timeout ${ANCHOR_TIMEOUT:-300} python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
+    .anchors/hand_decode.py > "$OUT/anchor_tp2.txt" 2>&1
+  echo "anchor tp=2 rc=$? in $((SECONDS - t0)) s"; grep RESULT "$OUT/anchor_tp2.txt"
 fi
 
 if [[ " $STEPS " == *" kernels "* ]]; then

@@ -31,6 +31,7 @@ class Built:
             f"model={checkpoint_dir}", "args.device=cpu", "args.dtype=float32", "args.skip_tokenizer_init=true",
             "args.max_batch_size=4", "args.max_seq_len=96", "args.attn_page_size=8",
             f"args.max_num_tokens={MAX_NUM_TOKENS}",
+            "args.transforms.gather_last_token_logits.enabled=false",  # every token's logits, to compare with HF's
         ])
         self.built = build_engine(cfg.args, progress=False)
         self.engine = self.built.engine
