@@ -106,11 +106,12 @@ fi
 if [[ " $STEPS " == *" tp "* ]]; then
   echo "=== tp: Llama-3.1-8B shape, random bf16, triton, torch-opt, bs 1 and 32: TP=1 vs TP=2"
   anchor_pid=
-  if [[ -f .anchors/hand_decode.py ]]; then
+  TP_SIZES=${TP_SIZES:-1 2}
+  if [[ -f .anchors/hand_decode.py && " $TP_SIZES " == *" 1 "* ]]; then
     (CUDA_VISIBLE_DEVICES=1 BS=1,32 timeout ${ANCHOR_TIMEOUT:-260} python3 .anchors/hand_decode.py > "$OUT/anchor_tp1.txt" 2>&1) &
     anchor_pid=$!
   fi
-  for tp in 1 2; do
+  for tp in $TP_SIZES; do
     t0=$SECONDS
     devices=$([[ $tp == 1 ]] && echo 0 || echo 0,1)
     CUDA_VISIBLE_DEVICES=$devices timeout ${TP_TIMEOUT:-210} python3 scripts/tp_check.py --tp $tp --out "$OUT" \
@@ -130,11 +131,13 @@ same = sum(x == y for x, y in zip(a, b)); first = sum(x[0] == y[0] for x, y in z
 pos = sum(p == q for x, y in zip(a, b) for p, q in zip(x, y)); total = sum(len(x) for x in a)
 print(f"greedy tokens TP=2 vs TP=1: {same}/{len(a)} sequences equal, first token {first}/{len(a)}, {pos}/{total} positions")
 PY
-  t0=$SECONDS
-  CUDA_VISIBLE_DEVICES=0 timeout ${PERF_TIMEOUT:-175} python3 launch.py "${PERF_ARGS[@]}" "${UNFUSED[@]}" \
-    hydra.run.dir=/tmp/runs/perf_unfused > /tmp/runs_perf_unfused.log 2>&1
-  echo "unfused tp=1 rc=$? in $((SECONDS - t0)) s"
-  cp /tmp/runs/perf_unfused/results.json "$OUT/perf_unfused.json" 2>/dev/null
+  if [[ " $TP_SIZES " == *" 1 "* ]]; then
+    t0=$SECONDS
+    CUDA_VISIBLE_DEVICES=0 timeout ${PERF_TIMEOUT:-175} python3 launch.py "${PERF_ARGS[@]}" "${UNFUSED[@]}" \
+      hydra.run.dir=/tmp/runs/perf_unfused > /tmp/runs_perf_unfused.log 2>&1
+    echo "unfused tp=1 rc=$? in $((SECONDS - t0)) s"
+    cp /tmp/runs/perf_unfused/results.json "$OUT/perf_unfused.json" 2>/dev/null
+  fi
 fi
 
 if [[ " $STEPS " == *" tp_anchor "* ]] && [[ -f .anchors/hand_decode.py ]]; then

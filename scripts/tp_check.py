@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -26,19 +27,32 @@ def main() -> None:
     parser.add_argument("--model", default="llama3_8b")
     parser.add_argument("--num", type=int, default=3)
     parser.add_argument("--nccl", action="store_true", help="all-reduces on NCCL only (no one-shot)")
+    parser.add_argument("--dtype", default="bfloat16", help="float32: rounding too small to flip a greedy token")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers (model_kwargs.num_hidden_layers)")
+    parser.add_argument("--no-bench", action="store_true", help="greedy tokens only")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from autodeploy import LLM, SamplingParams
     from autodeploy.bench.benchmark import run_benchmark
 
     extra = {"transforms": {"sharding_transform_executor": {"allreduce_strategy": "nccl"}}} if args.nccl else {}
+    if args.layers:
+        extra["model_kwargs"] = {"num_hidden_layers": args.layers}
     t0 = time.perf_counter()
     llm = LLM(args.model, world_size=args.tp, attn_backend="triton", compile_backend="torch-opt", max_batch_size=32,
-              cuda_graph_batch_sizes=[1, 32], free_mem_ratio=0.3, **extra)
+              cuda_graph_batch_sizes=[1, 32], free_mem_ratio=0.3, dtype=args.dtype, **extra)
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, llm.engine.vocab_size, (8, 64), generator=gen).tolist()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    tag = f"tp{args.tp}{'_nccl' if args.nccl else ''}{'_' + args.dtype if args.dtype != 'bfloat16' else ''}"
+    if args.no_bench:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{tag}.json").write_text(json.dumps({"tp": args.tp, "dtype": args.dtype, "tokens": [o.token_ids for o in outs]}))
+        print(f"RESULT {tag} tokens written", flush=True)
+        llm.shutdown()
+        return
     bench = OmegaConf.create({"enabled": True, "bs": 1, "batch_sizes": [32], "isl": 1024, "osl": 128, "num": args.num,
                               "warmup": 2, "compare_hf": False})
     result = run_benchmark(llm.engine, bench, factory=llm.factory)

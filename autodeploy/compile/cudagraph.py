@@ -143,8 +143,18 @@ class CudaGraphRunner(nn.Module):
             torch.cuda.current_stream().wait_stream(stream)
             self._prepare(g.inputs)
             g.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.graph, pool=pool):
-                g.output = self.model(**g.inputs)
+            try:
+                with torch.cuda.graph(g.graph, pool=pool):
+                    g.output = self.model(**g.inputs)
+            except RuntimeError as e:
+                # graph code the pipeline left uncaptured (e.g. an MoE it did not match, which reads
+                # its group sizes on the host) cannot be captured: decode runs eagerly, correctly
+                torch.cuda.synchronize()
+                self.graphs.clear()
+                self.enabled = False
+                log.warning("CUDA-graph capture failed at batch size %d (%s); decode steps run eagerly", bs,
+                            str(e).splitlines()[0])
+                return
             self.graphs[bs] = g
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", self.captured_sizes)

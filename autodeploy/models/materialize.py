@@ -102,17 +102,21 @@ def random_tensor(fqn: str, shape: list[int], dtype: torch.dtype, device: torch.
 
 
 def replace_device_literals(gm: fx.GraphModule, device: torch.device) -> int:
-    """Point ``device=meta`` arguments baked into the graph at export (arange, to, ...) to ``device``.
+    """Point device arguments baked into the graph at export (``arange``, ``to``, ... on meta, or
+    on the device the model was exported on) to ``device``: a graph runs on one device.
 
     Placeholders' fake ``meta["val"]`` move to ``device`` as well; other nodes' values are stale
     until the next shape propagation.
     """
-    meta = torch.device("meta")
+    device = torch.device(device)
+
+    def elsewhere(d: torch.device) -> bool:
+        return d.type != device.type or (device.index is not None and d.index not in (None, device.index))
 
     def fix(value):
-        if isinstance(value, torch.device) and value == meta:
+        if isinstance(value, torch.device) and elsewhere(value):
             return device
-        if isinstance(value, str) and value == "meta":
+        if isinstance(value, str) and value in ("meta", "cpu", "cuda") and elsewhere(torch.device(value)):
             return str(device)
         return value
 
@@ -120,7 +124,7 @@ def replace_device_literals(gm: fx.GraphModule, device: torch.device) -> int:
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         # inputs' fake values move too, so shape propagation sees inputs and weights on one device
-        if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.device == meta:
+        if node.op == "placeholder" and isinstance(val, torch.Tensor) and elsewhere(val.device):
             fake_mode = getattr(val, "fake_mode", None)
             if fake_mode is not None:
                 with fake_mode:
@@ -194,3 +198,12 @@ def _parents(model: nn.Module, mod_name: str) -> list[nn.Module]:
     """The modules that contain ``mod_name``, nearest first, ending with ``model``."""
     parts = mod_name.split(".")
     return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, 0, -1)] + [model]
+
+
+def move_graph(gm: fx.GraphModule, device: "str | torch.device") -> fx.GraphModule:
+    """A graph that already holds its weights, moved whole to ``device``: tensors, device
+    literals and input metadata."""
+    device = torch.device(device)
+    gm.to(device)
+    replace_device_literals(gm, device)
+    return gm

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from autodeploy.models.materialize import move_graph
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "transforms"))
@@ -63,7 +65,7 @@ def test_each_fusion_on_cuda_in_bf16(fusion):
 
     hf = build_hf_model("llama").to(torch.bfloat16)
     gm, _ = run_pipeline(export(hf), hf.config)  # exported on the CPU (see test_pipeline_backends.py)
-    gm = gm.to("cuda")
+    gm = move_graph(gm, "cuda")
     unfused = copy.deepcopy(gm)
     needs = ["fuse_parallel_linears"] if fusion == "fuse_silu_mul" else []  # silu_mul reads the fused gate/up
     transforms = {name: {"stage": "post_load_fusion"} for name in needs + [fusion]}
@@ -107,7 +109,7 @@ def test_prompt_and_mixed_forwards_never_sync_the_host():
     from autodeploy.transforms.optimizer import InferenceOptimizer
 
     hf = AutoModelForCausalLM.from_pretrained(ensure_tiny_model("tiny_llama"), dtype=torch.bfloat16).eval()
-    gm = export_to_gm(hf, max_batch_size=MAX_BATCH_SIZE, max_seq_len=MAX_SEQ_LEN).to("cuda")
+    gm = move_graph(export_to_gm(hf, max_batch_size=MAX_BATCH_SIZE, max_seq_len=MAX_SEQ_LEN), "cuda")
     cache = CacheInterface(MAX_BATCH_SIZE, MAX_SEQ_LEN, None, PAGE_SIZE, "cuda")
     pipeline = {**PIPELINE, "insert_cached_attention": {"stage": "cache_init", "backend": "triton"},
                 "resize_kv_cache": {"stage": "cache_init", "free_mem_ratio": 0.05}}

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from autodeploy.models.materialize import move_graph
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 pytestmark = pytest.mark.gpu
@@ -32,7 +34,7 @@ def test_triton_backend_with_cuda_graphs_matches_hf(compile_backend):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     # exported on the CPU: exporting the CUDA-resident model failed on the H100 machine (torch 2.11:
     # "Constraints violated (seq)" from guards of the CUDA SDPA path), which is export's business
-    gm = export_to_gm(hf, max_batch_size=MAX_BATCH_SIZE, max_seq_len=MAX_SEQ_LEN).to("cuda")
+    gm = move_graph(export_to_gm(hf, max_batch_size=MAX_BATCH_SIZE, max_seq_len=MAX_SEQ_LEN), "cuda")
     hf = hf.cuda()
     cache = CacheInterface(MAX_BATCH_SIZE, MAX_SEQ_LEN, None, PAGE_SIZE, "cuda")
     pipeline = {
