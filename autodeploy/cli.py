@@ -36,19 +36,58 @@ def main(argv: list[str] | None = None) -> None:
         completing = any(f in ("-sc", "--shell-completion") for f in flags)
         if not completing:
             validate_override_keys(overrides)
+            _check_launcher(overrides)
         if _wants_job_config(flags):
             _print_job_config(flags, overrides)
+            return
+        if _cfg_flag(flags) == "hydra":
+            _print_hydra_config(flags, overrides)
             return
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0]] + flags + overrides
     _hydra_entry()
+    _exit_if_jobs_failed()
+
+
+def _check_launcher(overrides: list[str]) -> None:
+    from autodeploy.sweep.launchers import check_launcher_choice
+
+    error = check_launcher_choice(overrides)
+    if error:
+        raise ConfigError(error)
+
+
+def _exit_if_jobs_failed() -> None:
+    """After a multirun: the summary is written; a failed job makes the exit status non-zero."""
+    from autodeploy.sweep.callback import last_summary
+
+    summary = last_summary()
+    if summary is not None and summary.failed:
+        print(f"Error: {len(summary.failed)} of {len(summary.rows)} jobs failed; see {summary.sweep_dir / 'summary.md'}",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_entry(cli_cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:  # a failed job is recorded in its folder; the others run
+        from autodeploy.sweep.jobs import run_isolated
+
+        return run_isolated(lambda: _job(cli_cfg), hc.runtime.output_dir, list(hc.overrides.task), hc.job.num)
+    return _job(cli_cfg)
+
+
+def _job(cli_cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from autodeploy.tracking import check_logger
 
     hc = HydraConfig.get()
     try:
@@ -56,7 +95,10 @@ def _hydra_entry(cli_cfg: DictConfig):
         defaults = hydra.compose(hc.job.config_name, overrides=group_overrides(overrides, config_groups()))
         cfg = resolve_experiment(cli_cfg, defaults, overrides)
         validate_transforms(cfg)
+        check_logger(cfg.logger)
     except ConfigError as e:
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # recorded as this job's failure
         log.error("%s", e)
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -77,6 +119,10 @@ def _wants_job_config(flags: list[str]) -> bool:
         if f in ("--cfg=job", "-c=job"):
             return True
     return False
+
+
+def _cfg_flag(flags: list[str]) -> str | None:
+    return _flag_value(flags, "--cfg", "-c")
 
 
 def _flag_value(flags: list[str], *names: str) -> str | None:
@@ -101,6 +147,37 @@ def _print_job_config(flags: list[str], overrides: list[str]) -> None:
         print(OmegaConf.to_yaml(node, resolve=resolve) if isinstance(node, DictConfig) else node)
     else:
         print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
+
+
+def _print_hydra_config(flags: list[str], overrides: list[str]) -> None:
+    """``--cfg hydra`` (also with ``-m``, which Hydra refuses): Hydra's node composed with the
+    experiment, so ``--resolve`` can fill values such as the launcher's ``${args.world_size}``."""
+    config_name = _flag_value(flags, "--config-name", "-cn") or "config"
+    config_dir = _flag_value(flags, "--config-dir", "-cd")
+    cfg = compose_experiment(overrides, config_name=config_name, config_dir=config_dir, with_hydra=True)
+    node = cfg.hydra
+    if "--resolve" in flags:
+        node = _resolve_what_can_be(cfg, "hydra")
+    print(OmegaConf.to_yaml(OmegaConf.create({"hydra": node})), end="")
+
+
+def _resolve_what_can_be(cfg: DictConfig, path: str):
+    """Resolved values where they resolve now; job-time ones (``${hydra.runtime...}``) stay as written."""
+
+    def walk(value, at: str):
+        if isinstance(value, dict):
+            return {k: walk(v, f"{at}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, f"{at}.{i}") for i, v in enumerate(value)]
+        if isinstance(value, str) and "${" in value:
+            try:
+                resolved = OmegaConf.select(cfg, at, throw_on_missing=True)
+            except Exception:
+                return value
+            return OmegaConf.to_container(resolved, resolve=True) if OmegaConf.is_config(resolved) else resolved
+        return value
+
+    return walk(OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=False), path)
 
 
 def print_dry_run(cfg: DictConfig) -> None:

@@ -24,12 +24,14 @@ def compose_experiment(
     config_dir: str | None = None,
     extra_layer: dict | None = None,
     check_transforms: bool = True,
+    with_hydra: bool = False,
 ) -> DictConfig:
     """Compose and resolve an experiment in-process (tests, the LLM API, ``--cfg job``).
 
     ``overrides`` may mix Hydra overrides and seed-style flags; ``extra_layer`` is a nested dict
     applied at command-line precedence (the LLM API's keyword arguments). ``config_dir`` is
     Hydra's ``--config-dir``: an extra config folder (e.g. ``sweeps/``) searched before ours.
+    ``with_hydra`` keeps Hydra's own node under ``hydra`` (``--cfg hydra``).
     """
     import os
     import hydra
@@ -47,11 +49,11 @@ def compose_experiment(
     groups = group_overrides(translated, config_groups())
     try:
         if GlobalHydra.instance().is_initialized():
-            cli = hydra.compose(config_name, overrides=translated)
+            cli = hydra.compose(config_name, overrides=translated, return_hydra_config=with_hydra)
             defaults = hydra.compose(config_name, overrides=groups)
         else:
             with hydra.initialize_config_dir(config_dir=primary, version_base="1.3", job_name="autodeploy"):
-                cli = hydra.compose(config_name, overrides=search + translated)
+                cli = hydra.compose(config_name, overrides=search + translated, return_hydra_config=with_hydra)
                 defaults = hydra.compose(config_name, overrides=search + groups)
     except HydraException as e:
         cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""
@@ -59,4 +61,9 @@ def compose_experiment(
     cfg = resolve_experiment(cli, defaults, translated, extra_layer=extra_layer)
     if check_transforms:
         validate_transforms(cfg)
+    if with_hydra:
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.hydra = cli.hydra
     return cfg
