@@ -52,11 +52,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_launcher(overrides: list[str]) -> None:
-    from autodeploy.sweep.launchers import check_launcher_choice
+    """The submitit presets need the plugin: one line that says so, instead of Hydra's lookup error."""
+    import importlib.util
 
-    error = check_launcher_choice(overrides)
-    if error:
-        raise ConfigError(error)
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if key.lstrip("+") == "hydra/launcher" and value in ("local", "slurm"):
+            if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+                raise ConfigError(f"hydra/launcher={value} needs the slurm extra: pip install 'autodeploy[slurm]'")
 
 
 def _exit_if_jobs_failed() -> None:

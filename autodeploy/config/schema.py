@@ -146,6 +146,3 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="base_experiment", node=ExperimentConfig)
-    from autodeploy.sweep.launchers import register_launchers  # hydra/launcher=local|slurm presets
-
-    register_launchers()

@@ -33,8 +33,12 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _last_summary
+        from omegaconf import OmegaConf
+
         from .summary import markdown_table, write_summary
 
+        if OmegaConf.select(config, "dry_run", default=False):
+            return  # nothing ran: the jobs printed their configs
         sweep_dir = self.sweep_dir or str(config.hydra.sweep.dir)
         summary = write_summary(sweep_dir, metric=self.metric)
         print(markdown_table(summary), flush=True)

@@ -30,7 +30,8 @@ def process_rank() -> int:
 def describe(error: BaseException) -> str:
     """One line for a table: the exception's type and first line, plus the last line of a long
     message (a submitit error carries the job's traceback or stderr; its last line is the cause)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = str(error).split("You can check full logs")[0]  # submitit's footer: paths to the logs
+    lines = [line.strip() for line in message.splitlines() if line.strip().strip("-")]
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     if len(lines) > 1 and lines[-1] != lines[0]:
         text += f" | {lines[-1]}"

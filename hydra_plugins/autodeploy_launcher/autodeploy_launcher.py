@@ -1,4 +1,4 @@
-"""submitit launchers (``hydra/launcher=local`` and ``hydra/launcher=slurm``) that survive dead jobs.
+"""autodeploy's submitit launchers (``hydra/launcher=local`` / ``slurm``): a dead job is recorded, not fatal.
 
 hydra-submitit-launcher returns ``[job.results()[0] for job in jobs]``: the first job whose process
 died (OOM kill, timeout, a crashed rank) raises and the sweep ends without its summary. These
@@ -7,10 +7,14 @@ submitting that each job's ``args.world_size`` matches the ranks the launcher st
 
 ``array_parallelism`` is the number of jobs running at once on both: SLURM's array throttle, and
 for ``local`` a window of processes (default 1, so benchmarks never share a GPU).
+
+Hydra only instantiates launchers from the ``hydra_plugins`` package, and imports every module in
+it at start-up: this one registers the schemas ``hydra/launcher/autodeploy_{local,slurm}`` that the
+presets in ``autodeploy/conf/hydra/launcher/`` extend, and defines nothing without the slurm extra.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: Hydra runs this module before it is in sys.modules,
+# where dataclasses cannot resolve string annotations
 import logging
 import os
 from collections import deque
@@ -20,7 +24,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf, open_dict
 
-from .jobs import RESULTS_FILE, record_failure
+from autodeploy.sweep.jobs import RESULTS_FILE, record_failure
 
 log = logging.getLogger("autodeploy")
 
@@ -30,12 +34,7 @@ try:  # the `slurm` extra
 except ImportError:  # pragma: no cover - exercised only without the extra
     BaseSubmititLauncher = None
 
-EXTRA_HINT = "needs the slurm extra: pip install 'autodeploy[slurm]'"
 OWN_KEYS = {"array_parallelism"}  # ours on `local`; not a submitit parameter there
-
-
-def available() -> bool:
-    return BaseSubmititLauncher is not None
 
 
 @dataclass
@@ -51,12 +50,12 @@ if BaseSubmititLauncher is not None:
 
     @dataclass
     class LocalConf(LocalQueueConf):
-        _target_: str = "autodeploy.sweep.launchers.LocalLauncher"
+        _target_: str = "hydra_plugins.autodeploy_launcher.autodeploy_launcher.LocalLauncher"
         array_parallelism: int = 1
 
     @dataclass
     class SlurmConf(SlurmQueueConf):
-        _target_: str = "autodeploy.sweep.launchers.SlurmLauncher"
+        _target_: str = "hydra_plugins.autodeploy_launcher.autodeploy_launcher.SlurmLauncher"
 
     class _TolerantLauncher(BaseSubmititLauncher):
         def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
@@ -165,23 +164,8 @@ if BaseSubmititLauncher is not None:
             return outcomes
 
 
-def register_launchers() -> None:
-    """Store the launchers' schemas (``hydra/launcher/autodeploy_{local,slurm}``) that our
-    ``local`` / ``slurm`` presets extend; nothing without the slurm extra."""
-    if BaseSubmititLauncher is None:
-        return
+if BaseSubmititLauncher is not None:
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(group="hydra/launcher", name="autodeploy_local", node=LocalConf, provider="autodeploy")
-    cs.store(group="hydra/launcher", name="autodeploy_slurm", node=SlurmConf, provider="autodeploy")
-
-
-def check_launcher_choice(overrides: Sequence[str]) -> str | None:
-    """A one-line error when a submitit preset is chosen but the plugin is missing."""
-    for ov in overrides:
-        key, _, value = ov.partition("=")
-        if key.lstrip("+") == "hydra/launcher" and value in ("local", "slurm") and not available():
-            return f"hydra/launcher={value} {EXTRA_HINT}"
-    return None
-
+    ConfigStore.instance().store(group="hydra/launcher", name="autodeploy_local", node=LocalConf, provider="autodeploy")
+    ConfigStore.instance().store(group="hydra/launcher", name="autodeploy_slurm", node=SlurmConf, provider="autodeploy")

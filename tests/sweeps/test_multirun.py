@@ -1,0 +1,82 @@
+"""Real multiruns through every launcher: each job runs, a failed one is recorded, the sweep ends
+with its summary and a non-zero exit when a job failed."""
+
+import pytest
+import yaml
+
+from sweep_helpers import FAST, ROOT, assert_png, failure, launch, results, show, summary_rows, wandb_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_launcher_survives_a_bad_job_config(tmp_path):
+    """args.max_seq_len=0 is a config error: once it ended the whole sweep (sys.exit in the job)."""
+    sweep = tmp_path / "sweep"
+    proc = launch(tmp_path, "-m", *FAST, "args.max_seq_len=128,256,0", "logger=wandb", f"hydra.sweep.dir={sweep}",
+                  env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 1, show(proc)
+    assert f"1 of 3 jobs failed; see {sweep / 'summary.md'}" in proc.stderr
+    for num, seq in ((0, 128), (1, 256)):
+        res = results(sweep / str(num))
+        assert res["config"]["args"]["max_seq_len"] == seq and res["generations"][0]["error"] is None
+    assert not (sweep / "2" / "results.json").exists()
+    assert "args.max_seq_len=0 must be >= 1" in failure(sweep / "2")["error"]
+
+    rows = summary_rows(sweep)
+    assert [(r["job"], r["args.max_seq_len"], r["status"]) for r in rows] == [
+        ("0", "128", "ok"), ("1", "256", "ok"), ("2", "0", "failed")]
+    assert "args.max_seq_len=0 must be >= 1" in rows[2]["error"]
+    assert float(rows[0]["build_s"]) > 0 and rows[2]["build_s"] == ""
+    md = (sweep / "summary.md").read_text()
+    assert "3 jobs: 2 ok, 1 failed" in md and "args.max_seq_len=0 must be >= 1" in md
+    assert_png(sweep / "summary.png")
+    assert "| 2 | 0 | failed |" in proc.stdout  # the table is printed too
+
+    # W&B: each good job is a run grouped by the sweep and named after its overrides
+    run = wandb_run(sweep / "0")
+    assert run["group"] == str(sweep)
+    assert "args.max_seq_len=128" in run["name"] and "transforms/compile=torch-simple" in run["name"]
+    assert run["config"]["args"]["max_seq_len"] == 128 and run["summary"]["build_s"] > 0
+
+
+def test_local_launcher_one_process_per_job_survives_a_crash(tmp_path):
+    """hydra/launcher=local: a job that fails during the build (weights of the wrong shape) is
+    recorded by the job itself; the other two run in their own processes."""
+    sweep = tmp_path / "sweep"
+    grid = "++args.model_kwargs={num_hidden_layers:1},{num_hidden_layers:2},{num_key_value_heads:3}"
+    proc = launch(tmp_path, "-m", "hydra/launcher=local", *FAST, grid, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1, show(proc)
+    assert f"1 of 3 jobs failed; see {sweep / 'summary.md'}" in proc.stderr
+    layers = [results(sweep / str(n))["config"]["args"]["model_kwargs"]["num_hidden_layers"] for n in (0, 1)]
+    assert layers == [1, 2]
+    fail = failure(sweep / "2")
+    assert fail["recorded_by"] == "job" and "loaded shape" in fail["error"] and "Traceback" in fail["traceback"]
+    rows = summary_rows(sweep)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
+    assert rows[2]["args.model_kwargs"] == "{num_key_value_heads:3}" and "loaded shape" in rows[2]["error"]
+    assert "loaded shape" in (sweep / "summary.md").read_text()
+    assert_png(sweep / "summary.png")
+    # one submitit process per job
+    assert len([p for p in (sweep / ".submitit").iterdir() if p.is_dir() and p.name != "%j"]) == 3
+
+
+def test_tiny_cpu_sweep_file_runs(tmp_path):
+    """The sweep CI runs: sweeps/tiny_cpu.yaml, as `python launch.py -cd sweeps -cn tiny_cpu`."""
+    sweep = tmp_path / "sweep"
+    proc = launch(tmp_path, "-cd", str(ROOT / "sweeps"), "-cn", "tiny_cpu", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, show(proc)
+    rows = summary_rows(sweep)
+    assert [(r["benchmark.bs"], r["status"]) for r in rows] == [("1", "ok"), ("2", "ok")]
+    for row in rows:
+        assert float(row["ttft_p50_ms"]) > 0 and float(row["tpot_p50_ms"]) > 0 and float(row["output_tok_s"]) > 0
+    assert [results(sweep / str(n))["benchmark"]["bs"] for n in (0, 1)] == [1, 2]
+    assert_png(sweep / "summary.png")
+
+
+def test_dry_run_sweep_writes_no_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = launch(tmp_path, "-m", "backend=torch,triton", "--dry-run", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, show(proc)
+    assert [yaml.safe_load((sweep / n / ".hydra" / "overrides.yaml").read_text())[0] for n in "01"] == [
+        "backend=torch", "backend=triton"]
+    assert not (sweep / "summary.csv").exists()
