@@ -42,7 +42,7 @@ sweep: $(STAMP)
 	$(PY) launch.py -cd sweeps -cn $(NAME) $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check --select E9,F autodeploy tests launch.py
+	$(PY) -m ruff check --select E9,F autodeploy hydra_plugins tests launch.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

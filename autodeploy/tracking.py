@@ -61,6 +61,11 @@ def series(results: dict[str, Any]) -> dict[str, list[float]]:
     return out
 
 
+def wandb_mode(logger: Any) -> str:
+    """``WANDB_MODE`` from the environment wins (CI sets ``disabled``), else ``logger.mode``."""
+    return os.environ.get("WANDB_MODE") or logger.mode
+
+
 def run_identity(logger: Any) -> tuple[str | None, str | None]:
     """(name, group): the job's overrides and its sweep folder, when Hydra runs the job."""
     name, group = None, logger.group
@@ -99,7 +104,7 @@ def log_to_wandb(logger: Any, results: dict[str, Any], out_dir: Path) -> None:
     name, group = run_identity(logger)
     if name is None:
         name = str(cfg.get("model"))
-    mode = os.environ.get("WANDB_MODE") or logger.mode
+    mode = wandb_mode(logger)
     job_type = "benchmark" if results.get("benchmark") else "run"
     with wandb.init(project=logger.project, entity=logger.entity, mode=mode, group=group, name=name,
                     tags=list(logger.tags), job_type=job_type, config=cfg, dir=str(out_dir)) as run:

@@ -5,7 +5,7 @@
 environment SLURM gives a job. ``srun`` starts ``SLURM_NTASKS`` copies of its command with
 ``SLURM_PROCID``/``SLURM_LOCALID`` set and the output files named as SLURM names them. ``sacct``
 reports what the background runner recorded. One node only. ``FAKE_SLURM_KILL=1,3`` makes the
-steps of those array tasks die at once, as an OOM kill does.
+steps of those array tasks (`-`: a job that is no array) die at once, as an OOM kill does.
 """
 
 from __future__ import annotations

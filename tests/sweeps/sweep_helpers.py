@@ -88,6 +88,7 @@ def wandb_run(run_dir: Path) -> dict:
             for item in r.summary.update:
                 key = item.key or "/".join(item.nested_key)
                 summary[key] = json.loads(item.value_json)
-    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    logged = {item.nested_key[0] if item.nested_key else item.key
+              for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item}
     return {"name": run.display_name, "group": run.run_group, "job_type": run.job_type, "config": config,
-            "summary": summary, "history": history}
+            "summary": summary, "logged": logged}
