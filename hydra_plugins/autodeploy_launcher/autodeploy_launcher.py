@@ -128,7 +128,7 @@ if BaseSubmititLauncher is not None:
                     f"within one sweep: run one sweep per world size)")
             if ranks == 1 and job.world_size > 1 and job.device != "cpu" and gpus and gpus < job.world_size:
                 raise ValueError(f"{what}, spawned on one node, but hydra.launcher.gpus_per_node={gpus}; "
-                                 f"set hydra.launcher.gpus_per_node={job.world_size}")
+                                 f"set hydra.launcher.gpus_per_node={job.world_size} (or args.device=cpu)")
 
         def _executor(self) -> Any:
             import submitit
