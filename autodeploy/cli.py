@@ -157,7 +157,8 @@ def _print_hydra_config(flags: list[str], overrides: list[str]) -> None:
     experiment, so ``--resolve`` can fill values such as the launcher's ``${args.world_size}``."""
     config_name = _flag_value(flags, "--config-name", "-cn") or "config"
     config_dir = _flag_value(flags, "--config-dir", "-cd")
-    cfg = compose_experiment(overrides, config_name=config_name, config_dir=config_dir, with_hydra=True)
+    cfg = compose_experiment(overrides, config_name=config_name, config_dir=config_dir, with_hydra=True,
+                             check_transforms=False)  # only Hydra's node is shown
     node = cfg.hydra
     if "--resolve" in flags:
         node = _resolve_what_can_be(cfg, "hydra")
