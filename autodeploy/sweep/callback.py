@@ -24,6 +24,12 @@ def last_summary():
 
 class SweepSummary(Callback):
     def __init__(self, metric: str | None = None) -> None:
+        from .summary import METRICS
+
+        columns = [c for c, _ in METRICS]
+        if metric is not None and metric not in columns:  # at start-up, not after the jobs ran
+            raise ValueError(f"hydra.callbacks.sweep_summary.metric={metric!r} is not a summary column; "
+                             f"choose one of: {', '.join(columns)}")
         self.metric = metric
         self.sweep_dir: str | None = None
 

@@ -133,3 +133,11 @@ def test_run_isolated_records_on_rank0_and_reraises_on_workers(tmp_path, monkeyp
         run_isolated(boom, str(tmp_path / "r1"), ["a=1"], 3)
     assert not (tmp_path / "r1").exists()  # a worker rank writes nothing
     assert run_isolated(lambda: {"ok": 1}, str(tmp_path / "r2"), [], 0) == {"ok": 1}
+
+
+def test_callback_checks_its_metric_before_any_job():
+    from autodeploy.sweep.callback import SweepSummary
+
+    with pytest.raises(ValueError, match="sweep_summary.metric='speed' is not a summary column.*ttft_p50_ms"):
+        SweepSummary(metric="speed")
+    assert SweepSummary(metric="ttft_p50_ms").metric == "ttft_p50_ms"
