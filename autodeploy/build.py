@@ -14,11 +14,15 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA if available; a CUDA device is the current one (each rank has set its own)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"args.device={name!r} but no CUDA device is available (use args.device=cpu or auto)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"args.device={name!r} but no CUDA device is available (use args.device=cpu or auto)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -28,6 +32,7 @@ class Built:
     factory: Any
     report: list[dict[str, Any]]  # one row per transform (see TransformRecord)
     build_s: float
+    sharding: Any = None  # the sharding Plan (world_size > 1)
 
 
 def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> Built:
@@ -40,10 +45,6 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
     from .transforms.interface import BuildContext
     from .transforms.optimizer import InferenceOptimizer
 
-    if args.world_size > 1:
-        raise NotImplementedError(
-            f"args.world_size={args.world_size}: multi-rank runs (sharding, spawning ranks) are not built yet"
-        )
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     factory = create_factory(args)
@@ -55,18 +56,38 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
     log.info("building %s (%s) on %s, %s: %d transforms", args.model, factory.model_class_name, device,
              factory.dtype, len(optimizer.pipeline))
     # disable=None: no bar when stderr is not a terminal (logs, CI)
-    with tqdm(total=len(optimizer.pipeline), desc="build", unit="transform", disable=None if progress else True) as bar:
+    with tqdm(total=len(optimizer.pipeline), desc=f"build (rank {rank})" if world_size > 1 else "build",
+              unit="transform", disable=None if progress else True) as bar:
 
         def started(name: str) -> None:  # the bar counts transforms started, named as they run
             bar.set_postfix_str(name)
             bar.update(1)
 
         model = optimizer(ctx, progress=started)
-    tokenizer = None if args.skip_tokenizer_init else factory.init_tokenizer()
+    tokenizer = None if args.skip_tokenizer_init or rank > 0 else factory.init_tokenizer()
     engine = Engine(model, cache, tokenizer, eos_token_id=getattr(factory.config, "eos_token_id", None))
     build_s = time.perf_counter() - t0
     log.info("built in %.1fs", build_s)
-    return Built(engine, factory, [r.to_dict() for r in optimizer.report], build_s)
+    return Built(engine, factory, [r.to_dict() for r in optimizer.report], build_s, ctx.shared.get("sharding_plan"))
+
+
+def plan_sharding(args: DictConfig) -> Built:
+    """Plan-only mode: the pipeline up to and including ``sharding`` on meta, in this one process,
+    as rank 0 of ``args.world_size`` (no process group, no weights): a 70B plan on a laptop."""
+    from .models.factory import create_factory
+    from .transforms.interface import BuildContext, Stage
+    from .transforms.optimizer import InferenceOptimizer
+
+    t0 = time.perf_counter()
+    factory = create_factory(args)
+    transforms = {name: opts for name, opts in _plain(args.transforms).items()
+                  if Stage.parse(opts["stage"]) <= Stage.SHARDING}
+    ctx = BuildContext(args=args, factory=factory, device=torch.device("meta"), dtype=factory.dtype, rank=0,
+                       world_size=int(args.world_size))
+    optimizer = InferenceOptimizer(transforms)
+    optimizer(ctx)
+    return Built(None, factory, [r.to_dict() for r in optimizer.report], time.perf_counter() - t0,
+                 ctx.shared.get("sharding_plan"))
 
 
 def _plain(node: Any) -> Any:

@@ -2,11 +2,17 @@
 
 ``--cfg job`` is answered here (not by Hydra) so it prints the *final* config: yaml_extra files
 merged, seed flags applied, shortcuts synced. Every other Hydra flag works as Hydra documents.
+
+A mistake of the user's (``UserError``: config, model path, checkpoint, bad values) prints one
+line, ``Error: ...``, and exits with code 2, before any model work where it can be known then; a
+traceback only with ``HYDRA_FULL_ERROR=1`` or ``hydra.verbose=true``. In a multirun the error is
+raised so the sweep records the job as failed. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -16,6 +22,7 @@ from autodeploy.config import (
     ConfigError,
     compose_experiment,
     config_groups,
+    find_user_error,
     group_overrides,
     register_configs,
     resolve_experiment,
@@ -27,25 +34,41 @@ from autodeploy.config import (
 
 log = logging.getLogger("autodeploy")
 
+# flags that answer something about the app instead of running it
+_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc")
+
 
 def main(argv: list[str] | None = None) -> None:
+    from autodeploy.distributed.env import detect
+
+    rank_env = detect()
+    if rank_env is not None and rank_env.rank > 0:
+        # torchrun / srun started this process as a worker rank: rank 0 composes the config and sends it
+        from autodeploy.distributed.ranks import worker_main
+
+        worker_main(rank_env)
+        return
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
+    if _answer_completion(argv):
+        return
+    overrides: list[str] = []
     try:
         flags, overrides = split_argv(translate_argv(argv))
-        completing = any(f in ("-sc", "--shell-completion") for f in flags)
-        if not completing:
+        if not any(f.split("=")[0] in _INFO_FLAGS for f in flags):
             validate_override_keys(overrides)
             _check_launcher(overrides)
-        if _wants_job_config(flags):
-            _print_job_config(flags, overrides)
-            return
-        if _cfg_flag(flags) == "hydra":
-            _print_hydra_config(flags, overrides)
-            return
-    except ConfigError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(2)
+            if _wants_job_config(flags):
+                _print_job_config(flags, overrides)
+                return
+            if _flag_value(flags, "--cfg", "-c") == "hydra":
+                _print_hydra_config(flags, overrides)
+                return
+            if not _is_multirun(flags):  # every config error now, before Hydra starts a run folder
+                _compose(flags, overrides)
+    except Exception as e:  # noqa: BLE001 - a user's mistake exits 2; anything else is re-raised
+        _exit_if_user_error(e, overrides)
+        raise
     sys.argv = [sys.argv[0]] + flags + overrides
     _hydra_entry()
     _exit_if_jobs_failed()
@@ -93,24 +116,79 @@ def _job(cli_cfg: DictConfig):
     from autodeploy.tracking import check_logger
 
     hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
     try:
-        overrides = list(hc.overrides.task)
-        defaults = hydra.compose(hc.job.config_name, overrides=group_overrides(overrides, config_groups()))
-        cfg = resolve_experiment(cli_cfg, defaults, overrides)
+        groups = group_overrides(overrides, config_groups())
+        defaults = hydra.compose(hc.job.config_name, overrides=groups)
+        cfg = resolve_experiment(
+            cli_cfg, defaults, overrides,
+            compose_defaults=lambda choice: hydra.compose(hc.job.config_name, overrides=groups + [choice]),
+        )
         validate_transforms(cfg)
         check_logger(cfg.logger)
-    except ConfigError as e:
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # recorded as this job's failure
-        log.error("%s", e)
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if cfg.dry_run:
-        print_dry_run(cfg)
-        return None
-    from autodeploy.run import run
+        if cfg.dry_run:
+            print_dry_run(cfg)
+            return None
+        from autodeploy.run import run
 
-    return run(cfg, output_dir=hc.runtime.output_dir)
+        return run(cfg, output_dir=hc.runtime.output_dir)
+    except Exception as e:  # noqa: BLE001 - a user's mistake exits 2; anything else is re-raised
+        if hc.mode != RunMode.MULTIRUN:
+            _exit_if_user_error(e, overrides, verbose=bool(hc.verbose), logged=True)
+        raise
+
+
+def _exit_if_user_error(e: BaseException, overrides: list[str], verbose: bool = False, logged: bool = False) -> None:
+    """Print a user's mistake as one line and exit 2 (unless a traceback was asked for); else return.
+    ``logged``: also into the run's log (inside Hydra's job, where logging writes to the run folder)."""
+    error = find_user_error(e)
+    verbose = verbose or any(o.split("=")[0] == "hydra.verbose" and o.split("=", 1)[1] not in ("false", "False", "[]")
+                             for o in overrides if "=" in o)
+    if error is None or verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    message = one_line(error)
+    if logged:
+        log.error("%s", message)
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_line(error: BaseException) -> str:
+    """The message on one line, without OmegaConf's full_key/reference_type/object_type lines."""
+    noise = ("full_key:", "reference_type", "object_type")
+    lines = [line.strip() for line in str(error).splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith(noise))
+
+
+def _answer_completion(argv: list[str]) -> bool:
+    """Answer a tab-completion query whose word is a seed-style flag; else make the line Hydra's."""
+    if not any(a in ("-sc", "--shell-completion") for a in argv) or not any(a.startswith("query=") for a in argv):
+        return False
+    from hydra.plugins.completion_plugin import CompletionPlugin
+
+    from autodeploy.config.completion import complete
+
+    line = os.environ.get("COMP_LINE", "")
+    try:
+        args_line = CompletionPlugin.strip_python_or_app_name(line)
+    except RuntimeError:
+        return False
+    candidates, hydra_line = complete(args_line)
+    if candidates is not None:
+        print(" ".join(candidates))
+        return True
+    os.environ["COMP_LINE"] = line[: len(line) - len(args_line)] + hydra_line
+    return False
+
+
+def _is_multirun(flags: list[str]) -> bool:
+    return "-m" in flags or "--multirun" in flags
+
+
+def _compose(flags: list[str], overrides: list[str]) -> DictConfig:
+    config_name = _flag_value(flags, "--config-name", "-cn") or "config"
+    config_dir = _flag_value(flags, "--config-dir", "-cd")
+    return compose_experiment(overrides, config_name=config_name, config_dir=config_dir)
 
 
 def _wants_job_config(flags: list[str]) -> bool:
@@ -124,10 +202,6 @@ def _wants_job_config(flags: list[str]) -> bool:
     return False
 
 
-def _cfg_flag(flags: list[str]) -> str | None:
-    return _flag_value(flags, "--cfg", "-c")
-
-
 def _flag_value(flags: list[str], *names: str) -> str | None:
     for i, f in enumerate(flags):
         for n in names:
@@ -139,9 +213,7 @@ def _flag_value(flags: list[str], *names: str) -> str | None:
 
 
 def _print_job_config(flags: list[str], overrides: list[str]) -> None:
-    config_name = _flag_value(flags, "--config-name", "-cn") or "config"
-    config_dir = _flag_value(flags, "--config-dir", "-cd")
-    cfg = compose_experiment(overrides, config_name=config_name, config_dir=config_dir)
+    cfg = _compose(flags, overrides)
     package = _flag_value(flags, "--package", "-p")
     resolve = "--resolve" in flags
     if package:

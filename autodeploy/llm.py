@@ -65,9 +65,26 @@ class LLM:
 
     def _build(self) -> None:
         from .build import build_engine
+        from .config import preflight
 
-        built = build_engine(self.config.args)
+        preflight(self.config)  # device choices, model, model_kwargs, checkpoint: before any model work
+        self.ranks = None
+        world_size = int(self.args.world_size)
+        if world_size > 1:
+            from .distributed.ranks import start
+
+            self.ranks = start(self.config)  # spawns (or joins) the other ranks
+        try:
+            built = build_engine(self.args, rank=0, world_size=world_size)
+        except BaseException as e:
+            failure = self.ranks.failure(e) if self.ranks is not None else None
+            self.shutdown()
+            if failure is not None:
+                raise failure from e
+            raise
         self.engine, self.factory, self.build_report = built.engine, built.factory, built.report
+        self.sharding_plan = built.sharding
+        self.engine.ranks = self.ranks
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):
@@ -89,7 +106,17 @@ class LLM:
         return self.engine
 
     def shutdown(self) -> None:
+        """Free the engine and end the other ranks of a multi-rank run (also done at interpreter exit)."""
         self.engine = None
+        if getattr(self, "ranks", None) is not None:
+            self.ranks.shutdown()
+            self.ranks = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def __repr__(self) -> str:
         return f"LLM(model={self.config.model!r}, world_size={self.args.world_size})"

@@ -26,6 +26,30 @@ def expand_queries(prompt: DictConfig) -> list[Any]:
     return [queries[i % len(queries)] for i in range(n)]
 
 
+def show_prompt(prompt: Any) -> str:
+    """A prompt as a reader wants it: text quoted, chat messages as ``role: content`` turns."""
+    if isinstance(prompt, dict) and len(prompt) == 1 and next(iter(prompt)) in ("prompt", "messages"):
+        prompt = next(iter(prompt.values()))
+    if isinstance(prompt, str):
+        return repr(prompt)
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return " | ".join(f"{m['role']}: {m.get('content', '')!r}" for m in prompt)
+    return json.dumps(prompt)
+
+
+def random_weights_note(cfg: DictConfig, factory: Any) -> str | None:
+    """One line when the weights are random, so nobody reads meaning into the text."""
+    from .models.cards import is_tiny
+
+    if is_tiny(cfg.model):
+        why = f"{cfg.model} is a built-in test model with random weights"
+    elif cfg.args.skip_loading_weights or getattr(getattr(factory, "source", None), "kind", None) == "card":
+        why = f"{cfg.model} runs with random weights (args.skip_loading_weights=true)"
+    else:
+        return None
+    return f"[note  ] {why}, so its text is noise: pass --model DIR (a local HF checkpoint) for real text"
+
+
 def environment(cfg: DictConfig) -> dict[str, Any]:
     import transformers
 
@@ -55,16 +79,35 @@ def _git_rev() -> str | None:
 
 
 def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
+    from .distributed.env import detect
     from .llm import LLM
     from .runtime.sampling_params import SamplingParams
 
+    rank_env = detect()
+    if rank_env is not None and rank_env.rank > 0 and not cfg.plan_only:
+        # a launcher (SLURM/submitit) ran this job in every task: ranks > 0 serve rank 0 and write nothing
+        if cfg.args.world_size > 1:
+            from .distributed.ranks import worker_main
+
+            worker_main(rank_env)
+        else:
+            log.warning("rank %d of a world_size 1 run: nothing to do", rank_env.rank)
+        return {}
     out_dir = Path(output_dir)
     results: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True), "env": environment(cfg)}
+    if cfg.plan_only:
+        return _plan_only(cfg, out_dir, results)
     t0 = time.perf_counter()
     llm = LLM.from_config(cfg)
     results["build_s"] = time.perf_counter() - t0
     results["transforms"] = llm.build_report
+    if llm.sharding_plan is not None:
+        results.update(_sharding_results(llm.sharding_plan))
 
+    note = random_weights_note(cfg, llm.factory)
+    if note:
+        print(note, flush=True)
+        log.info("%s", note)
     queries = expand_queries(cfg.prompt)
     if llm.tokenizer is None:
         log.warning("model %s has no tokenizer: the prompt queries are skipped", cfg.model)
@@ -73,11 +116,11 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     outputs = llm.generate(queries, params) if queries else []
     results["generations"] = []
     for out in outputs:
-        shown = out.prompt if isinstance(out.prompt, str) else json.dumps(out.prompt)
+        shown = show_prompt(out.prompt)
         if out.error:
-            print(f"[prompt] {shown!r}\n[error ] {out.error}", flush=True)
+            print(f"[prompt] {shown}\n[error ] {out.error}", flush=True)
         else:
-            print(f"[prompt] {shown!r}\n[output] {out.text!r} ({out.finish_reason})", flush=True)
+            print(f"[prompt] {shown}\n[output] {out.text!r} ({out.finish_reason})", flush=True)
         results["generations"].append({
             "prompt": out.prompt, "text": out.text, "token_ids": list(out.token_ids),
             "finish_reason": out.finish_reason, "error": out.error,
@@ -96,6 +139,31 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     log.info("results: %s", path)
     _track(cfg, results, out_dir)
     llm.shutdown()
+    return results
+
+
+def _sharding_results(plan) -> dict[str, Any]:
+    return {"sharding_plan": [row.to_dict() for row in plan.rows()], "sharding_summary": plan.summary()}
+
+
+def _plan_only(cfg: DictConfig, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """``plan_only=true``: the sharding plan of ``args.world_size`` ranks, computed on meta here."""
+    from .build import plan_sharding
+
+    built = plan_sharding(cfg.args)
+    results["build_s"] = built.build_s
+    results["transforms"] = built.report
+    if built.sharding is None:
+        print(f"plan_only: nothing to shard at args.world_size={cfg.args.world_size}", flush=True)
+    else:
+        results.update(_sharding_results(built.sharding))
+        summary = results["sharding_summary"]
+        print(f"world_size {summary['world_size']}: {summary['bytes_total'] / 2**30:.2f} GiB of weights in all, at most "
+              f"{summary['bytes_per_rank_max'] / 2**30:.2f} GiB per rank, {summary['collectives_per_forward']} "
+              f"collectives per forward", flush=True)
+    path = out_dir / "results.json"
+    _write_json(path, results)
+    log.info("results: %s", path)
     return results
 
 

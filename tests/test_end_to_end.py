@@ -61,6 +61,8 @@ def test_seed_prompting_and_benchmarking_command(tmp_path):
     assert (bench["bs"], bench["isl"], bench["osl"]) == (8, 1024, 4)
     assert bench["output_tok_s"] > 0 and bench["ttft_ms"]["p50"] > 0 and bench["tpot_ms"]["p50"] > 0
     assert res["config"]["args"]["max_seq_len"] >= 1024 + 4
+    assert "hf_baseline" not in bench  # compare_hf is off by default
+    assert not (tmp_path / "benchmark_results.json").exists()  # store_results is off by default
 
 
 def test_seed_model_kwargs_command(tmp_path):

@@ -3,7 +3,8 @@
 - ``torch-simple``: the GraphModule as is (eager FX);
 - ``torch-compile``: ``torch.compile(dynamic=True)``;
 - ``torch-cudagraph``: CUDA graphs per decode batch size, eager otherwise (``cudagraph.py``);
-- ``torch-opt``: ``torch.compile(dynamic=True)`` inside the CUDA-graph runner.
+- ``torch-opt``: ``torch.compile(dynamic=True)`` inside the CUDA-graph runner;
+- ``auto`` (the default): torch-opt on a CUDA device, torch-simple on the CPU.
 Every result is called exactly like the GraphModule (same keyword inputs).
 """
 
@@ -23,8 +24,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COMPILE_BACKENDS = ("torch-simple", "torch-compile", "torch-cudagraph", "torch-opt")
-_USES_CUDA_GRAPHS = ("torch-cudagraph", "torch-opt")
+COMPILE_BACKENDS = ("torch-simple", "torch-compile", "torch-cudagraph", "torch-opt", "auto")
+GPU_ONLY_BACKENDS = ("torch-cudagraph", "torch-opt")  # CUDA graphs
+_USES_CUDA_GRAPHS = GPU_ONLY_BACKENDS
+
+
+def resolve_auto(backend: str, device: "torch.device | str") -> str:
+    """``auto`` is the backend that fits the device: torch-opt on CUDA, torch-simple elsewhere."""
+    if backend != "auto":
+        return backend
+    return "torch-opt" if torch.device(device).type == "cuda" and torch.cuda.is_available() else "torch-simple"
 
 
 def check_backend(name: str) -> str:
@@ -88,7 +97,7 @@ def compile_graph(
 ) -> tuple[nn.Module, str]:
     """Returns (compiled model, backend actually used). With ``example_inputs`` (the cache
     manager's tensors) CUDA graphs are captured now, else on the first decode step."""
-    check_backend(backend)
+    backend = resolve_auto(check_backend(backend), device)
     if backend in _USES_CUDA_GRAPHS and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
         log.warning("compile backend %s needs a CUDA device (device is %s): using torch-simple", backend, device)
         backend = "torch-simple"

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Iterable
 
 from omegaconf import DictConfig
 
 from .cli import CONF_DIR, config_groups, split_argv, translate_argv, validate_override_keys
-from .errors import ConfigError
+from .errors import ConfigError, UserError, find_user_error
+from .preflight import preflight
 from .resolve import group_overrides, resolve_experiment, validate_transforms
 from .schema import ExperimentConfig, register_configs
 
 __all__ = [
-    "CONF_DIR", "ConfigError", "ExperimentConfig", "compose_experiment", "register_configs",
-    "group_overrides", "resolve_experiment", "split_argv", "translate_argv", "validate_override_keys", "validate_transforms",
+    "CONF_DIR", "ConfigError", "ExperimentConfig", "UserError", "compose_experiment", "find_user_error",
+    "preflight", "register_configs", "group_overrides", "resolve_experiment", "split_argv", "translate_argv",
+    "validate_override_keys", "validate_transforms",
 ]
 
 
@@ -45,20 +48,27 @@ def compose_experiment(
     primary, extra = str(CONF_DIR), config_dir and os.path.abspath(config_dir)
     if extra and os.path.isfile(os.path.join(extra, f"{config_name}.yaml")):
         primary, extra = extra, primary
-    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
+    initialized = GlobalHydra.instance().is_initialized()  # inside a running app: use its search path
+    search = [f"hydra.searchpath=[file://{extra}]"] if extra and not initialized else []
     groups = group_overrides(translated, config_groups())
-    try:
-        if GlobalHydra.instance().is_initialized():
-            cli = hydra.compose(config_name, overrides=translated, return_hydra_config=with_hydra)
-            defaults = hydra.compose(config_name, overrides=groups)
-        else:
-            with hydra.initialize_config_dir(config_dir=primary, version_base="1.3", job_name="autodeploy"):
-                cli = hydra.compose(config_name, overrides=search + translated, return_hydra_config=with_hydra)
-                defaults = hydra.compose(config_name, overrides=search + groups)
-    except HydraException as e:
-        cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""
-        raise ConfigError(f"{e}{cause}") from None
-    cfg = resolve_experiment(cli, defaults, translated, extra_layer=extra_layer)
+
+    def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+        try:
+            return hydra.compose(config_name, overrides=overrides, return_hydra_config=with_hydra)
+        except HydraException as e:
+            cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""
+            raise ConfigError(f"{e}{cause}") from None
+
+    with ExitStack() as stack:
+        if not initialized:
+            stack.enter_context(
+                hydra.initialize_config_dir(config_dir=primary, version_base="1.3", job_name="autodeploy")
+            )
+        cli = compose(search + translated, with_hydra)
+        cfg = resolve_experiment(
+            cli, compose(search + groups), translated, extra_layer=extra_layer,
+            compose_defaults=lambda choice: compose(search + groups + [choice]),
+        )
     if check_transforms:
         validate_transforms(cfg)
     if with_hydra:

@@ -3,13 +3,14 @@
 ``--model X``                          -> ``model=X`` for a card, else ``args.model=X`` (a dir or hub id)
 ``--args.world-size=2``                -> ``args.world_size=2``      (kebab-case keys become snake_case)
 ``--args.model-kwargs.num-hidden-layers 10`` -> ``++args.model_kwargs.num_hidden_layers=10``
-``--yaml-extra a.yaml b.yaml``         -> ``yaml_extra=['a.yaml','b.yaml']``
+``--yaml-extra a.yaml b.yaml``         -> ``yaml_extra=['a.yaml','b.yaml']`` (repeating the flag appends)
 ``--args.yaml-extra c.yaml``           -> ``args.yaml_extra=['c.yaml']``
-``--dry-run`` / ``--benchmark.enabled`` -> ``dry_run=true`` / ``benchmark.enabled=true``
+``--dry-run`` / ``--benchmark.enabled`` -> ``dry_run=true`` / ``benchmark.enabled=true`` (only a bool
+                                          key may go without a value)
 
 Hydra's own flags (``--cfg``, ``-m``, ``--info``, ``-cd`` ...) pass through untouched. Keys below a
-free-form dict (model_kwargs, tokenizer_kwargs, transforms) get ``++`` in both styles, so new keys
-need no ``+``.
+free-form dict (model_kwargs, tokenizer_kwargs, transforms), and the dict itself
+(``args.model_kwargs={hidden_size:32}``), get ``++`` in both styles, so new keys need no ``+``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def translate_argv(argv: list[str]) -> list[str]:
     """Return Hydra-style arguments for a mix of seed flags and Hydra overrides."""
     out: list[str] = []
+    list_at: dict[str, int] = {}  # a repeated list flag extends the override of its first use
     i = 0
     while i < len(argv):
         span = _hydra_flag_len(argv, i)
@@ -87,7 +89,13 @@ def translate_argv(argv: list[str]) -> list[str]:
                     i += 1
                 if not values:
                     raise ConfigError(f"{flag} needs at least one YAML file")
-                out.append(f"{key}=[{','.join(_quote(v) for v in values)}]")
+                quoted = [_quote(v) for v in values]
+                if key in list_at:
+                    first = out[list_at[key]]
+                    out[list_at[key]] = f"{first[:-1]},{','.join(quoted)}]"
+                else:
+                    list_at[key] = len(out)
+                    out.append(f"{key}=[{','.join(quoted)}]")
                 i += 1
                 continue
             if inline or "=" in tok:
@@ -95,6 +103,8 @@ def translate_argv(argv: list[str]) -> list[str]:
             elif i + 1 < len(argv) and not _looks_like_option(argv[i + 1]):
                 value = argv[i + 1]
                 i += 1
+            elif _takes_value(key):
+                raise ConfigError(f"{flag} needs a value, e.g. {flag}=VALUE ({key} is {_type_name(key)})")
             else:
                 value = "true"  # implicit boolean flag, e.g. --dry-run
             out.extend(_override(key, value))
@@ -136,7 +146,7 @@ def _model_override(value: str) -> list[str]:
 
 
 def _prefix(key: str) -> str:
-    return "++" if any(key.startswith(p + ".") for p in FREE_FORM_PATHS) else ""
+    return "++" if any(key == p or key.startswith(p + ".") for p in FREE_FORM_PATHS) else ""
 
 
 def _hydra_override(tok: str) -> list[str]:
@@ -175,6 +185,27 @@ def validate_override_keys(overrides: list[str]) -> None:
     """Fail fast on a key the schema doesn't have, naming the closest valid keys."""
     for ov in key_overrides(overrides, config_groups()):
         _check_path(override_key(ov).split("."))
+
+
+def schema_type(key: str) -> Any:
+    """The schema type at a dotted key (None: unknown key or below a free-form dict)."""
+    node: Any = ExperimentConfig
+    for part in key.split("."):
+        if not (isinstance(node, type) and is_dataclass(node)) or part not in {f.name for f in fields(node)}:
+            return None
+        node = _unwrap(get_type_hints(node)[part])
+    return node
+
+
+def _takes_value(key: str) -> bool:
+    tp = schema_type(key)
+    return tp is not None and tp is not bool
+
+
+def _type_name(key: str) -> str:
+    tp = schema_type(key)
+    names = {int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, "a list or mapping" if get_origin(tp) in (list, dict) else "not a bool")
 
 
 def _check_path(parts: list[str]) -> None:

@@ -11,6 +11,10 @@ Layers, lowest first (each later layer wins, and deep merge keeps siblings):
 
 Within one layer ``args.model`` beats ``model`` and a shortcut (``args.compile_backend`` ...) beats
 its transform option; afterwards both sides of each pair agree.
+
+A card selects its config-group option wherever it is named (``model=X``, ``--model X``, or
+``model: X`` / ``args.model: X`` in a YAML file): its args are the defaults of layer 1, so every
+file and the command line still win over them.
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ import logging
 import re
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from .cli import is_group_override, key_overrides, override_key
+from .cli import is_group_override, key_overrides, model_cards, override_key
 from .errors import ConfigError
 from .schema import CHOICES, FREE_FORM_PATHS, MINIMUMS, SHORTCUTS
 
@@ -65,14 +69,36 @@ def _normalize(sets: Sets) -> Sets:
     return plain + alias
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(
+                    f"duplicate key '{key}' at line {mark.line + 1} (first at line {seen[key] + 1})"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str, flag: str) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{flag} file not found: {path} (looked at {p.resolve()})")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{flag} file {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{flag} file {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        raise ConfigError(f"{flag} file {path}{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -161,13 +187,14 @@ def _apply(defaults: DictConfig, layers: list[tuple[str, Sets]], cli_sets: Sets,
 
 def resolve_experiment(
     cli: DictConfig, defaults: DictConfig, overrides: Iterable[str] = (), groups: set[str] | None = None,
-    extra_layer: dict | None = None,
+    extra_layer: dict | None = None, compose_defaults: Callable[[str], DictConfig] | None = None,
 ) -> DictConfig:
     """Merge yaml_extra files under the command line, sync aliases and shortcuts, check values.
 
     ``cli`` is the config composed with every override, ``defaults`` the one composed with the
     group choices only (``group_overrides``). ``extra_layer`` (a nested dict, e.g. the LLM API's
-    kwargs) sits at command-line level.
+    kwargs) sits at command-line level. ``compose_defaults("model=<card>")`` composes the defaults
+    again with one more group choice: used when a file names a card that the group choices did not.
     """
     from .cli import config_groups
 
@@ -189,6 +216,9 @@ def resolve_experiment(
         for f in inner_files
     ]
     cfg = _apply(defaults, inner + outer, cli_sets, cli_deletes)
+    card = cfg.get("model")
+    if compose_defaults is not None and card != defaults.get("model") and card in model_cards():
+        cfg = _apply(compose_defaults(f"model={card}"), inner + outer, cli_sets, cli_deletes)
     finalize(cfg)
     return cfg
 
@@ -268,3 +298,13 @@ def validate_transforms(cfg: DictConfig) -> None:
         plan_pipeline(OmegaConf.to_container(cfg.args.transforms, resolve=True))
     except (KeyError, ValueError) as e:
         raise ConfigError(str(e).strip("'\"")) from None
+    attention = cfg.args.transforms.get("insert_cached_attention")
+    if isinstance(attention, DictConfig) and attention.get("backend") is not None:
+        from autodeploy.custom_ops.cached_attention import get_backend
+
+        try:
+            get_backend(attention.backend)
+        except ValueError as e:  # an unknown name; whether a known one runs here is checked by preflight
+            raise ConfigError(f"backend={attention.backend} (args.attn_backend): {e}") from None
+        except RuntimeError:
+            pass

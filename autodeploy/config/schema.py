@@ -102,6 +102,8 @@ class ExperimentConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     yaml_extra: List[str] = field(default_factory=list)
     dry_run: bool = False
+    # run the pipeline on meta up to and including sharding (one process, no weights), save the plan, exit
+    plan_only: bool = False
 
 
 # Free-form dicts: any key below these paths is accepted at config time (the model config or the

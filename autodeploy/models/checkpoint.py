@@ -13,8 +13,9 @@ reassembled here piece by piece, reading only the pieces that overlap the reques
 converter operations raise ``UnsupportedCheckpointLayout`` naming the converter.
 
 Slice spec (``slices[fqn]`` of ``load_weights``): ``(dim, start, stop)`` reads ``t.narrow(dim,
-start, stop - start)``; a list of such tuples on the same dim reads each range and concatenates
-them along that dim (a rank's share of a fused tensor such as gate|up).
+start, stop - start)``; a list of such tuples reads each range and concatenates the ranges of one
+dim in order (a rank's share of a fused tensor such as gate|up); ranges on different dims combine
+(a rank's experts, and within each its share of the intermediate dim).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 
@@ -70,10 +71,29 @@ def normalize_slices(spec: SliceSpec) -> list[SliceRange] | None:
     if len(spec) == 3 and all(isinstance(v, int) for v in spec):
         return [tuple(spec)]  # type: ignore[list-item]
     ranges = [tuple(r) for r in spec]  # type: ignore[union-attr]
-    dims = {r[0] for r in ranges}
-    if len(dims) != 1 or any(len(r) != 3 for r in ranges):
-        raise ValueError(f"slice spec must be (dim, start, stop) or a list of those on one dim, got {spec!r}")
+    if not ranges or any(len(r) != 3 or not all(isinstance(v, int) for v in r) for r in ranges):
+        raise ValueError(f"slice spec must be (dim, start, stop) or a list of those, got {spec!r}")
     return ranges  # type: ignore[return-value]
+
+
+def read_ranges(ranges: Sequence[SliceRange], ndim: int, read_box: Callable[[dict[int, tuple[int, int]]], torch.Tensor]
+                ) -> torch.Tensor:
+    """Assemble the slice ``ranges`` describe from boxes read one at a time: ranges on one dim are
+    concatenated in order, ranges on different dims combine (e.g. a rank's experts, and within
+    them its rows of gate and of up)."""
+    by_dim: dict[int, list[tuple[int, int]]] = {}
+    for dim, start, stop in ranges:
+        by_dim.setdefault(dim % ndim, []).append((start, stop))
+    dims = sorted(by_dim.items())
+
+    def build(i: int, box: dict[int, tuple[int, int]]) -> torch.Tensor:
+        if i == len(dims):
+            return read_box(box)
+        dim, spans = dims[i]
+        parts = [build(i + 1, {**box, dim: span}) for span in spans]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    return build(0, {})
 
 
 def find_checkpoint_files(directory: Path) -> dict[str, Path]:
@@ -219,12 +239,11 @@ class SafetensorsCheckpoint:
         if not ranges:
             return view[:]
         ndim = len(view.get_shape())
-        parts = []
-        for dim, start, stop in ranges:
-            index = [slice(None)] * ndim
-            index[dim % ndim] = slice(start, stop)
-            parts.append(view[tuple(index)])
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
+
+        def box(spans: dict[int, tuple[int, int]]) -> torch.Tensor:
+            return view[tuple(slice(*spans[d]) if d in spans else slice(None) for d in range(ndim))]
+
+        return read_ranges(ranges, ndim, box)
 
     def _fused_layout(self, fused: _Fused) -> tuple[list[int], dict[int, tuple[int, int]], list[int]]:
         """Full shape of the fused tensor, each pattern's (offset, size) along concat_dim, piece shape."""
@@ -248,51 +267,46 @@ class SafetensorsCheckpoint:
     def _read_fused(self, model_key: str, fused: _Fused, ranges: list[SliceRange] | None) -> torch.Tensor:
         full_shape, offsets, _ = self._fused_layout(fused)
         ndim = len(full_shape)
-        if not ranges:
-            ranges = [(0, 0, full_shape[0])]
-        parts = [self._read_fused_range(fused, full_shape, offsets, dim % ndim, start, stop)
-                 for dim, start, stop in ranges]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
+        return read_ranges(ranges or [(0, 0, full_shape[0])], ndim,
+                           lambda box: self._read_fused_box(fused, full_shape, offsets, box))
 
-    def _read_fused_range(self, fused: _Fused, full_shape: list[int], offsets: dict[int, tuple[int, int]],
-                          dim: int, start: int, stop: int) -> torch.Tensor:
-        out_shape = list(full_shape)
-        out_shape[dim] = stop - start
+    def _read_fused_box(self, fused: _Fused, full_shape: list[int], offsets: dict[int, tuple[int, int]],
+                        box: dict[int, tuple[int, int]]) -> torch.Tensor:
+        """The part ``box`` (dim -> [start, stop); other dims whole) of a tensor stacked from
+        per-expert pieces (and concatenated from several patterns), reading only what overlaps."""
+        ndim = len(full_shape)
+        span = [box.get(d, (0, full_shape[d])) for d in range(ndim)]
+        out_shape = [b - a for a, b in span]
         out: torch.Tensor | None = None
         filled = 0
         for piece in fused.pieces:
-            # where this piece sits in the full tensor, along `dim`
-            if dim == fused.stack_dim:
-                lo, hi = piece.expert, piece.expert + 1
-            elif dim == fused.concat_dim:
-                off, size = offsets[piece.pattern_idx]
-                lo, hi = off, off + size
+            src_index: list[Any] = []
+            dst_index: list[Any] = []
+            for d in range(ndim):
+                if d == fused.stack_dim:
+                    lo, hi, off = piece.expert, piece.expert + 1, 0
+                elif d == fused.concat_dim:
+                    off, size = offsets[piece.pattern_idx]
+                    lo, hi = off, off + size
+                else:
+                    lo, hi, off = 0, full_shape[d], 0
+                lo, hi = max(lo, span[d][0]), min(hi, span[d][1])
+                if lo >= hi:
+                    break
+                if d == fused.stack_dim:
+                    dst_index.append(piece.expert - span[d][0])
+                else:
+                    src_index.append(slice(lo - off, hi - off))
+                    dst_index.append(slice(lo - span[d][0], hi - span[d][0]))
             else:
-                lo, hi = 0, full_shape[dim]
-            lo, hi = max(lo, start), min(hi, stop)
-            if lo >= hi:
-                continue
-            view = self._open(piece.key)
-            src_index = [slice(None)] * (len(full_shape) - 1)
-            if dim != fused.stack_dim:
-                src_dim = dim if dim < fused.stack_dim else dim - 1
-                piece_off = offsets[piece.pattern_idx][0] if dim == fused.concat_dim else 0
-                src_index[src_dim] = slice(lo - piece_off, hi - piece_off)
-            src = view[tuple(src_index)]
-            if out is None:
-                out = torch.empty(out_shape, dtype=src.dtype)
-            dst_index: list[Any] = [slice(None)] * len(full_shape)
-            dst_index[fused.stack_dim] = piece.expert - (start if dim == fused.stack_dim else 0)
-            if fused.concat_dim is not None and fused.concat_dim != dim:
-                off, size = offsets[piece.pattern_idx]
-                dst_index[fused.concat_dim] = slice(off, off + size)
-            if dim != fused.stack_dim:
-                dst_index[dim] = slice(lo - start, hi - start)
-            out[tuple(dst_index)] = src
-            filled += src.numel()
+                src = self._open(piece.key)[tuple(src_index)]
+                if out is None:
+                    out = torch.empty(out_shape, dtype=src.dtype)
+                out[tuple(dst_index)] = src
+                filled += src.numel()
         if out is None or filled != out.numel():
             raise CheckpointError(
-                f"checkpoint pieces for a fused tensor do not cover range {start}:{stop} of dim {dim} "
+                f"checkpoint pieces for a fused tensor do not cover {span} "
                 f"(converter {fused.converter}, pieces {[p.key for p in fused.pieces[:4]]}...)"
             )
         return out

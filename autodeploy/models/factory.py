@@ -6,6 +6,10 @@
   (``cards/<name>.json``: config only, no weights, no tokenizer);
 - otherwise a hub id, loaded the ordinary way (``AutoConfig.from_pretrained``,
   ``AutoTokenizer.from_pretrained``, weights through ``huggingface_hub.snapshot_download``).
+  Offline (``HF_HUB_OFFLINE=1``) or with the hub unreachable, a hub id resolves to its copy in the
+  local HF cache, or fails at once (no retries) when there is none.
+
+A name that is none of these but close to a card (``tiny-llama``) fails with ``did you mean``.
 
 ``load_weights`` streams tensors from safetensors one at a time (only the slice a rank needs when
 ``slices`` is given) straight into the model, which may be the HF module or the exported
@@ -15,8 +19,10 @@ GraphModule: both address tensors by the HF state-dict keys.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..config.errors import ConfigError, UserError
 from . import cards
 from .checkpoint import CheckpointError, SafetensorsCheckpoint, SliceSpec, normalize_slices
 from .materialize import (
@@ -51,7 +58,7 @@ DTYPES = {
 _BUILD_OPTIONS = ("attn_implementation", "experts_implementation")
 
 
-class ModelResolutionError(ValueError):
+class ModelResolutionError(UserError):
     """``model`` is neither a local directory, a card, nor loadable from the hub."""
 
 
@@ -82,9 +89,62 @@ def resolve_model(model: str) -> ModelSource:
     card = cards.shape_card_path(model)
     if card is not None:
         return ModelSource("card", model, str(card))
+    if path.exists():
+        raise ModelResolutionError(f"model {model} is a file, not a directory (pass the folder that holds config.json)")
     if model.startswith(("/", "./", "../", "~")) or path.suffix == ".json":
         raise ModelResolutionError(f"model directory {model} does not exist")
+    close = difflib.get_close_matches(model, cards.card_names(), n=1, cutoff=0.75)
+    if close and "/" not in model:
+        raise ModelResolutionError(
+            f"unknown model {model!r}: did you mean {close[0]}? (cards: {', '.join(cards.card_names())})"
+        )
+    offline = hub_offline()
+    if offline or not hub_reachable():
+        cached = _cached_snapshot(model)
+        if cached is not None:
+            return ModelSource("dir", model, cached)
+        why = "HF_HUB_OFFLINE=1" if offline else f"the hub ({_hub_endpoint()}) is unreachable"
+        raise ModelResolutionError(
+            f"model {model!r} is not a card ({', '.join(cards.card_names())}) nor a local directory, and "
+            f"{why} with no cached copy of it: pass --model DIR (a local HF checkpoint) or a card name"
+        )
     return ModelSource("hub", model, model)
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub (no retries). Behind a proxy we cannot tell: assume yes."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from urllib.parse import urlparse
+
+    url = urlparse(_hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local HF cache's snapshot of ``repo_id`` (what offline transformers would load), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: either way, no copy
+        return None
+    return path if (Path(path) / "config.json").exists() else None
 
 
 def _get(args: Any, name: str, default: Any = None) -> Any:
@@ -124,7 +184,7 @@ def parse_dtype(dtype: "str | torch.dtype | None", config: Any = None) -> torch.
         return torch.float32
     key = str(dtype).removeprefix("torch.")
     if key not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
+        raise ConfigError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
     return DTYPES[key]
 
 
@@ -161,8 +221,8 @@ def apply_config_overrides(config: Any, overrides: Mapping[str, Any], path: str 
             setattr(config, key, value)
             readback = getattr(config, key)
             if isinstance(value, (int, float, str, bool)) and readback != value:
-                raise ValueError(
-                    f"{where}={value!r} has no effect on {type(config).__name__} (it reads back as {readback!r}; "
+                raise ConfigError(
+                    f"args.{where}={value!r} has no effect on {type(config).__name__} (it reads back as {readback!r}; "
                     "the field is derived from others)"
                 )
     if unknown:
@@ -170,8 +230,8 @@ def apply_config_overrides(config: Any, overrides: Mapping[str, Any], path: str 
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            hints.append(f"{path}.{key}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise ValueError(f"unknown config field(s) for {type(config).__name__}: {'; '.join(hints)}")
+            hints.append(f"args.{path}.{key}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(f"unknown config field(s) for {type(config).__name__}: {'; '.join(hints)}")
     _fit_layer_types(config, overrides)
 
 
@@ -265,11 +325,76 @@ class ModelFactory:
         self._built = _BuildRecord.of(model)
         return model
 
+    def check_checkpoint_fits(self, model: nn.Module) -> None:
+        """Before export: every parameter of the configured model is in the local checkpoint, in the
+        same shape (safetensors headers only). A misfit names the model_kwargs that caused it."""
+        if self.skip_loading_weights or self.source.local_dir is None:
+            return  # random weights, or a hub checkpoint (downloaded when the weights are loaded)
+        record = self._record()
+        try:
+            checkpoint = SafetensorsCheckpoint(self.source.local_dir, record.conversions, record.base_model_prefix)
+        except CheckpointError as e:
+            raise ConfigError(f"{e}; set args.skip_loading_weights=true for random weights") from None
+        mismatched, missing, seen = [], [], set()
+        for t in model_tensors(model):
+            if not t.is_param or id(t.tensor) in seen:
+                continue
+            seen.add(id(t.tensor))
+            key = next((n for n in [t.fqn, *record.aliases.get(t.fqn, ())] if n in checkpoint), None)
+            if key is None:
+                missing.append(t.fqn)
+                continue
+            try:
+                shape = checkpoint.shape(key)
+            except CheckpointError:  # a layout only load_weights can judge (and will, naming it)
+                continue
+            if shape != list(t.tensor.shape):
+                mismatched.append((t.fqn, list(t.tensor.shape), shape))
+        checkpoint.close()
+        if mismatched or missing:
+            raise ConfigError(self._misfit_message(mismatched, missing))
+
+    def _misfit_message(self, mismatched: list, missing: list[str]) -> str:
+        from transformers import AutoConfig
+
+        parts = []
+        if mismatched:
+            fqn, mine, theirs = mismatched[0]
+            more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+            parts.append(f"{fqn} is {mine} here but {theirs} in the checkpoint{more}")
+        if missing:
+            parts.append(f"{len(missing)} parameter(s) are not in the checkpoint ({missing[0]}, ...)")
+        original = AutoConfig.from_pretrained(self.source.location)
+        changed = {k: (v, getattr(original, k, None)) for k, v in self.model_kwargs.items()
+                   if k not in _BUILD_OPTIONS and getattr(original, k, None) != _plain(v)}
+        # the keys whose new value shows up where the shapes differ (else every changed key)
+        sizes = {mine[i] for _, mine, theirs in mismatched for i in range(min(len(mine), len(theirs)))
+                 if mine[i] != theirs[i]}
+        culprits = {k: vo for k, vo in changed.items() if vo[0] in sizes}
+        if missing:
+            culprits.update({k: vo for k, vo in changed.items() if isinstance(vo[0], int) and isinstance(vo[1], int)
+                             and vo[0] > vo[1]})
+        culprits = culprits or changed
+        where = f"checkpoint {self.source.local_dir} does not fit the configured model: {'; '.join(parts)}"
+        if not culprits:
+            return f"{where} (no model_kwargs changed it: the checkpoint does not match its own config.json)"
+        keys = ", ".join(f"args.model_kwargs.{k}={new!r} (checkpoint: {old!r})" for k, (new, old) in culprits.items())
+        return f"{where}; changed by {keys}. Set args.skip_loading_weights=true for random weights of the new shape"
+
     def _record(self) -> "_BuildRecord":
         if self._built is None:
             self.build_model("meta")
         assert self._built is not None
         return self._built
+
+    def sharding_config(self) -> dict[str, Any] | None:
+        """The model's own TP plan (HF ``base_model_tp_plan``) for the ``factory`` sharding source."""
+        plan = getattr(self.config, "base_model_tp_plan", None)
+        if not plan:
+            return None
+        heads = getattr(self.config, "num_attention_heads", None)
+        head_dim = getattr(self.config, "head_dim", None) or (self.config.hidden_size // heads if heads else None)
+        return {"tp_plan": dict(plan), "head_dim": head_dim}
 
     # ----- tokenizer ---------------------------------------------------------------------------
     def init_tokenizer(self):
@@ -428,7 +553,7 @@ def get_factory_class(name: str) -> type[ModelFactory]:
     if name not in FACTORIES:
         close = difflib.get_close_matches(name, FACTORIES, n=2, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model_factory {name!r}{hint} (known: {', '.join(sorted(FACTORIES))})")
+        raise ConfigError(f"unknown args.model_factory {name!r}{hint} (known: {', '.join(sorted(FACTORIES))})")
     return FACTORIES[name]
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .checkpoint import SliceSpec, normalize_slices
+from .checkpoint import SliceSpec, normalize_slices, read_ranges
 
 
 @dataclass
@@ -64,8 +64,14 @@ def slice_tensor(tensor: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
     ranges = normalize_slices(spec)
     if not ranges:
         return tensor
-    parts = [tensor.narrow(dim, start, stop - start) for dim, start, stop in ranges]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
+
+    def box(spans: dict[int, tuple[int, int]]) -> torch.Tensor:
+        out = tensor
+        for dim, (start, stop) in spans.items():
+            out = out.narrow(dim, start, stop - start)
+        return out
+
+    return read_ranges(ranges, tensor.dim(), box)
 
 
 def _seed_for(fqn: str, seed: int) -> int:

@@ -12,6 +12,7 @@ metadata and cache tensors, see docs/architecture.md) and the ``CacheInterface``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -42,8 +43,11 @@ class Engine:
         *,
         eos_token_id: Union[int, Iterable[int], None] = None,
         vocab_size: Optional[int] = None,
+        ranks: Optional[Any] = None,
     ):
         self.model = model
+        # multi-rank runs: rank 0's handle on the other ranks (distributed/ranks.py), which get every step
+        self.ranks = ranks
         self.cache = cache
         if cache.specs and not cache.tensors:
             cache.initialize()  # the pipeline had no initialize_cache / resize_kv_cache
@@ -147,8 +151,12 @@ class Engine:
             if r.metrics.first_scheduled_time is None:
                 r.metrics.first_scheduled_time = now
         try:
-            tokens = self._forward_and_sample(batch)
+            with self.ranks.busy() if self.ranks is not None else contextlib.nullcontext():
+                tokens = self._forward_and_sample(batch)
         except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the engine goes on
+            failure = self.ranks.failure(e) if self.ranks is not None else None
+            if failure is not None:
+                raise failure from e  # another rank is gone: the run cannot go on
             log.exception("forward failed for requests %s", [r.request_id for r in batch.requests])
             for r in batch.requests:
                 self._fail(r, f"generation failed: {type(e).__name__}: {e}")
@@ -162,16 +170,23 @@ class Engine:
             pages=[r.pages for r in batch.requests],
             slots=[r.slot for r in batch.requests],
         )
-        args = {**inputs.named_args, **self.cache.tensors}
-        if self._input_names is not None:
-            args = {k: args[k] for k in self._input_names}
+        if self.ranks is not None:
+            self.ranks.send(self.cache.info, inputs.num_seqs, inputs.num_tokens)
         with torch.inference_mode():
-            logits = _logits(self.model(**args))[0, inputs.last_token_idx]  # [B, V]
+            logits = self.forward(inputs)[0, inputs.last_token_idx]  # [B, V]
             sampling = SamplingBatch.from_params(
                 [r.params for r in batch.requests], [r.seed for r in batch.requests],
                 [r.num_generated for r in batch.requests],
             )
             return self.sampler(logits, sampling).tolist()  # the step's one host sync
+
+    def forward(self, inputs) -> torch.Tensor:
+        """The model on one step's inputs (``SequenceInfo`` views): logits ``[1, T, V]``."""
+        args = {**inputs.named_args, **self.cache.tensors}
+        if self._input_names is not None:
+            args = {k: args[k] for k in self._input_names}
+        with torch.inference_mode():
+            return _logits(self.model(**args))
 
     def _commit(self, batch: ScheduledBatch, tokens: list[int]) -> list[Request]:
         now, updated = time.perf_counter(), []

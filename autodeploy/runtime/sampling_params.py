@@ -1,7 +1,8 @@
 """How one request is sampled and when it stops (vLLM semantics).
 
-Construction never raises: a bad value must fail only the request that carries it, so the engine
-calls ``check()`` when the request arrives and reports the message in that request's output.
+Construction validates every field (``ValueError`` naming the field, as vLLM does). The engine calls
+``check()`` again when a request arrives, so a field changed after construction fails only that
+request; what only the engine can know (a prompt longer than max_seq_len) is a per-request error.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        self.check()
 
     @property
     def greedy(self) -> bool:

@@ -78,6 +78,19 @@ class SequenceInfo:
             self._copied.record()
         return self._views(num_seqs, num_tokens)
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The buffer every input of a step is a view of (what the other ranks receive each step)."""
+        return self._device
+
+    def packed_size(self, num_seqs: int, num_tokens: int) -> int:
+        """Values ``build`` writes for a batch of this size (tokens, positions, metadata)."""
+        return 2 * num_tokens + num_seqs * (4 + self.max_pages_per_seq) + 1
+
+    def views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
+        """The inputs of a batch already in ``buffer`` (written by ``build`` or received from rank 0)."""
+        return self._views(num_seqs, num_tokens)
+
     def _views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
         buf, B, T, P = self._device, num_seqs, num_tokens, self.max_pages_per_seq
         sizes = {

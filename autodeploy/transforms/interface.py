@@ -174,9 +174,11 @@ def build_config(name: str, options: dict[str, Any]) -> TransformConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "key", None)
         known = [f.name for f in dataclasses.fields(cls)]
+        msg = str(e).splitlines()[0]
+        if key in known:  # a known option with a value of the wrong type
+            raise ValueError(f"args.transforms.{name}.{key}={(options or {}).get(key)!r} is not valid: {msg}") from None
         close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.5) if key else []
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        msg = str(e).splitlines()[0]
         raise ValueError(
             f"args.transforms.{name}: {msg}{hint} (options of {name}: {', '.join(known)})"
         ) from None

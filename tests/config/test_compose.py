@@ -137,8 +137,17 @@ SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS.glob("*.yaml")))
 def test_sweep_files_compose(name):
-    """Each sweeps/<name>.yaml is a primary config over ours (python launch.py -cd sweeps -cn <name>)."""
-    cfg = compose_experiment([], config_name=name, config_dir=str(SWEEPS))
-    text = (SWEEPS / f"{name}.yaml").read_text()
-    assert "hydra:" in text and "sweeper:" in text
-    assert cfg.args.transforms.compile_model.stage == "compile"  # the whole default pipeline is there
+    """Each sweeps/<name>.yaml is a primary config over ours (python launch.py -cd sweeps -cn <name>):
+    every value of every swept parameter composes one job, and each value changes that job's config."""
+    base = compose_experiment([], config_name=name, config_dir=str(SWEEPS))
+    assert base.args.transforms.compile_model.stage == "compile"  # the whole default pipeline is there
+    params = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    assert params, f"{name}.yaml sweeps nothing"
+    for key, values in params.items():
+        values = [v.strip() for v in str(values).split(",")]
+        jobs = [compose_experiment([f"{key}={v}"], config_name=name, config_dir=str(SWEEPS)) for v in values]
+        if "/" in key or key in GROUPS:  # a group: every option gives a different job
+            texts = [OmegaConf.to_yaml(job) for job in jobs]
+            assert len(set(texts)) == len(values), f"{name}: some {key} options compose the same job"
+        else:  # a key: the job has the swept value
+            assert [str(OmegaConf.select(job, key)) for job in jobs] == values

@@ -83,7 +83,7 @@ def test_precedence_matrix(layer_files, style, use_inner, use_outer, use_cli):
 
     # options of different transforms set in different files are all kept, with their siblings
     assert cfg.args.attn_backend == ("triton" if use_inner else "torch")
-    assert cfg.args.compile_backend == ("torch-compile" if use_outer else "torch-opt")
+    assert cfg.args.compile_backend == ("torch-compile" if use_outer else "auto")
     assert cfg.args.transforms.compile_model.stage == "compile"
     assert cfg.prompt.sp_kwargs.max_tokens == (7 if use_outer else 100)
     assert cfg.prompt.sp_kwargs.temperature == 1.0  # untouched sibling

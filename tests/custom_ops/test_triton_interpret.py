@@ -1,11 +1,14 @@
 """The Triton attention kernels on the CPU through Triton's interpreter (fp32, exact-ish).
 
-Skipped unless triton is importable; the interpreter must be switched on before triton loads, so
-run this file in its own process:  TRITON_INTERPRET=1 pytest tests/custom_ops/test_triton_interpret.py
+The interpreter must be switched on before triton loads: tests/conftest.py sets TRITON_INTERPRET=1
+on a machine without CUDA, so the CPU suite (``make test``, CI) runs these; triton comes with the
+dev extra. On a GPU machine the kernels are tested for real (tests/gpu/) and this file is skipped.
 """
 
 import os
+import platform
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ import torch
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("set TRITON_INTERPRET=1 to run the Triton kernels on the CPU", allow_module_level=True)
+if os.environ.get("CI") and sys.platform == "linux" and platform.machine() == "x86_64":
+    import triton  # noqa: F401 - in CI (dev extra installed) a missing triton is a failure, not a skip
 pytest.importorskip("triton")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
@@ -25,7 +30,7 @@ from autodeploy.custom_ops.cached_attention import triton_kernels as tk  # noqa:
 @pytest.mark.parametrize("case", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
 def test_triton_op_matches_reference(case):
     _, seqs, H, KV, D, ps, window, cap = case
-    batch = make_batch(seqs, H, KV, D, ps, generator=torch.Generator().manual_seed(hash(case[0]) % 1000))
+    batch = make_batch(seqs, H, KV, D, ps, generator=torch.Generator().manual_seed(zlib.crc32(case[0].encode())))  # str hash() varies per process
     scale = D**-0.5
     ref, kc_ref, vc_ref = reference(batch, scale, window, cap)
     op = get_backend("triton").op()

@@ -62,6 +62,10 @@ def _checkpoint(factory) -> SafetensorsCheckpoint:
     ("model.layers.0.mlp.experts.down_proj", (2, 48, 96)),
     ("model.layers.0.mlp.experts.down_proj", (-1, 0, 8)),
     ("model.embed_tokens.weight", (0, 256, 512)),
+    # expert x tensor parallel: a rank's experts, and within them its rows of gate and of up
+    ("model.layers.1.mlp.experts.gate_up_proj", [(0, 1, 3), (1, 0, 48), (1, 96, 144)]),
+    ("model.layers.0.mlp.experts.down_proj", [(0, 2, 4), (2, 48, 96)]),
+    ("model.layers.0.self_attn.q_proj.weight", [(0, 0, 16), (0, 32, 48), (1, 8, 40)]),
 ])
 def test_slice_reads_equal_the_full_tensor_sliced(key, spec, hf_models):
     factory = ModelFactory("tiny_mixtral")
@@ -70,7 +74,10 @@ def test_slice_reads_equal_the_full_tensor_sliced(key, spec, hf_models):
     assert ckpt.shape(key) == list(full.shape)
     assert torch.equal(ckpt.read(key), full)
     ranges = [spec] if isinstance(spec, tuple) else spec
-    expected = torch.cat([full.narrow(d, s, e - s) for d, s, e in ranges], dim=ranges[0][0])
+    expected = full
+    for dim in sorted({d % full.dim() for d, _, _ in ranges}):  # ranges of one dim concatenate; dims combine
+        index = torch.cat([torch.arange(s, e) for d, s, e in ranges if d % full.dim() == dim])
+        expected = expected.index_select(dim, index)
     assert torch.equal(ckpt.read(key, spec), expected)
 
 

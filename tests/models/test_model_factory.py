@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def test_registry_and_create_from_args():
     assert "AutoModelForCausalLM" in FACTORIES
     factory = create_factory({"model": "tiny_llama", "model_factory": "AutoModelForCausalLM", "max_seq_len": 64})
     assert isinstance(factory, ModelFactory) and factory.max_seq_len == 64
-    with pytest.raises(ValueError, match=r"unknown model_factory 'AutoModelForCausalLm'.*did you mean AutoModelForCausalLM"):
+    with pytest.raises(ValueError, match=r"unknown args.model_factory 'AutoModelForCausalLm'.*did you mean AutoModelForCausalLM"):
         get_factory_class("AutoModelForCausalLm")
     with pytest.raises(ValueError, match=r"known: AutoModelForCausalLM"):
         create_factory({"model": "tiny_llama", "model_factory": "Nope"})
@@ -148,8 +149,19 @@ def test_bad_dtype():
 
 
 def test_bad_model_names(tmp_path):
-    with pytest.raises(ModelResolutionError, match=r"'no-such-org/no-such-model' is not a local directory, not a card \(.*tiny_llama.*llama3_8b"):
+    # tests run with HF_HUB_OFFLINE=1 (tests/conftest.py): an uncached hub id fails at once
+    t0 = time.perf_counter()
+    with pytest.raises(ModelResolutionError, match=r"'no-such-org/no-such-model' is not a card \(.*tiny_llama.*llama3_8b.*"
+                       r"nor a local directory, and HF_HUB_OFFLINE=1 with no cached copy"):
         ModelFactory("no-such-org/no-such-model")
+    assert time.perf_counter() - t0 < 2
+    with pytest.raises(ModelResolutionError, match=r"unknown model 'tiny-llama': did you mean tiny_llama\?"):
+        ModelFactory("tiny-llama")
+    with pytest.raises(ModelResolutionError, match=r"did you mean llama3_8b\?"):
+        ModelFactory("llama3-8b")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelResolutionError, match="is a file, not a directory"):
+        ModelFactory(str(tmp_path / "config.json"))
     with pytest.raises(ModelResolutionError, match="does not exist"):
         ModelFactory(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
@@ -171,3 +183,44 @@ def test_tokenizer_from_dir_with_kwargs_and_override(tiny_dirs, tmp_path):
         shutil.copy(tiny_dirs["tiny_mixtral"] / f, tok_dir / f)
     tok = ModelFactory("llama3_8b", tokenizer=str(tok_dir)).init_tokenizer()
     assert tok is not None and tok.decode(tok("round trip").input_ids, skip_special_tokens=True) == "round trip"
+
+
+def test_hub_ids_take_the_ordinary_path_or_the_local_cache(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from autodeploy.models import factory as factory_mod
+
+    # the hub reachable: a hub id goes through the ordinary HF loading path
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(factory_mod, "hub_reachable", lambda: True)
+    assert factory_mod.resolve_model("some-org/some-model") == factory_mod.ModelSource("hub", "some-org/some-model",
+                                                                                       "some-org/some-model")
+    # unreachable (or offline): the copy in the HF cache, as offline transformers would load it
+    snapshot = tmp_path / "models--some-org--some-model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--some-org--some-model" / "refs").mkdir()
+    (tmp_path / "models--some-org--some-model" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(factory_mod, "hub_reachable", lambda: False)
+    source = factory_mod.resolve_model("some-org/some-model")
+    assert source.kind == "dir" and source.local_dir == snapshot
+    with pytest.raises(ModelResolutionError, match=r"the hub \(https://.*\) is unreachable with no cached copy"):
+        factory_mod.resolve_model("some-org/other-model")
+
+
+def test_hub_probe_fails_fast_without_retries(monkeypatch):
+    from autodeploy.models import factory as factory_mod
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(factory_mod, "_hub_endpoint", lambda: "https://hub.invalid")  # never resolves
+    factory_mod.hub_reachable.cache_clear()
+    t0 = time.perf_counter()
+    assert factory_mod.hub_reachable() is False
+    assert time.perf_counter() - t0 < 5
+    factory_mod.hub_reachable.cache_clear()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # behind a proxy we cannot tell: assume yes
+    assert factory_mod.hub_reachable() is True
+    factory_mod.hub_reachable.cache_clear()

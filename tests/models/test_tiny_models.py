@@ -22,12 +22,20 @@ def _digests(directory: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
-def test_build_is_deterministic(name, tmp_path, tiny_dirs):
+def test_build_is_deterministic(name, tmp_path, tiny_dirs, monkeypatch):
     # the cached copy may come from another process (other worker, earlier run): same files
     fresh = build_tiny_model(name, tmp_path / "fresh")
     assert _digests(fresh) == _digests(tiny_dirs[name])
-    assert spec_hash(name) == spec_hash(name)
-    assert tiny_dirs[name].name == f"{name}-{spec_hash(name)}"
+    key = spec_hash(name)
+    assert tiny_dirs[name].name == f"{name}-{key}"
+    # the cache key follows what the files depend on: a changed spec or library version is a new directory
+    monkeypatch.setitem(TINY_SPECS, name, {**TINY_SPECS[name], "seed": TINY_SPECS[name]["seed"] + 1})
+    assert spec_hash(name) != key
+    monkeypatch.undo()
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "0.0.1")
+    assert spec_hash(name) != key
 
 
 def test_parallel_first_use_builds_one_valid_copy(tmp_path):

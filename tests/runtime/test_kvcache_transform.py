@@ -103,12 +103,18 @@ def test_resize_kv_cache_config_checks_ratio():
         build_config("resize_kv_cache", {"stage": "cache_init", "free_mem_ratio": 1.5})
 
 
-def test_unknown_backend_fails_before_model_work(toy):
-    from autodeploy.transforms.interface import TransformError
+def test_unknown_backend_fails_before_model_work(monkeypatch):
+    """At config time: composing the experiment fails; no model is built or exported."""
+    from autodeploy.config import ConfigError, compose_experiment
+    from autodeploy.models.factory import ModelFactory
 
-    ctx = BuildContext(cache=CacheInterface(2, 16, None, 4, "cpu"))
-    with pytest.raises(TransformError, match="unknown attention backend 'torhc'.*did you mean torch"):
-        InferenceOptimizer({"insert_cached_attention": {"stage": "cache_init", "backend": "torhc"}})(ctx, model=toy.export())
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("model work started")
+
+    monkeypatch.setattr(ModelFactory, "__init__", no_model_work)
+    for argv in (["args.attn_backend=torhc"], ["args.transforms.insert_cached_attention.backend=torhc"]):
+        with pytest.raises(ConfigError, match="unknown attention backend 'torhc'.*did you mean torch"):
+            compose_experiment(argv)
 
 
 def test_uncached_attention_left_in_the_graph_fails_the_build(toy):

@@ -1,4 +1,5 @@
-"""``build_model`` (stage factory): the HF model from ``ctx.factory``, on meta by default."""
+"""``build_model`` (stage factory): the HF model from ``ctx.factory``, on meta by default, checked
+against the checkpoint's tensor headers (``ModelFactory.check_checkpoint_fits``)."""
 
 from __future__ import annotations
 
@@ -24,4 +25,5 @@ class BuildModel(BaseTransform):
         if ctx.factory is None:
             raise RuntimeError("build_model needs ctx.factory (a ModelFactory)")
         built = ctx.factory.build_model(device=self.config.device)
+        ctx.factory.check_checkpoint_fits(built)  # a misfit fails here, before export, naming the model_kwargs
         return built, TransformInfo(num_matches=1, note=f"{type(built).__name__} on {self.config.device}")

@@ -1,9 +1,11 @@
-"""``compile_model`` (stage compile): torch-simple | torch-compile | torch-cudagraph | torch-opt.
+"""``compile_model`` (stage compile): torch-simple | torch-compile | torch-cudagraph | torch-opt | auto.
 
 The result is called like the GraphModule (same keyword inputs), so the engine does not care
 which backend ran. CUDA-graph backends capture decode-only batches (see ``compile/cudagraph.py``
 for the padding rules) when the cache manager (``ctx.cache``) already holds its tensors, else on
-the first decode step. On a CPU device they fall back to torch-simple with one warning.
+the first decode step. ``auto`` picks torch-opt on CUDA and torch-simple on the CPU. A run that
+chooses a CUDA-graph backend for the CPU stops at config time (``config/preflight.py``); called
+directly on a CPU device, they fall back to torch-simple with one warning.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class CompileModel(BaseTransform):
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
         )
         if used == "torch-simple":
-            note = "torch-simple: graph runs as is" + (f" ({backend} needs CUDA)" if backend != used else "")
+            fell_back = backend not in (used, "auto")
+            note = "torch-simple: graph runs as is" + (f" ({backend} needs CUDA)" if fell_back else "")
             return compiled, TransformInfo(num_matches=0, is_clean=True, note=note)
         note = used
         if used in ("torch-cudagraph", "torch-opt"):

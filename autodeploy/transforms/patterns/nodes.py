@@ -119,15 +119,6 @@ def single_user(node: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 else None
 
 
-def getitem_users(node: fx.Node) -> dict[int, fx.Node]:
-    """``{index: getitem node}`` of a node that returns a tuple."""
-    out = {}
-    for user in node.users:
-        if user.op == "call_function" and user.target is operator.getitem:
-            out[user.args[1]] = user
-    return out
-
-
 def getitem_source(node: Any, index: int, op: Any) -> Optional[fx.Node]:
     """If ``node`` is ``getitem(op(...), index)`` return the op node."""
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
@@ -137,13 +128,6 @@ def getitem_source(node: Any, index: int, op: Any) -> Optional[fx.Node]:
     return None
 
 
-def strip_casts(node: Any) -> Any:
-    """Follow dtype casts (``to``/``_to_copy``) back to the tensor they cast."""
-    while isinstance(node, fx.Node) and is_op(node, CAST_OPS):
-        node = node.args[0]
-    return node
-
-
 def commutative_operands(node: fx.Node) -> list[tuple[Any, Any]]:
     a, b = node.args[0], node.args[1]
     return [(a, b), (b, a)]
@@ -151,18 +135,6 @@ def commutative_operands(node: fx.Node) -> list[tuple[Any, Any]]:
 
 def node_order(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
-
-
-def ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
 
 
 def fake_mode_of(gm: fx.GraphModule):

@@ -1,0 +1,110 @@
+"""Checks a run makes before any model work: the device and its GPU-only choices, the model, its
+``model_kwargs`` and whether there is a checkpoint to load.
+
+One rule for GPU-only choices: the defaults fit the device (``args.device=auto``, the compile
+backend ``auto``, the ``torch`` attention backend), and a GPU-only choice made for a run without a
+CUDA device is a ``ConfigError`` naming the option and what to use instead. ``--dry-run``,
+``--cfg job`` and ``plan_only`` do no model work and skip these checks, so a GPU experiment still
+composes and plans on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from omegaconf import DictConfig
+
+from .errors import ConfigError
+
+
+def preflight(cfg: DictConfig) -> Any:
+    """Check the device choices and the model; returns the ModelFactory that the checks built."""
+    check_device_choices(cfg.args)
+    return check_model(cfg.args)
+
+
+def run_device(args: Any) -> str:
+    """The device type the run will use: ``cuda`` or ``cpu`` (``args.device=auto`` picks)."""
+    import torch
+
+    name = str(args.device)
+    has_cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not has_cuda:
+            raise ConfigError(f"args.device={name} but this machine has no CUDA device: use args.device=auto or cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"args.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return "cuda"
+    return name
+
+
+def _enabled(args: Any, name: str) -> DictConfig | None:
+    options = args.transforms.get(name)
+    return options if isinstance(options, DictConfig) and options.get("enabled", True) else None
+
+
+def check_device_choices(args: Any) -> None:
+    from autodeploy.compile import GPU_ONLY_BACKENDS
+
+    device = run_device(args)
+    if device == "cuda":
+        _check_attention_backend(args, device)
+        return
+    compile_model = _enabled(args, "compile_model")
+    if compile_model is not None and compile_model.backend in GPU_ONLY_BACKENDS:
+        backend = compile_model.backend
+        raise ConfigError(
+            f"transforms/compile={backend} (args.compile_backend) needs a CUDA GPU and this run's device is "
+            f"{device}: use transforms/compile=auto (torch-simple on the CPU) or torch-compile"
+        )
+    _check_attention_backend(args, device)
+
+
+def _check_attention_backend(args: Any, device: str) -> None:
+    from autodeploy.custom_ops.cached_attention import get_backend
+
+    attention = _enabled(args, "insert_cached_attention")
+    if attention is None:
+        return
+    name = attention.backend
+    interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # Triton on the CPU (tests)
+    try:
+        get_backend(name)  # unknown names fail earlier, in validate_transforms
+        missing = None
+    except RuntimeError as e:  # not installed / not usable here: the message names the extra
+        missing = str(e)
+    if device != "cuda" and name != "torch" and not interpreted:
+        extra = " and the flashinfer package (pip install autodeploy[gpu])" if missing and "autodeploy[gpu]" in missing else ""
+        raise ConfigError(
+            f"backend={name} (args.attn_backend) needs a CUDA GPU{extra} and this run's device is {device}: "
+            "use backend=torch on the CPU"
+        )
+    if missing:
+        raise ConfigError(f"backend={name} (args.attn_backend): {missing}")
+
+
+def check_model(args: Any) -> Any:
+    """Resolve the model, read its config with ``model_kwargs`` applied (unknown keys fail), and check
+    that there are weights to load unless ``skip_loading_weights``."""
+    from autodeploy.models.checkpoint import CheckpointError, find_checkpoint_files
+    from autodeploy.models.factory import create_factory
+
+    factory = create_factory(args)  # ModelResolutionError / ConfigError name the problem
+    if args.skip_loading_weights:
+        return factory
+    if factory.source.kind == "card":
+        raise ConfigError(
+            f"model {factory.model} is a shape card without weights: set args.skip_loading_weights=true "
+            "(random weights) or pass --model DIR (a local HF checkpoint)"
+        )
+    if factory.source.local_dir is not None:
+        try:
+            find_checkpoint_files(factory.source.local_dir)
+        except CheckpointError as e:
+            raise ConfigError(f"{e}; set args.skip_loading_weights=true for random weights") from None
+    return factory

@@ -1,0 +1,1 @@
+"""Multi-rank runs: rank environments, process groups, collective ops, spawned workers."""

@@ -1,0 +1,85 @@
+"""Process groups and the collective ops that sharding inserts into the graph.
+
+``autodeploy::all_reduce(x, group)`` (sum) and ``autodeploy::all_gather(x, dim, group)`` are
+out-of-place custom ops with fake kernels, so sharded graphs still shape-propagate on meta and
+re-export. ``group`` names the participating ranks, e.g. ``"0,1"``; every rank creates the same
+groups in the same order (``ensure_groups``) before the first forward, as torch.distributed
+requires. The size of a group is read from its name, so a plan computed on meta without any
+process group (plan-only mode) still gets the right shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+_GROUPS: dict[str, "dist.ProcessGroup"] = {}
+
+
+def group_name(ranks: Sequence[int]) -> str:
+    return ",".join(str(int(r)) for r in ranks)
+
+
+def group_ranks(name: str) -> list[int]:
+    return [int(r) for r in name.split(",")]
+
+
+def ensure_groups(names: Iterable[str]) -> None:
+    """Create the process groups named in a sharding plan (collective: every rank, same order)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    for name in sorted(set(names), key=lambda n: (len(n), n)):
+        if name in _GROUPS:
+            continue
+        ranks = group_ranks(name)
+        _GROUPS[name] = dist.group.WORLD if ranks == list(range(world)) else dist.new_group(ranks)
+
+
+def get_group(name: str) -> "dist.ProcessGroup":
+    if name not in _GROUPS:
+        if not dist.is_initialized():
+            raise RuntimeError(f"collective over ranks {name} but torch.distributed is not initialized")
+        if group_ranks(name) != list(range(dist.get_world_size())):
+            raise RuntimeError(f"process group {name!r} was not created (ensure_groups)")
+        _GROUPS[name] = dist.group.WORLD
+    return _GROUPS[name]
+
+
+def reset_groups() -> None:
+    _GROUPS.clear()
+
+
+@torch.library.custom_op("autodeploy::all_reduce", mutates_args=())
+def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Sum of ``x`` over the ranks of ``group``."""
+    out = x.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=get_group(group))
+    return out
+
+
+@all_reduce.register_fake
+def _all_reduce_fake(x, group):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("autodeploy::all_gather", mutates_args=())
+def all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """The ranks' ``x`` concatenated along ``dim`` in rank order (equal shapes on every rank)."""
+    pg = get_group(group)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(parts, x, group=pg)
+    return torch.cat(parts, dim=dim)
+
+
+@all_gather.register_fake
+def _all_gather_fake(x, dim, group):
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * len(group_ranks(group))
+    return x.new_empty(shape)
+
+
+COLLECTIVE_OPS = (torch.ops.autodeploy.all_reduce.default, torch.ops.autodeploy.all_gather.default)

@@ -1,0 +1,172 @@
+"""Run sharding cases on real gloo ranks (spawned processes) and bring rank 0's findings back.
+
+Each case builds a model's graph on every rank (the real factory and checkpoint loader for the
+tiny models, the HF module's own weights for the ``hf_zoo`` architectures), shards it for that
+rank, runs it on fixed inputs and records: the logits, every rank's parameter count, the plan,
+and a negative control (the same graph with its collectives removed). One spawn runs many cases,
+so the ranks pay their start-up once.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import multiprocessing
+import socket
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+TESTS = Path(__file__).resolve().parents[1]
+SHAPES = [(1, 1), (2, 7), (3, 16), (1, 33)]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    model: str  # a tiny card (tiny_llama, ...) or "zoo:<variant>" (tests/transforms/hf_zoo.py)
+    overrides: tuple[str, ...] = ()
+    manual: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def inputs(vocab: int, batch: int, seq: int):
+    gen = torch.Generator().manual_seed(batch * 100 + seq)
+    return torch.randint(3, vocab, (batch, seq), generator=gen), torch.arange(seq).expand(batch, seq).contiguous()
+
+
+def run_cases(world: int, cases: list[Case], timeout: float = 900.0) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, cases, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        payload = queue.get()  # rank 0's results (or its traceback), read before the ranks exit
+    finally:
+        for p in procs:
+            p.join(timeout)
+            if p.is_alive():
+                p.kill()
+    if isinstance(payload, str):
+        raise RuntimeError(f"ranks failed: {[(r, p.exitcode) for r, p in enumerate(procs)]}\n{payload}")
+    return torch.load(io.BytesIO(payload), weights_only=False)
+
+
+def _rank_main(rank: int, world: int, port: int, cases: list[Case], queue) -> None:
+    sys.path[:0] = [str(TESTS / "transforms"), str(TESTS / "distributed")]
+    import torch.distributed as dist
+
+    from autodeploy.distributed.env import RankEnv
+    from autodeploy.distributed.ranks import _init_group, _store
+
+    torch.manual_seed(0)
+    env = RankEnv(rank, world, rank, "127.0.0.1", port, "spawn")
+    try:
+        _init_group(env, _store(env), torch.device("cpu"))
+        results = {case.id: _run_case(case, rank, world) for case in cases}
+        if rank == 0:
+            buffer = io.BytesIO()
+            torch.save(results, buffer)
+            queue.put(buffer.getvalue())
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        if rank == 0:
+            queue.put(traceback.format_exc())
+        raise
+
+
+def _run_case(case: Case, rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    gm, reference, vocab, plan, report = _build(case, rank, world)
+    out = {"logits": [], "reference": [], "error": None}
+    with torch.no_grad():
+        for batch, seq in SHAPES:
+            ids, pos = inputs(vocab, batch, seq)
+            out["logits"].append(gm(ids, pos))
+            if rank == 0:
+                out["reference"].append(reference(ids, pos))
+        counts = [None] * world
+        dist.all_gather_object(counts, sum(p.numel() for p in gm.parameters()))
+        out["param_counts"] = counts
+        out["rows"] = [r.to_dict() for r in plan.rows()] if plan is not None else []
+        out["summary"] = plan.summary() if plan is not None else None
+        out["report"] = report
+        out["collectives"] = [str(n.target) for n in gm.graph.nodes if "autodeploy.all_" in str(n.target)]
+        # negative control: the same graph without its all-reduces (or, if it has none, its all-gathers)
+        broken = copy.deepcopy(gm)
+        kinds = {n.target for n in broken.graph.nodes if "autodeploy.all_" in str(n.target)}
+        drop = [t for t in kinds if "all_reduce" in str(t)] or list(kinds)
+        for n in list(broken.graph.nodes):
+            if n.target in drop:
+                n.replace_all_uses_with(n.args[0])
+                broken.graph.erase_node(n)
+        broken.recompile()
+        try:
+            ids, pos = inputs(vocab, 2, 7)
+            out["without_collectives"] = broken(ids, pos)
+        except Exception as e:  # noqa: BLE001 - a shape error is a failure too
+            out["without_collectives"] = f"{type(e).__name__}: {e}"
+        dist.barrier()
+    return out
+
+
+def _build(case: Case, rank: int, world: int):
+    from omegaconf import OmegaConf
+
+    from autodeploy.config import compose_experiment
+    from autodeploy.models.factory import create_factory
+    from autodeploy.transforms.interface import BuildContext, Stage
+    from autodeploy.transforms.optimizer import InferenceOptimizer
+
+    overrides = [f"args.world_size={world}", "args.device=cpu", "args.dtype=float32", *case.overrides]
+    if case.model.startswith("zoo:"):
+        return _build_zoo(case.model[4:], overrides, rank, world)
+    cfg = compose_experiment([f"model={case.model}", *overrides], check_transforms=False)
+    transforms = OmegaConf.to_container(cfg.args.transforms, resolve=True)
+    transforms = {k: v for k, v in transforms.items() if Stage.parse(v["stage"]) <= Stage.WEIGHT_LOAD}
+    factory = create_factory(cfg.args)
+    ctx = BuildContext(args=cfg.args, factory=factory, rank=rank, world_size=world)
+    optimizer = InferenceOptimizer(transforms)
+    gm = optimizer(ctx)
+    reference = None
+    if rank == 0:
+        hf = factory.build_model("cpu")
+        factory.load_weights(hf, "cpu")
+
+        def reference(ids, pos):
+            return hf(input_ids=ids, position_ids=pos).logits
+
+    return gm, reference, factory.config.vocab_size, ctx.shared.get("sharding_plan"), [r.to_dict() for r in optimizer.report]
+
+
+def _build_zoo(name: str, overrides: list[str], rank: int, world: int):
+    from omegaconf import OmegaConf
+
+    from hf_zoo import PATTERN_PIPELINE, FakeFactory, build_hf_model, export
+
+    from autodeploy.config import compose_experiment
+    from autodeploy.transforms.interface import BuildContext
+    from autodeploy.transforms.optimizer import InferenceOptimizer
+
+    cfg = compose_experiment(overrides, check_transforms=False)
+    transforms = OmegaConf.to_container(cfg.args.transforms, resolve=True)
+    pipeline = {**PATTERN_PIPELINE, "detect_sharding": transforms["detect_sharding"],
+                "sharding_transform_executor": transforms["sharding_transform_executor"]}
+    hf = build_hf_model(name)
+    gm = export(hf)
+    ctx = BuildContext(args=cfg.args, factory=FakeFactory(hf.config), rank=rank, world_size=world)
+    optimizer = InferenceOptimizer(pipeline)
+    gm = optimizer(ctx, gm)  # the zoo graphs hold their weights: the executor slices them in place
+
+    def reference(ids, pos):
+        return hf(input_ids=ids, position_ids=pos).logits
+
+    return gm, reference, hf.config.vocab_size, ctx.shared.get("sharding_plan"), [r.to_dict() for r in optimizer.report]

@@ -1,0 +1,156 @@
+"""Multi-rank runs as a user starts them (CPU, gloo): ``LLM(world_size=N)``, ``launch.py``, torchrun,
+and faults (a worker killed mid-generation, a worker that raises) that end the run cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from autodeploy import LLM, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = [[1, 5, 9, 22, 41, 7], [1] + [100] * 12, [1, 3, 4]]
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+CPU = dict(device="cpu", dtype="float32", max_batch_size=4, max_seq_len=64, attn_page_size=16,
+           compile_backend="torch-simple")
+
+
+def _hf_greedy(name: str, prompt: list[int], n: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    from autodeploy.models.tiny import ensure_tiny_model
+
+    hf = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(name), dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name,world,extra", [
+    ("tiny_llama", 2, {}),
+    ("tiny_mixtral", 2, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep"]}}}),
+    ("tiny_hybrid", 2, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep", "bmm", "ssm"]}}}),
+    ("tiny_mixtral", 4, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep"], "process_grid": {"ep": 2, "tp": 2}}}}),
+])
+def test_llm_api_greedy_equals_hf_generate(name, world, extra):
+    with LLM(name, world_size=world, **CPU, **extra) as llm:
+        procs = list(llm.ranks.procs)
+        assert len(procs) == world - 1 and all(p.is_alive() for p in procs)
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert any(r.strategy != "replicate" for r in llm.sharding_plan.rows())
+    assert [o.token_ids for o in outs] == [_hf_greedy(name, p, 6) for p in PROMPTS]
+    assert not any(p.is_alive() for p in procs)  # the context manager ended the workers
+
+
+def _launch(args: list[str], env_extra: dict | None = None, timeout: float = 300, module: list[str] | None = None):
+    env = {**os.environ, **(env_extra or {})}
+    cmd = [sys.executable, *(module or []), "launch.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+COMMON = ["model=tiny_llama", "args.device=cpu", "transforms/compile=torch-simple", "prompt=greedy",
+          "prompt.sp_kwargs.max_tokens=8", "prompt.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def single_rank_tokens(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ws1")
+    proc = _launch([*COMMON, f"hydra.run.dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [g["token_ids"] for g in json.loads((out / "results.json").read_text())["generations"]]
+
+
+def test_launch_spawns_its_ranks(tmp_path, single_rank_tokens):
+    # the seed's flag style: --args.world-size=2
+    proc = _launch([*COMMON, "--args.world-size=2", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [g["token_ids"] for g in results["generations"]] == single_rank_tokens
+    assert results["sharding_summary"]["world_size"] == 2
+    assert {r["strategy"] for r in results["sharding_plan"]} == {"colwise", "rowwise", "gather"}
+    assert "sharding plan for world_size 2" in proc.stderr + proc.stdout
+
+
+def test_torchrun_ranks_are_joined_not_spawned(tmp_path, single_rank_tokens):
+    proc = _launch([*COMMON, "args.world_size=2", f"hydra.run.dir={tmp_path}"],
+                   module=["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [g["token_ids"] for g in results["generations"]] == single_rank_tokens
+    assert "2 ranks (torchrun)" in proc.stderr + proc.stdout
+    # rank 0 alone writes the run folder
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["launch.log", "results.json"] \
+        or (tmp_path / "results.json").exists()
+
+
+def _alive_with_marker(marker: str) -> list[int]:
+    pids = []
+    for env_file in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in env_file.read_bytes():
+                pids.append(int(env_file.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _worker_pids(parent: int) -> list[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_a_killed_worker_ends_the_run(tmp_path):
+    marker = f"AUTODEPLOY_TEST_MARK={uuid.uuid4()}"
+    key, value = marker.split("=")
+    args = ["model=tiny_llama", "args.device=cpu", "transforms/compile=torch-simple", "args.world_size=2",
+            "prompt.batch_size=4", "prompt.sp_kwargs.max_tokens=400", "prompt.sp_kwargs.ignore_eos=true",
+            "args.max_seq_len=512", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, env={**os.environ, key: value},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # wait until the ranks are generating
+            lines.append(line)
+            if "built in" in line:
+                break
+        time.sleep(2.0)
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 1, "".join(lines)
+        os.kill(workers[0], signal.SIGKILL)
+        killed = time.monotonic()
+        rest, _ = proc.communicate(timeout=90)
+        elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + rest
+    assert proc.returncode not in (0, None)
+    assert elapsed < 60
+    assert "rank 1 died (killed by SIGKILL)" in output
+    assert not (tmp_path / "results.json").exists()
+    time.sleep(1.0)
+    assert _alive_with_marker(marker) == []
+
+
+def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
+    marker = f"AUTODEPLOY_TEST_MARK={uuid.uuid4()}"
+    key, value = marker.split("=")
+    t0 = time.monotonic()
+    proc = _launch([*COMMON, "args.world_size=2", f"hydra.run.dir={tmp_path}"],
+                   env_extra={"AUTODEPLOY_TEST_RAISE_ON_RANK": "1", key: value}, timeout=120)
+    assert proc.returncode not in (0, None)
+    assert time.monotonic() - t0 < 120
+    output = proc.stdout + proc.stderr
+    assert "rank 1 failed: RuntimeError: injected failure on rank 1" in output
+    time.sleep(1.0)
+    assert _alive_with_marker(marker) == []
