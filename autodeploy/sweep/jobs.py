@@ -20,11 +20,10 @@ FAILURE_FILE = "failure.json"
 
 def process_rank() -> int:
     """This process's rank when an external launcher started several (torchrun, SLURM tasks)."""
-    for var in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
+    from autodeploy.distributed.env import detect
+
+    env = detect()
+    return 0 if env is None else env.rank
 
 
 def describe(error: BaseException) -> str:

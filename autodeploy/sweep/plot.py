@@ -52,7 +52,8 @@ def _bars(ax, summary: Summary) -> None:
     groups = list(dict.fromkeys(_label(r, x_keys, with_keys=False) for r in summary.rows))
     hues = list(dict.fromkeys(r.values().get(hue_key, "-") for r in summary.rows)) if hue_key else [None]
     width = 0.8 / len(hues)
-    top = max([r.metrics[metric] for r in summary.rows if metric in r.metrics] or [1.0])
+    unit = 2**30 if metric and metric.startswith("bytes") else 1  # bytes are shown in GiB
+    top = max([r.metrics[metric] / unit for r in summary.rows if metric in r.metrics] or [1.0])
     for h, hue in enumerate(hues):
         color = f"C{h}"
         labelled = False
@@ -60,7 +61,7 @@ def _bars(ax, summary: Summary) -> None:
             if hue_key and row.values().get(hue_key, "-") != hue:
                 continue
             x = groups.index(_label(row, x_keys, with_keys=False)) + (h - (len(hues) - 1) / 2) * width
-            value = row.metrics.get(metric) if metric else None
+            value = row.metrics[metric] / unit if metric in row.metrics else None
             if value is None:  # a failed job (or one without this metric) is marked, not dropped
                 ax.text(x, top * 0.02, row.status if row.status != "ok" else "n/a", rotation=90, ha="center",
                         va="bottom", color="red" if row.status != "ok" else "gray", fontsize=9)
@@ -74,7 +75,7 @@ def _bars(ax, summary: Summary) -> None:
     ax.set_xlabel(", ".join(_short(k) for k in x_keys) or "job")
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylim(0, top * 1.15)
-    ax.set_ylabel(metric or "no job reported a metric")
+    ax.set_ylabel(f"{metric} (GiB)" if unit > 1 else metric or "no job reported a metric")
     ax.set_title(f"{metric or 'status'} per job ({summary.counts()})")
     if hue_key:
         ax.legend(fontsize=8)

@@ -30,7 +30,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("bytes_per_rank", "sharding_summary.bytes_per_rank_max"),
 )
 # The picture's metric when none is chosen: the first one any job has.
-PREFERRED_METRICS = ("decode_tok_s", "output_tok_s", "tpot_p50_ms", "ttft_p50_ms", "build_s")
+PREFERRED_METRICS = ("decode_tok_s", "output_tok_s", "tpot_p50_ms", "ttft_p50_ms", "bytes_per_rank", "build_s")
 SKIP_DIRS = {".submitit", "wandb"}
 
 
@@ -174,8 +174,10 @@ def write(summary: Summary) -> Summary:
     return summary
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4g}"
+def _fmt(value: float | None, column: str = "") -> str:
+    if value is None:
+        return ""
+    return f"{value / 2**30:.4g} GiB" if column.startswith("bytes") else f"{value:.4g}"
 
 
 def _write_csv(summary: Summary, path: Path) -> Path:
@@ -207,7 +209,7 @@ def _write_md(summary: Summary, path: Path, png: Path | None) -> Path:
     for r in summary.rows:
         values = r.values() if summary.swept_keys else {"overrides": " ".join(r.overrides)}
         cells = ["" if r.job is None else r.job, *(values.get(k, "") for k in keys), r.status,
-                 *(_fmt(r.metrics.get(c)) for c in metric_cols), r.error]
+                 *(_fmt(r.metrics.get(c), c) for c in metric_cols), r.error]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     if png is not None:
         lines += ["", f"![{summary.metric or 'status'} per job]({png.name})"]

@@ -1,14 +1,13 @@
 """Sweeps of multi-rank jobs on CPU (gloo): a job spawns its ranks itself, or SLURM starts one task
-per rank; only rank 0 writes results. Skipped until autodeploy.distributed (sharding) exists."""
+per rank; only rank 0 writes results. And the process_grid sweep file, planned on meta."""
 
 import os
 
 import pytest
 
 import fake_slurm
-from sweep_helpers import FAST, launch, results, show, summary_rows
+from sweep_helpers import FAST, ROOT, assert_png, launch, results, show, summary_rows
 
-pytest.importorskip("autodeploy.distributed", reason="multi-rank runs need autodeploy.distributed (the sharding issue)")
 pytestmark = pytest.mark.slow
 
 
@@ -33,3 +32,20 @@ def test_slurm_tasks_are_the_ranks(tmp_path):
     assert not list(sweep.rglob("failure.json"))
     assert results(sweep / "0")["sharding_summary"]["world_size"] == 2
     assert [r["status"] for r in summary_rows(sweep)] == ["ok"]
+
+
+def test_process_grid_sweep_file_plans_every_grid(tmp_path):
+    """sweeps/process_grid.yaml with plan_only=true: the four grids of 4 ranks, planned on meta (no
+    GPUs), one row each with its bytes per rank."""
+    sweep = tmp_path / "sweep"
+    proc = launch(tmp_path, "-cd", str(ROOT / "sweeps"), "-cn", "process_grid", "model=tiny_mixtral", "plan_only=true",
+                  f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, show(proc)
+    rows = summary_rows(sweep)
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    grids = [results(sweep / str(n))["config"]["args"]["transforms"]["detect_sharding"] for n in range(4)]
+    assert [(g["sharding_dims"], g["process_grid"]) for g in grids] == [
+        (["tp", "ep"], {"ep": 4}), (["tp", "ep"], {"ep": 2, "tp": 2}), (["tp", "ep"], {"ep": 1, "tp": 4}), (["tp"], None)]
+    for n, row in enumerate(rows):
+        assert results(sweep / str(n))["sharding_summary"]["world_size"] == 4 and float(row["bytes_per_rank"]) > 0
+    assert_png(sweep / "summary.png")

@@ -124,11 +124,13 @@ def test_run_isolated_records_on_rank0_and_reraises_on_workers(tmp_path, monkeyp
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     record = run_isolated(boom, str(tmp_path / "r0"), ["a=1"], 3)
     saved = json.loads((tmp_path / "r0" / "failure.json").read_text())
     assert record["error"] == saved["error"] == "RuntimeError: rank died | details"
     assert saved["job_num"] == 3 and saved["overrides"] == ["a=1"] and "Traceback" in saved["traceback"]
-    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_PROCID", "1")  # task 1 of 2: a worker rank
+    monkeypatch.setenv("SLURM_NTASKS", "2")
     with pytest.raises(RuntimeError, match="rank died"):
         run_isolated(boom, str(tmp_path / "r1"), ["a=1"], 3)
     assert not (tmp_path / "r1").exists()  # a worker rank writes nothing
