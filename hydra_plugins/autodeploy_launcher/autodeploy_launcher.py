@@ -17,6 +17,7 @@ presets in ``autodeploy/conf/hydra/launcher/`` extend, and defines nothing witho
 # where dataclasses cannot resolve string annotations
 import logging
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,11 @@ if BaseSubmititLauncher is not None:
 
             jobs = [self._job(initial_job_idx + i, list(ov)) for i, ov in enumerate(job_overrides)]
             for job in jobs:
-                self._check_ranks(job)
+                problem = self._rank_problem(job)
+                if problem:  # a user's mistake: one line and exit 2, as the command line does
+                    log.error("%s", problem)
+                    print(f"Error: {problem}", file=sys.stderr)
+                    sys.exit(2)
             executor = self._executor()
             sweep_dir = Path(str(self.config.hydra.sweep.dir))
             sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -114,21 +119,21 @@ if BaseSubmititLauncher is not None:
             return _Job(num, overrides, job_dir, int(OmegaConf.select(cfg, "args.world_size", default=1) or 1),
                         str(OmegaConf.select(cfg, "args.device", default="auto")))
 
-        def _check_ranks(self, job: _Job) -> None:
-            """Resources are fixed for the whole sweep: a job whose world size disagrees fails here,
+        def _rank_problem(self, job: _Job) -> str | None:
+            """Resources are fixed for the whole sweep: a job whose world size disagrees is refused
             before anything is submitted, instead of hanging or sharing GPUs on the cluster."""
             p = self.params
             ranks = int(p.get("nodes") or 1) * int(p.get("tasks_per_node") or 1)
             gpus = p.get("gpus_per_node")
             what = f"job #{job.num} ({' '.join(job.overrides) or 'no overrides'}) has args.world_size={job.world_size}"
             if ranks > 1 and ranks != job.world_size:
-                raise ValueError(
-                    f"{what} but hydra/launcher={self._EXECUTOR} starts nodes x tasks_per_node = {ranks} ranks; "
-                    f"set hydra.launcher.tasks_per_node=<world_size / nodes> (launcher resources cannot vary "
-                    f"within one sweep: run one sweep per world size)")
+                return (f"{what} but hydra/launcher={self._EXECUTOR} starts nodes x tasks_per_node = {ranks} ranks; "
+                        f"set hydra.launcher.tasks_per_node=<world_size / nodes> (launcher resources cannot vary "
+                        f"within one sweep: run one sweep per world size)")
             if ranks == 1 and job.world_size > 1 and job.device != "cpu" and gpus and gpus < job.world_size:
-                raise ValueError(f"{what}, spawned on one node, but hydra.launcher.gpus_per_node={gpus}; "
-                                 f"set hydra.launcher.gpus_per_node={job.world_size} (or args.device=cpu)")
+                return (f"{what}, spawned on one node, but hydra.launcher.gpus_per_node={gpus}; "
+                        f"set hydra.launcher.gpus_per_node={job.world_size} (or args.device=cpu)")
+            return None
 
         def _executor(self) -> Any:
             import submitit

@@ -2,6 +2,7 @@
 per rank; only rank 0 writes results. And the process_grid sweep file, planned on meta."""
 
 import os
+import re
 
 import pytest
 
@@ -28,6 +29,10 @@ def test_slurm_tasks_are_the_ranks(tmp_path):
     sweep = tmp_path / "sweep"
     proc = launch(tmp_path, "-m", "hydra/launcher=slurm", "args.world_size=2", *FAST, f"hydra.sweep.dir={sweep}", env=env)
     assert proc.returncode == 0, show(proc)
+    script = next((tmp_path / "state").glob("sbatch_*.sh")).read_text()
+    flags = dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", script, re.M))
+    assert flags["ntasks-per-node"] == "2" and flags["gpus-per-node"] == "2" and flags["nodes"] == "1"
+    assert "array" not in flags  # a single job is no array
     assert [p.parent.name for p in sweep.rglob("results.json")] == ["0"]
     assert not list(sweep.rglob("failure.json"))
     assert results(sweep / "0")["sharding_summary"]["world_size"] == 2

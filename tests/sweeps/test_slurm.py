@@ -79,20 +79,6 @@ def test_fake_sbatch_runs_the_job_script_and_a_killed_job_is_recorded(tmp_path, 
     assert "oom-kill" in rows[1]["error"]
 
 
-@pytest.mark.slow
-def test_fake_sbatch_script_of_a_two_rank_job(tmp_path, slurm):
-    """args.world_size=2: two tasks, two GPUs per node (the job dies at once: only the script matters)."""
-    state, env = slurm
-    sweep = tmp_path / "sweep"
-    proc = launch(tmp_path, "-m", "hydra/launcher=slurm", "args.world_size=2", *FAST, f"hydra.sweep.dir={sweep}",
-                  env={**env, "FAKE_SLURM_KILL": "0,-"})
-    assert proc.returncode == 1, show(proc)
-    flags = dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", next(state.glob("sbatch_*.sh")).read_text(), re.M))
-    assert flags["ntasks-per-node"] == "2" and flags["gpus-per-node"] == "2" and flags["nodes"] == "1"
-    assert "array" not in flags  # a single job is no array
-    assert failure(sweep / "0")["recorded_by"] == "launcher"
-
-
 @pytest.mark.parametrize("argv,message", [
     (["hydra.launcher.nodes=2", "args.world_size=4"], "starts nodes x tasks_per_node = 8 ranks"),
     (["args.world_size=1,2"], "but hydra.launcher.gpus_per_node=1; set hydra.launcher.gpus_per_node=2"),
@@ -100,7 +86,8 @@ def test_fake_sbatch_script_of_a_two_rank_job(tmp_path, slurm):
 def test_resources_are_checked_before_anything_is_submitted(tmp_path, slurm, argv, message):
     state, env = slurm
     proc = launch(tmp_path, "-m", "hydra/launcher=slurm", *argv, f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env)
-    assert proc.returncode != 0 and message in proc.stderr, show(proc)
+    assert proc.returncode == 2 and "Error: job #" in proc.stderr and message in proc.stderr, show(proc)
+    assert "Traceback" not in proc.stderr  # one line, as for any other mistake of the user's
     assert not list(state.glob("sbatch_*.sh"))
 
 
