@@ -80,6 +80,7 @@ def _git_rev() -> str | None:
 
 def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     from .distributed.env import detect
+    from .bench.report import build_stage_times, write_artifacts
     from .llm import LLM
     from .runtime.sampling_params import SamplingParams
 
@@ -103,6 +104,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     results["transforms"] = llm.build_report
     if llm.sharding_plan is not None:
         results.update(_sharding_results(llm.sharding_plan))
+    results["build_stage_s"] = build_stage_times(llm.build_report)
 
     note = random_weights_note(cfg, llm.factory)
     if note:
@@ -137,6 +139,9 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     path = out_dir / "results.json"
     _write_json(path, results)
     log.info("results: %s", path)
+    if cfg.benchmark.enabled:
+        for kind, written in write_artifacts(results, out_dir, cfg.benchmark).items():
+            log.info("benchmark %s: %s", kind, written)
     _track(cfg, results, out_dir)
     llm.shutdown()
     return results

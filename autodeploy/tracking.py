@@ -46,13 +46,14 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def series(results: dict[str, Any]) -> dict[str, list[float]]:
-    """Per-step series of the benchmark (lists of numbers, e.g. the ITL of every decode step)."""
+    """Per-step series of the benchmark (lists of numbers, e.g. ``itl_trace.itl_ms``: the ITL of
+    every decode step), at its top level or one mapping down (not inside ``by_batch_size``)."""
     out = {}
 
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, dict):
+    def walk(node: Any, path: str, depth: int = 0) -> None:
+        if isinstance(node, dict) and depth < 2:
             for k, v in node.items():
-                walk(v, f"{path}/{k}")
+                walk(v, f"{path}/{k}", depth + 1)
         elif isinstance(node, list) and len(node) > 1 and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in node):
             out[path] = [float(x) for x in node]

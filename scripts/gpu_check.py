@@ -8,8 +8,9 @@
 2. timings at Llama-8B attention shapes (32 q heads, 8 kv heads, head_dim 128, page 64, context
    1024, batch 1/8/32): decode (median of CUDA-graph replays over 8 layers' caches, so the caches
    are not served from L2, and eager launches) and prefill, against the torch backend and, for
-   prefill, dense SDPA (flash attention, no paging) as a ceiling; a decode split sweep and a few
-   prefill tile configs.
+   prefill, dense SDPA (flash attention, no paging) as a ceiling; the triton op's prefill
+   (append + triton_prefill.varlen_attention) beside the old paged kernel; a decode split sweep
+   and a few tile configs of both prefill kernels.
 Prints a summary last and writes every number to DIR/gpu_check.json. Imports torch/triton only.
 """
 
@@ -32,6 +33,7 @@ from test_attention_backends import LARGE_CASES  # noqa: E402
 
 from autodeploy.custom_ops.cached_attention import _load_builtin, get_backend  # noqa: E402
 from autodeploy.custom_ops.cached_attention import triton_kernels as tk  # noqa: E402
+from autodeploy.custom_ops.cached_attention import triton_prefill as tp  # noqa: E402
 
 H, KV, D, PS, CTX, LAYERS = 32, 8, 128, 64, 1024, 8
 
@@ -145,6 +147,27 @@ def time_prefill(ops, batch, sweep):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     ms = triton.testing.do_bench(lambda: sdpa(q, k, v, is_causal=True), warmup=25, rep=100, return_mode="median")
     res["sdpa_dense"] = {"ms": ms, "TFLOP_s": tflops(ms)}
+    if "triton" in ops:  # the op runs append + triton_prefill.varlen_attention; the old paged kernel beside it
+        def old_paged():
+            tk.append_kv(b.k[0], b.v[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen, b.page_table)
+            return tk.prefill_attention(b.q[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen, b.page_table,
+                                        D**-0.5, 0, 0.0)
+        ms = triton.testing.do_bench(old_paged, warmup=25, rep=100, return_mode="median")
+        res["triton_old_paged"] = {"ms": ms, "TFLOP_s": tflops(ms)}
+        ref = sdpa(q, k, v, is_causal=True).transpose(1, 2).reshape(batch * CTX, H, D)
+        for bm, bn, warps, stages in ([(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2),
+                                       (64, 64, 4, 3)] if sweep else [(128, 64, 8, 3), (128, 32, 8, 3)]):
+            def fn(bm=bm, bn=bn, warps=warps, stages=stages):
+                return tp.varlen_attention(b.q[0], b.k[0], b.v[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen,
+                                           b.page_table, D**-0.5, 0, 0.0, block_m=bm, block_n=bn, num_warps=warps,
+                                           num_stages=stages)
+            key = f"triton_varlen_m{bm}_n{bn}_w{warps}_s{stages}"
+            try:
+                err = rel_err(fn(), ref)
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                res[key] = {"ms": ms, "TFLOP_s": tflops(ms), "rel_err_vs_sdpa": err}
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+                res[key] = {"error": f"{type(e).__name__}: {e}"[:200]}
     if "triton" in ops and sweep:
         tk.append_kv(b.k[0], b.v[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen, b.page_table)
         ref = sdpa(q, k, v, is_causal=True).transpose(1, 2).reshape(batch * CTX, H, D)
@@ -273,10 +296,10 @@ def main():
         print("host us/call:", {k: round(v, 1) for k, v in report["host_us"].items()})
     print(f"prefill {CTX} tokens/seq, per layer:")
     for batch, r in report["prefill"].items():
-        print(f"  bs{batch}: " + "  ".join(f"{n} {v['ms']:.3f}ms {v['TFLOP_s']:.0f}TF/s"
-                                          for n, v in r.items() if "ms" in v and not n.startswith("triton_attn")))
+        print(f"  bs{batch}: " + "  ".join(f"{n} {v['ms']:.3f}ms {v['TFLOP_s']:.0f}TF/s" for n, v in r.items()
+                                          if "ms" in v and not n.startswith(("triton_attn", "triton_varlen"))))
         for n, v in r.items():
-            if n.startswith("triton_attn"):
+            if n.startswith(("triton_attn", "triton_varlen")):
                 print(f"     {n}: " + (f"{v['ms']:.3f}ms {v['TFLOP_s']:.0f}TF/s err {v['rel_err_vs_sdpa']:.1e}"
                                           if "ms" in v else v["error"]))
 

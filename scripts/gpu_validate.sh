@@ -3,7 +3,12 @@
 # one cannot eat the others. Run from the repo root on a CUDA machine with torch, triton and
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf and antlr4 into .whl/, which this script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor]
+# The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
+#   bash scripts/gpu_validate.sh perf            # ours with/without fusions at bs 1 and 32 + the anchor (~8.5 min)
+#   bash scripts/gpu_validate.sh tests kernels hf  # GPU tests, attention kernels, HF baselines (~9 min)
+# then `python3 scripts/perf_summary.py DIR1 DIR2` prints the table of both calls' $OUT folders.
+# perf needs .anchors/hand_decode.py (a copy of ../shared/anchors/hand_decode.py, git-ignored).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_validate}
 mkdir -p "$OUT"
@@ -19,7 +24,7 @@ git rev-parse --short HEAD 2>/dev/null || true
 
 if [[ " $STEPS " == *" tests "* ]]; then
   echo "=== gpu tests"
-  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu tests/runtime/test_gpu_runtime.py \
+  timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu tests/runtime/test_gpu_runtime.py \
     2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
 fi
 
@@ -59,4 +64,102 @@ fi
 if [[ " $STEPS " == *" anchor "* ]] && [[ -f .anchors/hand_decode.py ]]; then
   echo "=== anchor: hand-written compiled decode loop (../shared/anchors, carried in .anchors/)"
   BS=${ANCHOR_BS:-1,32} timeout 400 python3 .anchors/hand_decode.py 2>&1 | grep RESULT
+fi
+
+# ---- issue 8: the performance run. Budget (H200, one call of 600 s): each 8B build ~60-75 s
+# (export, transforms, torch.compile + capture of decode graphs for bs 1 and 32), the first
+# prefill's compile ~30 s, the timed rounds ~20 s, process start ~15 s: ~150 s per variant; the
+# anchor compiles ~90 s per batch size. Step timeouts add up to 570 s.
+PERF_ARGS=(model=llama3_8b backend=triton transforms/compile=torch-opt benchmark=latency benchmark.bs=1
+  "benchmark.batch_sizes=[32]" benchmark.num=3 benchmark.warmup=2 args.max_batch_size=32
+  "args.cuda_graph_batch_sizes=[1,32]" args.free_mem_ratio=0.3)
+UNFUSED=(args.transforms.fuse_add_rms_norm.enabled=false args.transforms.fuse_parallel_linears.enabled=false
+  args.transforms.fuse_silu_mul.enabled=false args.transforms.gather_last_token_logits.enabled=false)
+
+if [[ " $STEPS " == *" perf "* ]]; then
+  echo "=== perf: Llama-3.1-8B shape, random bf16, triton, torch-opt, isl 1024 osl 128, bs 1 and 32"
+  for variant in fused unfused; do
+    extra=(); [[ $variant == unfused ]] && extra=("${UNFUSED[@]}")
+    t0=$SECONDS
+    timeout ${PERF_TIMEOUT:-175} python3 launch.py "${PERF_ARGS[@]}" "${extra[@]}" \
+      hydra.run.dir="/tmp/runs/perf_$variant" > "/tmp/runs_perf_$variant.log" 2>&1
+    rc=$?
+    echo "$variant rc=$rc in $((SECONDS - t0)) s"
+    [[ $rc == 0 ]] || grep -E "Error|error" "/tmp/runs_perf_$variant.log" | tail -3
+    { echo "=== perf_$variant"; cat "/tmp/runs_perf_$variant.log"; } >> "$OUT/perf.log"
+    cp "/tmp/runs/perf_$variant/results.json" "$OUT/perf_$variant.json" 2>/dev/null
+  done
+  cp /tmp/runs/perf_fused/benchmark.png "$OUT/perf_fused.png" 2>/dev/null
+  if [[ -f .anchors/hand_decode.py ]]; then
+    echo "=== anchor: hand-written compiled decode loop, bs 1 and 32"
+    t0=$SECONDS
+    BS=1,32 timeout ${ANCHOR_TIMEOUT:-220} python3 .anchors/hand_decode.py > "$OUT/anchor.txt" 2>&1
+    echo "anchor rc=$? in $((SECONDS - t0)) s"; grep RESULT "$OUT/anchor.txt"
+  else
+    echo "no .anchors/hand_decode.py: anchor skipped"
+  fi
+fi
+
+# ---- issue 7 on two GPUs (nvidia-h200-x2): TP=1 vs TP=2, same config, same prompts. TP=1 runs on GPU 0
+# while the hand-written loop's TP=1 anchor compiles and runs on GPU 1; then TP=2 on both; then the
+# unfused TP=1 variant of the perf step. `tp_anchor` is the anchor's TP=2 (torchrun), a call of its own.
+if [[ " $STEPS " == *" tp "* ]]; then
+  echo "=== tp: Llama-3.1-8B shape, random bf16, triton, torch-opt, bs 1 and 32: TP=1 vs TP=2"
+  anchor_pid=
+  if [[ -f .anchors/hand_decode.py ]]; then
+    (CUDA_VISIBLE_DEVICES=1 BS=1,32 timeout ${ANCHOR_TIMEOUT:-260} python3 .anchors/hand_decode.py > "$OUT/anchor_tp1.txt" 2>&1) &
+    anchor_pid=$!
+  fi
+  for tp in 1 2; do
+    t0=$SECONDS
+    devices=$([[ $tp == 1 ]] && echo 0 || echo 0,1)
+    CUDA_VISIBLE_DEVICES=$devices timeout ${TP_TIMEOUT:-210} python3 scripts/tp_check.py --tp $tp --out "$OUT" \
+      > "/tmp/tp$tp.log" 2>&1
+    echo "tp=$tp rc=$? in $((SECONDS - t0)) s"; grep RESULT "/tmp/tp$tp.log" || tail -5 "/tmp/tp$tp.log"
+    { echo "=== tp$tp"; cat "/tmp/tp$tp.log"; } >> "$OUT/tp.log"
+    if [[ $tp == 1 && -n $anchor_pid ]]; then wait $anchor_pid; echo "anchor tp=1:"; grep RESULT "$OUT/anchor_tp1.txt"; fi
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+try:
+    a, b = (json.loads((out / f"tp{n}.json").read_text())["tokens"] for n in (1, 2))
+except (OSError, KeyError) as e:
+    sys.exit(f"token comparison skipped: {e}")
+same = sum(x == y for x, y in zip(a, b)); first = sum(x[0] == y[0] for x, y in zip(a, b))
+pos = sum(p == q for x, y in zip(a, b) for p, q in zip(x, y)); total = sum(len(x) for x in a)
+print(f"greedy tokens TP=2 vs TP=1: {same}/{len(a)} sequences equal, first token {first}/{len(a)}, {pos}/{total} positions")
+PY
+  t0=$SECONDS
+  CUDA_VISIBLE_DEVICES=0 timeout ${PERF_TIMEOUT:-175} python3 launch.py "${PERF_ARGS[@]}" "${UNFUSED[@]}" \
+    hydra.run.dir=/tmp/runs/perf_unfused > /tmp/runs_perf_unfused.log 2>&1
+  echo "unfused tp=1 rc=$? in $((SECONDS - t0)) s"
+  cp /tmp/runs/perf_unfused/results.json "$OUT/perf_unfused.json" 2>/dev/null
+fi
+
+if [[ " $STEPS " == *" tp_anchor "* ]] && [[ -f .anchors/hand_decode.py ]]; then
+  echo "=== anchor TP=2: hand-written loop under torchrun on two GPUs, bs 1 and 32"
+  t0=$SECONDS
+  BS=1,32 timeout ${ANCHOR_TIMEOUT:-300} python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
+    .anchors/hand_decode.py > "$OUT/anchor_tp2.txt" 2>&1
+  echo "anchor tp=2 rc=$? in $((SECONDS - t0)) s"; grep RESULT "$OUT/anchor_tp2.txt"
+fi
+
+if [[ " $STEPS " == *" kernels "* ]]; then
+  echo "=== attention kernels (bf16; prefill: new triton kernel vs old paged kernel vs SDPA)"
+  timeout ${KERNELS_TIMEOUT:-120} python3 scripts/gpu_check.py --quick --out "$OUT" > /tmp/gpu_check.log 2>&1
+  echo "gpu_check rc=$?"; sed -n '/==== summary/,$p' /tmp/gpu_check.log
+fi
+
+if [[ " $STEPS " == *" hf "* ]]; then
+  echo "=== HF transformers baselines, bs 1: eager, and static cache + torch.compile"
+  t0=$SECONDS
+  timeout ${HF_TIMEOUT:-220} python3 -m autodeploy.bench.hf_baselines --model llama3_8b --bs 1 --isl 1024 --osl 128 \
+    --num 3 --out "$OUT/hf_baselines.json" > /tmp/hf_baselines.log 2>&1
+  echo "hf rc=$? in $((SECONDS - t0)) s"; grep -E "Error" /tmp/hf_baselines.log | tail -2
+fi
+
+if compgen -G "$OUT/perf_*.json" >/dev/null || [[ -f $OUT/anchor.txt || -f $OUT/hf_baselines.json ]]; then
+  echo "=== summary ($OUT)"
+  python3 scripts/perf_summary.py "$OUT" | tee "$OUT/summary.txt"
 fi

@@ -63,6 +63,11 @@ def test_seed_prompting_and_benchmarking_command(tmp_path):
     assert res["config"]["args"]["max_seq_len"] >= 1024 + 4
     assert "hf_baseline" not in bench  # compare_hf is off by default
     assert not (tmp_path / "benchmark_results.json").exists()  # store_results is off by default
+    # beside results.json: one JSON-lines row (one batch size) and the plot; build time per stage
+    rows = (run_dir / "benchmark.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["output_tok_s"] == bench["output_tok_s"]
+    assert (run_dir / "benchmark.png").stat().st_size > 0
+    assert set(res["build_stage_s"]) >= {"export", "pattern_matcher", "cache_init", "compile"}
 
 
 def test_seed_model_kwargs_command(tmp_path):

@@ -1,10 +1,20 @@
-"""``benchmark.enabled``: fixed-shape latency/throughput through the engine, optional HF baseline.
+"""``benchmark.enabled``: fixed-shape latency/throughput through the engine, optional HF baselines.
 
 ``bs`` requests of ``isl`` random prompt tokens each generate exactly ``osl`` tokens (greedy,
-``ignore_eos``), ``warmup`` untimed rounds then ``num`` timed rounds. Latencies come from the
-engine's per-token host timestamps (taken after the sampled ids reach the host, so they include
-device time). Definitions (as vLLM's): TTFT = first token - arrival; TPOT = (e2e - TTFT) /
-(osl - 1); ITL = gaps between consecutive tokens; throughput = tokens / wall time of a round.
+``ignore_eos``), ``warmup`` untimed rounds then ``num`` timed rounds; ``batch_sizes`` adds more
+sizes on the same engine (``by_batch_size``). Latencies come from the engine's per-token host
+timestamps (taken after the sampled ids reach the host, so they include device time).
+Definitions (as vLLM's): TTFT = first token - arrival; TPOT = (e2e - TTFT) / (osl - 1); ITL = gaps
+between consecutive tokens; throughput = tokens / wall time of a round. Derived (docs/performance.md):
+- ``decode_tok_s`` = bs / ITL p50: the steady decode rate (a step that also prefills shows up in
+  ITL's tail, not its median); ``tpot_tok_s`` = bs / TPOT p50 includes those stalls;
+- ``host_ms_per_step`` / ``decode_host_ms_per_step``: the engine's own time per step (scheduling,
+  metadata, launches, sampling, commit: everything but waiting for the device), all steps / decode
+  steps; ``decode_wait_ms_per_step``: the wait for the device in decode steps;
+- ``roofline`` (CUDA only, else None): the copy bandwidth and matmul rate measured in this run,
+  the bytes a decode step must read, the floors they give, ``decode_fraction`` = decode step floor
+  / ITL p50 and ``prefill_fraction`` = bs prompts' matmul floor / the last TTFT;
+- ``peak_gpu_mem_gib``: peak allocated GPU memory of the process (build included), None off CUDA.
 """
 
 from __future__ import annotations
@@ -12,22 +22,16 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from . import roofline
+from .stats import percentiles
+
 log = logging.getLogger(__name__)
 
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    xs = sorted(values)
-
-    def pct(p: float) -> float:
-        return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
-
-    return {"mean": statistics.fmean(xs), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
+__all__ = ["percentiles", "random_prompts", "run_benchmark", "run_batch_size"]
 
 
 def random_prompts(bs: int, isl: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -40,18 +44,38 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_benchmark(engine: Any, bench: Any, factory: Any = None) -> dict[str, Any]:
+def _round(engine: Any, prompts: list[list[int]], params: Any):
+    _sync()
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    _sync()
+    return outs, t0, time.perf_counter() - t0
+
+
+def batch_sizes(bench: Any) -> list[int]:
+    """``bs`` first, then the other ``batch_sizes`` in the given order."""
+    sizes = [int(bench.bs)]
+    for b in getattr(bench, "batch_sizes", None) or []:
+        if int(b) not in sizes:
+            sizes.append(int(b))
+    return sizes
+
+
+def run_batch_size(engine: Any, bench: Any, bs: int) -> dict[str, Any]:
+    """Warm-up and timed rounds at one batch size; every figure of the module docstring."""
     from autodeploy.runtime.sampling_params import SamplingParams
 
-    bs, isl, osl = int(bench.bs), int(bench.isl), int(bench.osl)
+    isl, osl = int(bench.isl), int(bench.osl)
     prompts = random_prompts(bs, isl, engine.vocab_size)
     params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
     for _ in range(int(bench.warmup)):
         _round(engine, prompts, params)
-    ttft, tpot, itl, e2e, walls = [], [], [], [], []
+    engine.step_timings.clear()
+    ttft, tpot, itl, e2e, walls, trace = [], [], [], [], [], {}
     for _ in range(int(bench.num)):
-        outs, wall = _round(engine, prompts, params)
+        outs, start, wall = _round(engine, prompts, params)
         walls.append(wall)
+        trace = {"t_s": [], "itl_ms": []}  # the last round's tokens over time (for the plot)
         for o in outs:
             m = o.metrics
             if o.error:
@@ -62,51 +86,63 @@ def run_benchmark(engine: Any, bench: Any, factory: Any = None) -> dict[str, Any
             if len(m.token_times) > 1:
                 tpot.append((last - first) * 1e3 / (len(m.token_times) - 1))
             itl.extend(x * 1e3 for x in m.itl)
+            trace["t_s"] += [round(t - start, 5) for t in m.token_times[1:]]
+            trace["itl_ms"] += [round(x * 1e3, 4) for x in m.itl]
     wall = statistics.median(walls)
+    steps = list(engine.step_timings)
+    decode_steps = [s for s in steps if s.is_decode]
     result = {
         "bs": bs, "isl": isl, "osl": osl, "num": int(bench.num), "warmup": int(bench.warmup),
         "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot), "itl_ms": percentiles(itl),
         "e2e_ms": percentiles(e2e), "wall_s": wall,
         "output_tok_s": bs * osl / wall, "total_tok_s": bs * (isl + osl) / wall,
     }
-    if getattr(bench, "compare_hf", False):
-        result["hf_baseline"] = hf_baseline(factory, engine.cache.device, prompts, osl, int(bench.num))
-    log.info("benchmark bs=%d isl=%d osl=%d: %.1f output tok/s, TTFT p50 %.1f ms, TPOT p50 %.2f ms",
-             bs, isl, osl, result["output_tok_s"], result["ttft_ms"].get("p50", float("nan")),
-             result["tpot_ms"].get("p50", float("nan")))
+    result.update({
+        "decode_tok_s": bs * 1e3 / result["itl_ms"]["p50"] if itl else None,
+        "tpot_tok_s": bs * 1e3 / result["tpot_ms"]["p50"] if tpot else None,
+        "num_steps": len(steps) // max(int(bench.num), 1),
+        "host_ms_per_step": percentiles([s.host_s * 1e3 for s in steps]),
+        "decode_host_ms_per_step": percentiles([s.host_s * 1e3 for s in decode_steps]),
+        "decode_wait_ms_per_step": percentiles([s.wait_s * 1e3 for s in decode_steps]),
+        "roofline": None,
+        "itl_trace": trace,
+    })
+    log.info("benchmark bs=%d isl=%d osl=%d: %.1f output tok/s, %.1f decode tok/s, TTFT p50 %.1f ms, "
+             "TPOT p50 %.2f ms, host %.2f ms/decode step", bs, isl, osl, result["output_tok_s"],
+             result["decode_tok_s"] or float("nan"), result["ttft_ms"].get("p50", float("nan")),
+             result["tpot_ms"].get("p50", float("nan")), result["decode_host_ms_per_step"].get("p50", float("nan")))
     return result
 
 
-def _round(engine: Any, prompts: list[list[int]], params: Any):
-    _sync()
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    _sync()
-    return outs, time.perf_counter() - t0
+def with_roofline(result: dict[str, Any], ceilings: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """``result["roofline"]``: the ceilings, this shape's floors and how close the run came."""
+    floors = roofline.floors(ceilings, result["bs"], result["isl"], result["osl"])
+    if floors is not None:
+        itl_p50, ttft_max = result["itl_ms"].get("p50"), result["ttft_ms"].get("max")
+        result["roofline"] = {
+            **ceilings, **floors,
+            "decode_fraction": floors["decode_step_floor_ms"] / itl_p50 if itl_p50 else None,
+            # all bs prompts are prefilled by the time the last first token arrives
+            "prefill_fraction": floors["prefill_floor_ms"] * result["bs"] / ttft_max if ttft_max else None,
+        }
+    return result
 
 
-def hf_baseline(factory: Any, device: torch.device, prompts: list[list[int]], osl: int, num: int) -> dict[str, Any]:
-    """HF transformers eager ``generate`` on the same prompts, same device, same process."""
-    if factory is None:
-        raise ValueError("benchmark.compare_hf needs the model factory")
-    model = factory.build_model("meta")
-    factory.load_weights(model, device)
-    model.config.use_cache = True
-    ids = torch.tensor(prompts, device=device)
-    kwargs = dict(do_sample=False, max_new_tokens=osl, min_new_tokens=osl, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(ids, **kwargs)  # warm-up
-        walls, ttfts = [], []
-        for _ in range(num):
-            _sync()
-            t0 = time.perf_counter()
-            model.generate(ids, **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})
-            _sync()
-            ttfts.append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
-            model.generate(ids, **kwargs)
-            _sync()
-            walls.append(time.perf_counter() - t0)
-    wall = statistics.median(walls)
-    del model
-    return {"output_tok_s": len(prompts) * osl / wall, "ttft_ms": percentiles(ttfts), "wall_s": wall}
+def run_benchmark(engine: Any, bench: Any, factory: Any = None) -> dict[str, Any]:
+    """The result at ``bench.bs`` (its keys at the top level) plus ``by_batch_size`` for every size run."""
+    by_size = {bs: run_batch_size(engine, bench, bs) for bs in batch_sizes(bench)}
+    # the peak before the ceilings are measured: their buffers are no part of serving
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    ceilings = roofline.measure(engine.model, engine.cache)
+    by_size = {bs: with_roofline(r, ceilings) for bs, r in by_size.items()}
+    result = dict(by_size[int(bench.bs)])
+    result["by_batch_size"] = {str(bs): r for bs, r in by_size.items()}
+    result["peak_gpu_mem_gib"] = peak
+    if getattr(bench, "compare_hf", False):
+        from .hf_baselines import hf_baselines
+
+        prompts = random_prompts(int(bench.bs), int(bench.isl), engine.vocab_size)
+        baselines = hf_baselines(factory, engine.cache.device, prompts, int(bench.osl), int(bench.num))
+        result["hf_baseline"] = baselines["eager"]  # the key results.json always had for HF eager
+        result["hf_static_compile"] = baselines["static_compile"]
+    return result

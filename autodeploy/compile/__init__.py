@@ -5,6 +5,8 @@
 - ``torch-cudagraph``: CUDA graphs per decode batch size, eager otherwise (``cudagraph.py``);
 - ``torch-opt``: ``torch.compile(dynamic=True)`` inside the CUDA-graph runner;
 - ``auto`` (the default): torch-opt on a CUDA device, torch-simple on the CPU.
+The two inductor backends first swap the row-wise canonical ops for their torch code
+(``inline.py``), so inductor fuses them instead of calling them as opaque kernels.
 Every result is called exactly like the GraphModule (same keyword inputs).
 """
 
@@ -17,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from .cudagraph import CudaGraphRunner
+from .inline import inline_for_inductor
 
 __all__ = [
     "COMPILE_BACKENDS", "CompiledGraph", "CudaGraphRunner", "check_backend", "compile_graph", "default_batch_sizes",
@@ -103,6 +106,8 @@ def compile_graph(
         backend = "torch-simple"
     if backend == "torch-simple":
         return gm, backend
+    if backend in ("torch-compile", "torch-opt"):
+        inline_for_inductor(gm)  # norms, RoPE, SiLU*mul visible to inductor, not opaque ops
     if backend == "torch-compile":
         return CompiledGraph(gm), backend
     inner = _torch_compile(gm, len(batch_sizes)) if backend == "torch-opt" else gm

@@ -257,6 +257,8 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < minimum:
             raise ConfigError(f"{key}={value} must be >= {minimum}")
+    if any(b < 1 for b in cfg.benchmark.batch_sizes):
+        raise ConfigError(f"benchmark.batch_sizes={list(cfg.benchmark.batch_sizes)} must all be >= 1")
     ratio = cfg.args.free_mem_ratio
     if ratio is not None and not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"args.free_mem_ratio={ratio} must be within [0, 1]")
@@ -282,9 +284,10 @@ def _fit_limits(cfg: DictConfig) -> None:
         args.max_batch_size = cfg.prompt.batch_size
     bench = cfg.benchmark
     if bench.enabled:
-        if bench.bs > args.max_batch_size:
-            log.info("args.max_batch_size raised from %d to benchmark.bs=%d", args.max_batch_size, bench.bs)
-            args.max_batch_size = bench.bs
+        largest = max([bench.bs, *bench.batch_sizes])
+        if largest > args.max_batch_size:
+            log.info("args.max_batch_size raised from %d to the benchmark's batch size %d", args.max_batch_size, largest)
+            args.max_batch_size = largest
         if bench.isl + bench.osl > args.max_seq_len:
             log.info("args.max_seq_len raised from %d to benchmark isl+osl=%d", args.max_seq_len, bench.isl + bench.osl)
             args.max_seq_len = bench.isl + bench.osl

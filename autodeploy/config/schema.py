@@ -50,7 +50,10 @@ class BenchmarkConfig:
     warmup: int = 2
     results_path: str = "./benchmark_results.json"
     store_results: bool = False
-    compare_hf: bool = False
+    compare_hf: bool = False  # HF eager and HF static cache + torch.compile on the same prompts (at bs)
+    batch_sizes: List[int] = field(default_factory=list)  # more sizes after bs, on the same engine
+    jsonl_path: Optional[str] = "benchmark.jsonl"  # a row per batch size; relative = the run folder
+    plot: bool = True  # benchmark.png beside results.json (ITL over the run, tok/s vs batch size)
 
 
 @dataclass
@@ -82,6 +85,8 @@ class AutoDeployArgs:
     max_seq_len: int = 512
     max_batch_size: int = 8
     max_num_tokens: Optional[int] = None  # None = max_batch_size * max_seq_len, capped at 8192
+    # prompt tokens per step while other requests decode (bounds their inter-token latency); None = no cap
+    prefill_chunk_size: Optional[int] = 2048
     attn_page_size: int = 64
     kv_cache_dtype: str = "auto"
     # shortcuts: None = keep the transform's value; a value overwrites it (see config/resolve.py)
@@ -133,6 +138,7 @@ MINIMUMS = {
     "args.max_seq_len": 1,
     "args.max_batch_size": 1,
     "args.attn_page_size": 1,
+    "args.prefill_chunk_size": 1,
     "prompt.batch_size": 1,
     "prompt.sp_kwargs.max_tokens": 1,
     "benchmark.bs": 1,

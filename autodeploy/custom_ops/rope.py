@@ -40,12 +40,19 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError(f"autodeploy::rope: rotary dim {rot_dim} exceeds head dim {q.shape[-1]}/{k.shape[-1]}")
 
 
+def rope_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's math as plain torch code (``compile/inline.py`` hands it to inductor)."""
+    _check(q, k, cos, sin)
+    return apply_rope(q, cos, sin, interleaved), apply_rope(k, cos, sin, interleaved)
+
+
 @torch.library.custom_op("autodeploy::rope", mutates_args=())
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, cos, sin)
-    return apply_rope(q, cos, sin, interleaved), apply_rope(k, cos, sin, interleaved)
+    return rope_reference(q, k, cos, sin, interleaved)
 
 
 @rope.register_fake

@@ -1,4 +1,4 @@
-"""Mamba2 (SSD) canonical ops: causal depthwise conv1d and the chunked selective-state scan.
+"""SSM canonical ops: causal depthwise conv1d, the Mamba2 (SSD) chunked scan, the Mamba1 selective scan.
 
 HF's PyTorch path pads the sequence to a multiple of ``chunk_size`` and branches on the number of
 chunks, which specializes ``seq`` at export. Behind these opaque ops the graph keeps ``batch`` and
@@ -20,6 +20,16 @@ Uncached ops (layout: batch, seq, ...):
     by H/G heads each. ``A`` is ``-exp(A_log)``. The result is float32 like HF's (the mixer casts
     back to the model dtype before ``out_proj``).
 
+``autodeploy::selective_scan(x[B,S,C], dt[B,S,C], A[C,N], B[B,S,N], C[B,S,N], D[C]?, dt_bias[C]?,
+                             bool dt_softplus=True) -> y[B,S,C] float32``
+    Mamba1 selective scan (Jamba, Mamba, FalconMamba) from a zero state, one state row of N per
+    channel: ``dt = softplus(dt + dt_bias)``, ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``,
+    ``y_t = h_t C_t + D x_t``. Computed in float32 step by step in HF's order (transformers'
+    sequential ``mamba_selective_scan``), so float32 models match HF eager bit for bit. The output
+    gate (``y * silu(z)``) stays in the graph.
+
+Per-head / per-channel tensors (``A``, ``D``, ``dt_bias``, conv ``weight``/``bias``) are explicit
+arguments with the head or channel dimension first, so tensor parallelism can slice them.
 Cached variants for the runtime (flattened batch, per-slot state) are in ``ssm_cached.py``.
 """
 
@@ -163,4 +173,48 @@ def ssm_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 
 @ssm_scan.register_fake
 def _ssm_scan_fake(x, dt, A, B, C, D, dt_bias, dt_min, dt_max, chunk_size, dt_softplus=True):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+# ----- Mamba1 selective scan ---------------------------------------------------------------------
+
+
+def selective_scan_steps(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                         D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
+                         state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba1 scan over ``seq``: x/dt [B,S,C], A [C,N], B/C [B,S,N], state [B,C,N] (zeros if None).
+
+    Returns (y [B,S,C] fp32, final state [B,C,N] fp32). Each step is HF's recurrence in HF's order
+    (discretize, ``h = dA * h + dt * B * x``, ``y = h @ C``), computed per step so memory stays
+    O(B*C*N) whatever the sequence length.
+    """
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dt, A, x, B, C = dt.float(), A.float(), x.float(), B.float(), C.float()
+    if state is None:
+        state = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])
+    state = state.float()
+    ys = []
+    for t in range(x.shape[1]):
+        dA = torch.exp(A[None] * dt[:, t, :, None])  # [B, C, N]
+        dBx = dt[:, t, :, None] * B[:, None, t, :] * x[:, t, :, None]
+        state = dA * state + dBx
+        ys.append(torch.matmul(state, C[:, t, :, None])[..., 0])
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)
+    if D is not None:
+        y = y + x * D.float()
+    return y, state
+
+
+@torch.library.custom_op("autodeploy::selective_scan", mutates_args=())
+def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool = True) -> torch.Tensor:
+    y, _ = selective_scan_steps(x, dt, A, B, C, D, dt_bias, dt_softplus)
+    return y.contiguous()
+
+
+@selective_scan.register_fake
+def _selective_scan_fake(x, dt, A, B, C, D, dt_bias, dt_softplus=True):
     return x.new_empty(x.shape, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Cached Mamba2 ops for the runtime: flattened batch, per-slot conv and SSM state, updated in place.
+"""Cached SSM ops for the runtime: flattened batch, per-slot conv and SSM state, updated in place.
 
 Inputs follow the runtime contract (docs/architecture.md): all sequences' new tokens back to back
 in ``[1, T, ...]``; ``seq_len[B]`` new tokens per sequence, ``input_pos[B]`` tokens already
@@ -19,6 +19,13 @@ processed, ``cu_seqlen[B+1]`` token offsets, ``slot_idx[B]`` the state slot of e
     [dt_min, dt_max]) is used for prefill and decode, so chunked prefill + decode equals the
     uncached op over the whole sequence.
 
+``autodeploy::cached_selective_scan(x[1,T,C], dt[1,T,C], A[C,N], B[1,T,N], C[1,T,N], D[C]?,
+        dt_bias[C]?, bool dt_softplus, seq_len[B], input_pos[B], cu_seqlen[B+1], slot_idx[B],
+        ssm_state(a!)[num_slots, C, N]) -> y[1,T,C] float32``
+    Mamba1: ``ssm_state[s]`` is the state after the last processed token; prefill and decode run
+    the very recurrence of ``selective_scan``, so any split into chunks and steps equals the
+    uncached op over the whole sequence.
+
 Torch reference implementations: sequences with ``seq_len > 1`` (prefill / chunked prefill) loop
 one by one through the chunked scan; ``seq_len == 1`` (decode) tokens are processed together. A
 decode-only batch (``T == B``: one token per sequence, known from shapes alone) reads nothing on
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .ssm import _activation, chunk_scan, conv1d_channels_first, discretize_dt
+from .ssm import _activation, chunk_scan, conv1d_channels_first, discretize_dt, selective_scan_steps
 
 
 def _split_decode_prefill(seq_len: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
@@ -141,4 +148,48 @@ def _ssm_decode(x, dt, A, B, C, D, dt_bias, dt_min, dt_max, dt_softplus, slots, 
 @cached_ssm_scan.register_fake
 def _cached_ssm_scan_fake(x, dt, A, B, C, D, dt_bias, dt_min, dt_max, chunk_size, dt_softplus, seq_len, input_pos,
                           cu_seqlen, slot_idx, ssm_state):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("autodeploy::cached_selective_scan", mutates_args=("ssm_state",))
+def cached_selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                          D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
+                          seq_len: torch.Tensor, input_pos: torch.Tensor, cu_seqlen: torch.Tensor,
+                          slot_idx: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+    params = (A, D, dt_bias, dt_softplus)
+    if x.shape[1] == seq_len.shape[0]:  # decode-only batch: no host sync
+        return _selective_decode(x[0], dt[0], B[0], C[0], params, slot_idx, input_pos == 0, ssm_state)[None]
+    out = x.new_zeros(x.shape, dtype=torch.float32)[0]  # [T, C]
+    lens, decode, prefill = _split_decode_prefill(seq_len)
+    starts = cu_seqlen.tolist()
+    positions = input_pos.tolist()
+    slots = slot_idx.tolist()
+
+    for i in prefill:
+        sl = slice(starts[i], starts[i] + lens[i])
+        initial = ssm_state[slots[i]][None] if positions[i] > 0 else None
+        y, final = selective_scan_steps(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], D, dt_bias, dt_softplus, initial)
+        out[sl] = y[0]
+        ssm_state[slots[i]] = final[0].to(ssm_state.dtype)
+
+    if decode:
+        rows = torch.tensor([starts[i] for i in decode], device=x.device)
+        slot_t = torch.tensor([slots[i] for i in decode], device=x.device)
+        fresh = torch.tensor([positions[i] == 0 for i in decode], device=x.device)
+        out[rows] = _selective_decode(x[0, rows], dt[0, rows], B[0, rows], C[0, rows], params, slot_t, fresh, ssm_state)
+    return out[None]
+
+
+def _selective_decode(x, dt, B, C, params, slots, fresh, ssm_state) -> torch.Tensor:
+    """One step per sequence (``x/dt [n, C]``, ``B/C [n, N]``) -> ``y [n, C]`` fp32; the same recurrence as prefill."""
+    A, D, dt_bias, dt_softplus = params
+    state = ssm_state[slots].float().masked_fill(fresh[:, None, None], 0)  # [n, C, N]
+    y, state = selective_scan_steps(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, dt_bias, dt_softplus, state)
+    ssm_state[slots] = state.to(ssm_state.dtype)
+    return y[:, 0]
+
+
+@cached_selective_scan.register_fake
+def _cached_selective_scan_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, seq_len, input_pos, cu_seqlen, slot_idx,
+                                ssm_state):
     return x.new_empty(x.shape, dtype=torch.float32)

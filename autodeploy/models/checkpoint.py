@@ -237,7 +237,7 @@ class SafetensorsCheckpoint:
     def _read_direct(self, ckpt_key: str, ranges: list[SliceRange] | None) -> torch.Tensor:
         view = self._open(ckpt_key)
         if not ranges:
-            return view[:]
+            return view[...]  # the whole tensor; unlike [:] this also reads 0-dim tensors (scalar parameters)
         ndim = len(view.get_shape())
 
         def box(spans: dict[int, tuple[int, int]]) -> torch.Tensor:

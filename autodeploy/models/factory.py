@@ -474,6 +474,8 @@ class ModelFactory:
             if t.tensor.device.type != "meta":
                 return slice_tensor(t.tensor, spec).to(device)
             raise CheckpointError(f"no value for non-persistent buffer {t.fqn} (not recorded when the model was built)")
+        if not t.is_param and t.fqn not in record.shapes and t.tensor.device.type != "meta":
+            return slice_tensor(t.tensor, spec).to(device)  # a constant the export created, with its value
         aliases = [t.fqn] + [a for a in record.aliases.get(t.fqn, ()) if a != t.fqn]
         if checkpoint is not None:
             for name in aliases:

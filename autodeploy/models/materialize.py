@@ -141,7 +141,10 @@ def nonpersistent_buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
     They are not in checkpoints, and a model built on meta holds no values for them. transformers
     restores them in ``_init_weights`` after its own meta-device loading, so we do what it does:
     materialize only the owning module on CPU, run the model's ``_init_weights`` on it, keep the
-    buffers and put the module back on meta.
+    buffers and put the module back on meta. Some models set a buffer from a parent's
+    ``_init_weights`` (FalconH1's ``mup_vector`` from the model's): until every buffer has been
+    written, the parents' are run too, nearest first. A buffer nothing writes is an error, never
+    left holding whatever memory ``to_empty`` gave it.
     """
     values: dict[str, torch.Tensor] = {}
     for mod_name, module in model.named_modules():
@@ -149,8 +152,10 @@ def nonpersistent_buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
         if not names:
             continue
         prefix = f"{mod_name}." if mod_name else ""
-        if all(module._buffers[n].device.type != "meta" for n in names):
-            values.update({prefix + n: module._buffers[n].detach().clone() for n in names})
+        known = [n for n in names if module._buffers[n].device.type != "meta"]
+        values.update({prefix + n: module._buffers[n].detach().clone() for n in known})
+        names = [n for n in names if n not in known]
+        if not names:
             continue
         originals = (dict(module._parameters), dict(module._buffers))
         try:
@@ -158,8 +163,20 @@ def nonpersistent_buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
             init_fn = getattr(model, "_init_weights", None)
             if init_fn is None:
                 raise RuntimeError(f"{type(model).__name__} has no _init_weights")
+            empty = {n: (module._buffers[n], module._buffers[n]._version) for n in names}
+
+            def unwritten() -> list[str]:  # written = replaced or modified in place
+                return [n for n, (buf, version) in empty.items()
+                        if module._buffers[n] is buf and buf._version == version]
+
             with torch.no_grad():
                 init_fn(module)
+                for parent in _parents(model, mod_name):
+                    if not unwritten():
+                        break
+                    init_fn(parent)
+            if unwritten():
+                raise RuntimeError(f"no _init_weights of {type(module).__name__} or its parents sets {unwritten()}")
             for n in names:
                 values[prefix + n] = module._buffers[n].detach().clone()
         except Exception as e:  # noqa: BLE001 - re-raised with the buffer names
@@ -171,3 +188,9 @@ def nonpersistent_buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
             module._parameters.update(originals[0])
             module._buffers.update(originals[1])
     return values
+
+
+def _parents(model: nn.Module, mod_name: str) -> list[nn.Module]:
+    """The modules that contain ``mod_name``, nearest first, ending with ``model``."""
+    parts = mod_name.split(".")
+    return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, 0, -1)] + [model]

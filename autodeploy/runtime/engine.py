@@ -1,7 +1,8 @@
 """The continuous-batching engine: requests in, ``RequestOutput`` out.
 
 One step = schedule -> build the flattened batch -> forward -> sample -> commit. The only host
-sync per step is reading the sampled token ids. Every request ends with a result or an error:
+sync per step is reading the sampled token ids; each step's host time (everything but that wait)
+is kept in ``step_timings``. Every request ends with a result or an error:
 bad input fails at arrival (other requests go on), a failing forward fails the requests of that
 batch, an abandoned stream aborts its requests and frees their pages.
 
@@ -15,18 +16,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
 
 from .kv_cache import CacheInterface
-from .outputs import RequestOutput
+from .outputs import RequestOutput, StepTiming
 from .prompts import as_prompt_list, tokenize
 from .request import Request
 from .sampler import Sampler, SamplingBatch, fold_seed
 from .sampling_params import SamplingParams
-from .scheduler import ScheduledBatch, Scheduler
+from .scheduler import DEFAULT_PREFILL_CHUNK_SIZE, ScheduledBatch, Scheduler
 from .stopping import StopChecker
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Engine:
         eos_token_id: Union[int, Iterable[int], None] = None,
         vocab_size: Optional[int] = None,
         ranks: Optional[Any] = None,
+        prefill_chunk_size: Optional[int] = DEFAULT_PREFILL_CHUNK_SIZE,
     ):
         self.model = model
         # multi-rank runs: rank 0's handle on the other ranks (distributed/ranks.py), which get every step
@@ -52,12 +55,14 @@ class Engine:
         if cache.specs and not cache.tensors:
             cache.initialize()  # the pipeline had no initialize_cache / resize_kv_cache
         self.tokenizer = tokenizer
-        self.scheduler = Scheduler(cache)
+        self.scheduler = Scheduler(cache, prefill_chunk_size)
         self.sampler = Sampler()
         self.vocab_size = vocab_size or _embedding_rows(model)
         self.stop_checker = StopChecker(_eos_ids(eos_token_id, tokenizer), cache.max_seq_len, tokenizer)
         self._input_names = _graph_input_names(model)
         self._next_request_id = 0
+        # host time and device wait of the latest steps (the benchmark reads and clears it)
+        self.step_timings: deque[StepTiming] = deque(maxlen=100_000)
 
     # ---- public API ----
 
@@ -143,6 +148,7 @@ class Engine:
 
     def step(self) -> list[Request]:
         """Run one forward over the scheduled batch; returns the requests that got a token or ended."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return self._fail_unschedulable()
@@ -152,7 +158,9 @@ class Engine:
                 r.metrics.first_scheduled_time = now
         try:
             with self.ranks.busy() if self.ranks is not None else contextlib.nullcontext():
-                tokens = self._forward_and_sample(batch)
+                sampled = self._forward_and_sample(batch)
+                launched = time.perf_counter()
+                tokens = sampled.tolist()  # the step's one host sync
         except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the engine goes on
             failure = self.ranks.failure(e) if self.ranks is not None else None
             if failure is not None:
@@ -161,9 +169,16 @@ class Engine:
             for r in batch.requests:
                 self._fail(r, f"generation failed: {type(e).__name__}: {e}")
             return batch.requests
-        return self._commit(batch, tokens)
+        synced = time.perf_counter()
+        updated = self._commit(batch, tokens)
+        self.step_timings.append(StepTiming(
+            len(batch), sum(batch.num_new_tokens), host_s=(launched - start) + (time.perf_counter() - synced),
+            wait_s=synced - launched,
+        ))
+        return updated
 
-    def _forward_and_sample(self, batch: ScheduledBatch) -> list[int]:
+    def _forward_and_sample(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Launch the step's forward and sampling; returns the sampled ids [B] on the device."""
         inputs = self.cache.info.build(
             tokens=[r.token_ids[r.num_computed: r.num_computed + n] for r, n in zip(batch.requests, batch.num_new_tokens)],
             input_pos=[r.num_computed for r in batch.requests],
@@ -173,12 +188,14 @@ class Engine:
         if self.ranks is not None:
             self.ranks.send(self.cache.info, inputs.num_seqs, inputs.num_tokens)
         with torch.inference_mode():
-            logits = self.forward(inputs)[0, inputs.last_token_idx]  # [B, V]
+            logits = self.forward(inputs)[0]
+            if logits.shape[0] != inputs.num_seqs:  # every token's logits (no gather_last_token_logits)
+                logits = logits[inputs.last_token_idx]  # [B, V]
             sampling = SamplingBatch.from_params(
                 [r.params for r in batch.requests], [r.seed for r in batch.requests],
                 [r.num_generated for r in batch.requests],
             )
-            return self.sampler(logits, sampling).tolist()  # the step's one host sync
+            return self.sampler(logits, sampling)
 
     def forward(self, inputs) -> torch.Tensor:
         """The model on one step's inputs (``SequenceInfo`` views): logits ``[1, T, V]``."""

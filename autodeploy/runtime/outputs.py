@@ -28,6 +28,21 @@ class RequestMetrics:
 
 
 @dataclass
+class StepTiming:
+    """One engine step: its batch, the host's own time (schedule, metadata, launches, commit) and
+    the time it waited for the device to hand back the sampled ids."""
+
+    num_seqs: int
+    num_tokens: int
+    host_s: float
+    wait_s: float
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == self.num_seqs
+
+
+@dataclass
 class RequestOutput:
     """One prompt's result. ``token_ids`` are the generated ids only (EOS included when hit).
 

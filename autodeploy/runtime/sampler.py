@@ -52,6 +52,9 @@ class SamplingBatch:
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> "SamplingBatch":
+        if all(p.greedy for p in params):  # the common case, built without per-request lookups
+            n = len(params)
+            return cls(temperature=[0.0] * n, top_k=[0] * n, top_p=[1.0] * n, seed=seeds, step=steps)
         return cls(
             temperature=[0.0 if p.greedy else float(p.temperature) for p in params],
             top_k=[p.top_k_or_none or 0 for p in params],

@@ -4,13 +4,16 @@ Layout (docs/architecture.md, "Runtime contract"): all sequences' new tokens bac
 ``input_ids``/``position_ids`` ``[1, T]``, prefills first, then decodes; per sequence ``seq_len``,
 ``input_pos``, ``cu_seqlen``, ``page_table`` (padded with 0) and ``slot_idx``.
 
-Everything is packed on the host into one int32 buffer and moved with a single copy (pinned and
+Everything is packed on the host into one buffer and moved with a single copy (pinned and
 non-blocking on CUDA); the device tensors are views of one persistent buffer, so their addresses
-stay fixed between steps.
+stay fixed between steps and a step launches no conversion kernel: the int64 inputs
+(``input_ids``, ``position_ids`` and ``last_token_idx``) lie at the start of the int32 buffer and are
+viewed as int64, the int32 metadata follows.
 """
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -34,12 +37,14 @@ class SequenceInfo:
         self.max_num_tokens = max(max_num_tokens, max_batch_size)
         self.max_pages_per_seq = max_pages_per_seq
         self.device = torch.device(device)
-        size = 2 * self.max_num_tokens + max_batch_size * (4 + max_pages_per_seq) + 1
+        # int32 slots: 2 per int64 value (2 per token, 1 per sequence), then the int32 metadata
+        size = 2 * (2 * self.max_num_tokens + max_batch_size) + max_batch_size * (4 + max_pages_per_seq) + 1
         on_cuda = self.device.type == "cuda"
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=on_cuda)
         self._device = torch.zeros(size, dtype=torch.int32, device=self.device) if on_cuda else self._host
         # the host buffer is reused: wait for the previous copy out of it (long done in steady state)
         self._copied = torch.cuda.Event() if on_cuda else None
+        self._views_by_shape: dict[tuple[int, int], BatchInputs] = {}  # decode steps repeat shapes
 
     def build(
         self,
@@ -57,24 +62,27 @@ class SequenceInfo:
                 f"batch of {num_seqs} sequences / {num_tokens} tokens exceeds "
                 f"max_batch_size={self.max_batch_size} / max_num_tokens={self.max_num_tokens}"
             )
-        values: list[int] = []
+        cu_seqlen = list(accumulate(seq_len, initial=0))
+        wide = array("q")  # int64: input_ids, position_ids, last_token_idx
         for t in tokens:
-            values += t
+            wide.extend(t)
         for p, n in zip(input_pos, seq_len):
-            values += range(p, p + n)
-        values += seq_len
-        values += input_pos
-        values += accumulate(seq_len, initial=0)
+            wide.extend(range(p, p + n))
+        wide.extend(c - 1 for c in cu_seqlen[1:])
+        narrow = array("i", seq_len)  # int32 metadata
+        narrow.extend(input_pos)
+        narrow.extend(cu_seqlen)
         for row in pages:
-            values += row
-            values += [0] * (max_pages - len(row))
-        values += slots
-        n = len(values)
+            narrow.extend(row)
+            narrow.extend([0] * (max_pages - len(row)))
+        narrow.extend(slots)
+        start32, end = 2 * len(wide), 2 * len(wide) + len(narrow)
         if self._copied is not None:
             self._copied.synchronize()
-        self._host[:n] = torch.tensor(values, dtype=torch.int32)
+        self._host[:start32].view(torch.int64).copy_(torch.frombuffer(wide, dtype=torch.int64))
+        self._host[start32:end].copy_(torch.frombuffer(narrow, dtype=torch.int32))
         if self._copied is not None:
-            self._device[:n].copy_(self._host[:n], non_blocking=True)
+            self._device[:end].copy_(self._host[:end], non_blocking=True)
             self._copied.record()
         return self._views(num_seqs, num_tokens)
 
@@ -85,27 +93,32 @@ class SequenceInfo:
 
     def packed_size(self, num_seqs: int, num_tokens: int) -> int:
         """Values ``build`` writes for a batch of this size (tokens, positions, metadata)."""
-        return 2 * num_tokens + num_seqs * (4 + self.max_pages_per_seq) + 1
+        return 2 * (2 * num_tokens + num_seqs) + num_seqs * (4 + self.max_pages_per_seq) + 1
 
     def views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
         """The inputs of a batch already in ``buffer`` (written by ``build`` or received from rank 0)."""
         return self._views(num_seqs, num_tokens)
 
     def _views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
+        key = (num_seqs, num_tokens)
+        if key not in self._views_by_shape:
+            if len(self._views_by_shape) >= 256:
+                self._views_by_shape.clear()
+            self._views_by_shape[key] = self._make_views(num_seqs, num_tokens)
+        views = self._views_by_shape[key]
+        return BatchInputs(dict(views.named_args), views.last_token_idx, views.num_tokens, views.num_seqs)
+
+    def _make_views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
         buf, B, T, P = self._device, num_seqs, num_tokens, self.max_pages_per_seq
-        sizes = {
-            "input_ids": T, "position_ids": T, "seq_len": B, "input_pos": B,
-            "cu_seqlen": B + 1, "page_table": B * P, "slot_idx": B,
-        }
-        views, offset = {}, 0
+        wide = buf[: 2 * (2 * T + B)].view(torch.int64)
+        views = {"input_ids": wide[:T].view(1, T), "position_ids": wide[T: 2 * T].view(1, T)}
+        sizes = {"seq_len": B, "input_pos": B, "cu_seqlen": B + 1, "page_table": B * P, "slot_idx": B}
+        offset = 2 * (2 * T + B)
         for name, size in sizes.items():
             views[name] = buf[offset: offset + size]
             offset += size
-        views["input_ids"] = views["input_ids"].to(torch.int64).view(1, T)
-        views["position_ids"] = views["position_ids"].to(torch.int64).view(1, T)
         views["page_table"] = views["page_table"].view(B, P)
-        last_token_idx = views["cu_seqlen"][1:].to(torch.int64) - 1
-        return BatchInputs(views, last_token_idx, num_tokens=T, num_seqs=B)
+        return BatchInputs(views, wide[2 * T:], num_tokens=T, num_seqs=B)
 
     # ---- sample batches (cache sizing, graph capture); they only touch the scratch page/slot 0 ----
 

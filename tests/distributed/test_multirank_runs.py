@@ -83,14 +83,13 @@ def test_launch_spawns_its_ranks(tmp_path, single_rank_tokens):
 
 def test_torchrun_ranks_are_joined_not_spawned(tmp_path, single_rank_tokens):
     proc = _launch([*COMMON, "args.world_size=2", f"hydra.run.dir={tmp_path}"],
-                   module=["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0"])
+                   module=["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert [g["token_ids"] for g in results["generations"]] == single_rank_tokens
     assert "2 ranks (torchrun)" in proc.stderr + proc.stdout
-    # rank 0 alone writes the run folder
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["launch.log", "results.json"] \
-        or (tmp_path / "results.json").exists()
+    # rank 1 went straight to work (no Hydra): rank 0 alone writes the run folder
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["autodeploy.log", "results.json"]
 
 
 def _alive_with_marker(marker: str) -> list[int]:
@@ -154,3 +153,12 @@ def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
     assert "rank 1 failed: RuntimeError: injected failure on rank 1" in output
     time.sleep(1.0)
     assert _alive_with_marker(marker) == []
+
+
+def test_tiny_moe_ep_experiment_runs_expert_parallel(tmp_path):
+    proc = _launch(["experiment=tiny_moe_ep", "prompt.sp_kwargs.max_tokens=4", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    experts = [r for r in results["sharding_plan"] if r["target"].endswith("mlp.experts")]
+    assert len(experts) == 2 and {(r["strategy"], r["dim"]) for r in experts} == {("ep", "ep")}
+    assert all(g["finish_reason"] in ("length", "stop") for g in results["generations"])

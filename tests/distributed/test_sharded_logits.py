@@ -26,6 +26,8 @@ CASES_2 = [
     Case("llama_simple", "tiny_llama", ("sharding=simple",)),
     Case("mixtral_ep", "tiny_mixtral", ("sharding=ep",)),
     Case("hybrid_ssm", "tiny_hybrid", SSM),
+    Case("mixtral_tp", "tiny_mixtral", ("sharding=tp",)),  # every preset of conf/sharding runs for real
+    Case("hybrid_manual", "tiny_hybrid", ("sharding=hybrid_manual",)),
 ] + [Case(f"zoo_{name}", f"zoo:{name}") for name in ZOO]
 
 CASES_4 = [
@@ -143,6 +145,13 @@ def test_plan_rows_name_sources_and_strategies(world2, world4):
     # 2 Mamba groups cannot be split over 4 ranks: the mixer is simple-sharded instead (still exact)
     hybrid4 = {r["target"]: r for r in world4["hybrid_ssm"]["rows"]}
     assert hybrid4["model.layers.0.mixer.in_proj"]["strategy"] == "gather"
+    manual = {r["target"]: r for r in world2["hybrid_manual"]["rows"]}
+    assert (manual["model.layers.0.mixer.in_proj"].get("strategy"), manual["model.layers.0.mixer.in_proj"]["source"]) \
+        == ("mamba", "manual")
+    assert manual["model.layers.2.mixer.up_proj"]["source"] == "manual"
+    # sharding=tp: experts split by their intermediate dim over all ranks, not distributed
+    tp_experts = {r["target"]: r for r in world2["mixtral_tp"]["rows"]}["model.layers.0.mlp.experts"]
+    assert (tp_experts["strategy"], tp_experts["dim"]) == ("colwise", "tp")
     summary = world2["llama_heuristic"]["summary"]
     assert summary["world_size"] == 2 and summary["collectives_per_forward"] == 2 * 2 + 1
     assert summary["all_gather_per_forward"] == 1 and world2["llama_factory"]["summary"]["all_gather_per_forward"] == 0

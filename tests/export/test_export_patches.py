@@ -116,3 +116,76 @@ def test_scalar_tensor_literals_keep_their_value(device):
         assert not fulls and len(lifted) == 1
     out = gm(torch.zeros(2, 4, dtype=torch.long), torch.arange(4).repeat(2, 1))
     assert out.tolist() == [[-1.0, 0.5, 0.5, 0.5]] * 2 and out.dtype == torch.float32
+
+
+def test_list_indices_exported_on_meta_keep_their_values():
+    # torch lifts the index tensor of x[..., [-2]] into a constant; on meta it would have no value
+    class SplitHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 12)
+
+        def forward(self, input_ids, position_ids):
+            qkv = self.emb(input_ids).view(*input_ids.shape, 3, 4)
+            return qkv[:, :, [-2]] + qkv[:, :, [0, 2]].sum(2, keepdim=True)
+
+    with torch.device("meta"):
+        model = SplitHeads()
+        ids, pos = torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)
+
+    def constants(names):
+        with registry.export_patches(model, names=names):
+            gm = torch.export.export(model, (ids, pos), strict=False).module()
+        return [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and "lifted" in n.target]
+
+    assert {c.device.type for c in constants([])} == {"meta"}
+    assert [c.tolist() for c in constants(["list_index_literals"])] == [[-2], [0, 2]]
+    assert "__getitem__" not in torch.Tensor.__dict__  # restored
+
+
+def test_ssm_helper_ops_swaps_only_the_helpers_it_reproduces(monkeypatch, caplog):
+    import logging
+    import sys
+    import types
+
+    from autodeploy.export.patches import ssm_helpers
+
+    def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+        raise AssertionError("swapped during export")
+
+    def mamba2_chunk_scan(x, dt, A, B, C, chunk_size):  # another transformers' signature
+        raise AssertionError("left alone")
+
+    modeling = types.ModuleType("_fake_modeling_ssm")
+    modeling.causal_conv1d_fn, modeling.mamba2_chunk_scan = causal_conv1d_fn, mamba2_chunk_scan
+    monkeypatch.setitem(sys.modules, modeling.__name__, modeling)
+    mixer = type("Mixer", (torch.nn.Module,), {"__module__": modeling.__name__})
+    with caplog.at_level(logging.WARNING, logger=ssm_helpers.__name__):
+        with registry.export_patches(torch.nn.Sequential(mixer()), names=["ssm_helper_ops"]):
+            assert modeling.causal_conv1d_fn is ssm_helpers.causal_conv1d_as_op
+            assert modeling.mamba2_chunk_scan is mamba2_chunk_scan
+    assert "_fake_modeling_ssm.mamba2_chunk_scan" in caplog.text
+    assert modeling.causal_conv1d_fn is causal_conv1d_fn
+
+
+def test_ssm_helpers_refuse_cache_state_at_export():
+    from autodeploy.export.patches.ssm_helpers import mamba2_chunk_scan_as_op, mamba_selective_scan_as_op
+
+    x = torch.zeros(1, 3, 2, 4)
+    with pytest.raises(RuntimeError, match=r"mamba2_chunk_scan called with \['initial_states'\]"):
+        mamba2_chunk_scan_as_op(x, x[..., 0], x[0, 0, :, 0], x, x, 4, initial_states=torch.zeros(1, 2, 4, 4))
+    with pytest.raises(RuntimeError, match=r"mamba_selective_scan called with \['return_last_state'\]"):
+        mamba_selective_scan_as_op(x[0], x[0], x[0, 0], x[0], x[0], return_last_state=True)
+
+
+def test_dbrx_experts_with_another_activation_fail_by_name():
+    from transformers import DbrxConfig, DbrxForCausalLM
+
+    config = DbrxConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=64, max_seq_len=64, use_cache=False,
+                        attn_config=dict(kv_n_heads=1, rope_theta=10000.0, clip_qkv=8.0),
+                        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=2, moe_top_k=1,
+                                        ffn_act_fn={"name": "gelu"}))
+    with torch.device("meta"):
+        model = DbrxForCausalLM(config)
+    with pytest.raises(ExportError, match="DBRX experts with activation GELUActivation are not supported"):
+        export_to_gm(model, max_batch_size=2, max_seq_len=32)

@@ -182,3 +182,72 @@ def test_cached_ops_are_registered_as_mutating():
     ssm_schema = ops.cached_ssm_scan.default._schema
     assert [a.name for a in conv_schema.arguments if a.alias_info and a.alias_info.is_write] == ["conv_state"]
     assert [a.name for a in ssm_schema.arguments if a.alias_info and a.alias_info.is_write] == ["ssm_state"]
+
+
+# ----- Mamba1 selective scan --------------------------------------------------------------------
+
+CH, SN = 12, 4  # channels, state size per channel
+
+
+def _mamba1_inputs(batch: int, seq: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    return dict(x=r(batch, seq, CH), dt=r(batch, seq, CH), A=-torch.exp(r(CH, SN) * 0.5), B=r(batch, seq, SN),
+                C=r(batch, seq, SN), D=r(CH), dt_bias=r(CH) * 0.1)
+
+
+@pytest.mark.parametrize("seq", [1, 7, 33])
+def test_selective_scan_equals_hf_jamba_scan(seq):
+    from transformers.models.jamba.modeling_jamba import mamba_selective_scan
+
+    i = _mamba1_inputs(2, seq)
+    ours = ops.selective_scan(i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["dt_bias"], True)
+    t = lambda v: v.transpose(1, 2)  # noqa: E731  HF's layout: [batch, channels or state, seq]
+    theirs = mamba_selective_scan(t(i["x"]), t(i["dt"]), i["A"], t(i["B"]), t(i["C"]), D=i["D"],
+                                  delta_bias=i["dt_bias"], delta_softplus=True)
+    assert ours.dtype == torch.float32 and ours.shape == (2, seq, CH)
+    assert torch.equal(ours, t(theirs))
+
+
+def test_opcheck_selective_scan_ops():
+    i = _mamba1_inputs(1, 5)
+    args = (i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["dt_bias"], True)
+    torch.library.opcheck(ops.selective_scan.default, args)
+    meta = (torch.tensor([3, 1, 1], dtype=torch.int32), torch.tensor([0, 4, 0], dtype=torch.int32),
+            torch.tensor([0, 3, 4, 5], dtype=torch.int32), torch.tensor([2, 0, 1], dtype=torch.int32))
+    torch.library.opcheck(ops.cached_selective_scan.default, (*args, *meta, torch.randn(3, CH, SN)))
+    schema = ops.cached_selective_scan.default._schema
+    assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == ["ssm_state"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cached_selective_scan_in_any_schedule_equals_uncached(seed):
+    """Prefill chunks and decodes of several sequences, interleaved in random steps over shuffled
+    slots that hold stale state, equal each sequence scanned alone from a zero state."""
+    rng = random.Random(seed)
+    lengths = [13, 1, 9, 22]
+    data = [_mamba1_inputs(1, n, seed=seed + 10 + k) for k, n in enumerate(lengths)]
+    shared = _mamba1_inputs(1, 1, seed=seed)  # A, D, dt_bias: the layer's parameters
+    slots = rng.sample(range(6), len(lengths))
+    state = torch.randn(6, CH, SN)
+    pos, outs = [0] * len(lengths), [[] for _ in lengths]
+    while any(p < n for p, n in zip(pos, lengths)):
+        step = [(k, min(rng.randint(2, 6) if p < n // 2 else 1, n - p))
+                for k, (p, n) in enumerate(zip(pos, lengths)) if p < n and rng.random() > 0.25]
+        if not step:
+            continue
+        step.sort(key=lambda kv: kv[1] == 1)  # prefills first, then decodes
+        seq_len = torch.tensor([t for _, t in step], dtype=torch.int32)
+        cu = torch.zeros(len(step) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(seq_len, 0)
+        meta = (seq_len, torch.tensor([pos[k] for k, _ in step], dtype=torch.int32), cu,
+                torch.tensor([slots[k] for k, _ in step], dtype=torch.int32))
+        cat = lambda key: torch.cat([data[k][key][:, pos[k]:pos[k] + t] for k, t in step], dim=1)  # noqa: E731
+        y = ops.cached_selective_scan(cat("x"), cat("dt"), shared["A"], cat("B"), cat("C"), shared["D"],
+                                      shared["dt_bias"], True, *meta, state)
+        for j, (k, t) in enumerate(step):
+            outs[k].append(y[:, cu[j]:cu[j + 1]])
+            pos[k] += t
+    for k, d in enumerate(data):
+        ref = ops.selective_scan(d["x"], d["dt"], shared["A"], d["B"], d["C"], shared["D"], shared["dt_bias"], True)
+        torch.testing.assert_close(torch.cat(outs[k], dim=1), ref, rtol=1e-5, atol=1e-5)

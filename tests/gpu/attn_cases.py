@@ -60,7 +60,8 @@ def make_batch(seqs, H, KV, D, page_size, dtype=torch.float32, device="cpu", Dv=
     )
 
 
-def reference(batch: Batch, scale: float, sliding_window=None, logit_cap=None):
+def reference(batch: Batch, scale: float, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None,
+              attention_chunk_size=None):
     """float64 attention on the CPU; returns (out [1, T, H, Dv], expected k_cache, expected v_cache)."""
     q, k, v = (t[0].double().cpu() for t in (batch.q, batch.k, batch.v))
     kc, vc = batch.k_cache.double().cpu().clone(), batch.v_cache.double().cpu().clone()
@@ -85,11 +86,20 @@ def reference(batch: Batch, scale: float, sliding_window=None, logit_cap=None):
         scores = torch.einsum("thd,lhd->htl", q[s:e], K) * scale
         if logit_cap:
             scores = logit_cap * torch.tanh(scores / logit_cap)
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.double().cpu()[:, None, None] * (pos[None, :] - qpos[:, None])
         mask = pos[None, :] <= qpos[:, None]
         if sliding_window:
             mask &= qpos[:, None] - pos[None, :] < sliding_window
+        if attention_chunk_size:
+            mask &= pos[None, :] // attention_chunk_size == qpos[:, None] // attention_chunk_size
         scores = scores.masked_fill(~mask, float("-inf"))
-        out[s:e] = torch.einsum("htl,lhd->thd", scores.softmax(-1), V)
+        if sinks is not None:  # the sink joins the denominator only
+            sink_col = sinks.double().cpu()[:, None, None].expand(-1, scores.shape[1], 1)
+            probs = torch.cat([scores, sink_col], -1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        out[s:e] = torch.einsum("htl,lhd->thd", probs, V)
     return out.unsqueeze(0), kc, vc
 
 
@@ -115,3 +125,30 @@ SMALL_CASES = [
     ("softcap", [(5, 14), (29, 1)], 4, 1, 16, 8, None, 5.0),
     ("window_softcap_mixed", [(10, 30), (70, 1), (1, 1)], 8, 4, 16, 16, 24, 3.0),
 ]
+
+
+# (name, seqs, H, KV, D, page_size, variants): the canonical op's per-head and chunk variants;
+# "sinks" / "alibi" ask for random per-head tensors (variant_args builds them)
+VARIANT_CASES = [
+    ("sinks_prefill_decode", [(0, 21), (9, 4), (31, 1), (16, 1)], 4, 2, 16, 8, dict(sinks=True)),
+    ("sinks_decode_long", [(300, 1), (129, 1), (0, 1)], 8, 2, 32, 16, dict(sinks=True)),
+    ("sinks_window", [(0, 37), (20, 15), (50, 1)], 4, 2, 16, 8, dict(sinks=True, sliding_window=7)),
+    ("alibi_prefill_decode", [(0, 21), (9, 4), (31, 1), (16, 1)], 4, 4, 16, 8, dict(alibi=True)),
+    ("alibi_gqa_long", [(3, 40), (200, 1), (130, 1)], 6, 2, 16, 8, dict(alibi=True)),
+    ("chunk_prefill", [(0, 37), (5, 30), (20, 15)], 4, 2, 16, 8, dict(attention_chunk_size=8)),
+    ("chunk_odd_decode", [(50, 1), (3, 1), (130, 1), (7, 1)], 4, 2, 16, 8, dict(attention_chunk_size=13)),
+    ("chunk_long_decode", [(300, 1), (129, 1), (64, 1)], 8, 2, 32, 16, dict(attention_chunk_size=100)),
+    ("all_mixed", [(10, 30), (70, 1), (1, 1)], 8, 4, 16, 16,
+     dict(sinks=True, alibi=True, attention_chunk_size=24, logit_cap=3.0)),
+]
+
+
+def variant_args(variants: dict, H: int, device="cpu", generator=None) -> dict:
+    """The op's keyword arguments for a VARIANT_CASES entry (random sinks and slopes, fp32)."""
+    g = generator or torch.Generator().manual_seed(1)
+    out = {k: v for k, v in variants.items() if k not in ("sinks", "alibi")}
+    if variants.get("sinks"):
+        out["sinks"] = (torch.randn(H, generator=g) * 2).to(device)
+    if variants.get("alibi"):
+        out["alibi_slopes"] = (torch.rand(H, generator=g) * 0.5).to(device)
+    return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attn_cases import SMALL_CASES, make_batch, reference, rel_err  # noqa: E402
+from attn_cases import SMALL_CASES, VARIANT_CASES, make_batch, reference, rel_err, variant_args  # noqa: E402
 
 from autodeploy.custom_ops.cached_attention import _load_builtin, get_backend  # noqa: E402
 
@@ -99,3 +99,30 @@ def test_triton_decode_is_capturable():
     graph.replay()
     ref, _, _ = reference(fresh, 0.1)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+# Llama-8B-sized variants: gpt-oss-like sinks with a window, BLOOM-like ALiBi, Llama-4-like chunks
+LARGE_VARIANT_CASES = [
+    ("sinks_window_large", [(0, 700), (300, 129), (1000, 1), (127, 1)], 64, 8, 64, 64,
+     dict(sinks=True, sliding_window=128)),
+    ("alibi_large", [(0, 513), (200, 64)] + [(p, 1) for p in (900, 1, 64, 333)], 32, 32, 128, 64, dict(alibi=True)),
+    ("chunk_large", [(0, 1024), (8000, 300)] + [(p, 1) for p in (8191, 8192, 100, 5000)], 32, 8, 128, 64,
+     dict(attention_chunk_size=8192)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", VARIANT_CASES + LARGE_VARIANT_CASES, ids=[c[0] for c in VARIANT_CASES + LARGE_VARIANT_CASES])
+def test_triton_variants_match_reference(case, dtype):
+    """Sinks, ALiBi and chunk-local attention in the triton kernels (decode splits included)."""
+    op = _backend_or_skip("triton")
+    name, seqs, H, KV, D, ps, variants = case
+    batch = make_batch(seqs, H, KV, D, ps, dtype=dtype, device="cuda", generator=torch.Generator().manual_seed(len(name)))
+    kwargs = variant_args(variants, H, device="cuda")
+    ref, kc_ref, _ = reference(batch, D**-0.5, **kwargs)
+    out = op(*batch.args(), D**-0.5, **kwargs)
+    torch.cuda.synchronize()
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.equal(batch.k_cache.double().cpu(), kc_ref)
+

@@ -54,3 +54,21 @@ def test_triton_backend_with_cuda_graphs_matches_hf(compile_backend):
                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
             assert out.token_ids == ref
     assert model.num_replays > 0 and model.num_eager > 0  # decode steps replayed, prefills eager
+
+
+@pytest.mark.parametrize("compile_backend", ["torch-simple", "torch-cudagraph"])
+@pytest.mark.parametrize("name", ["gpt_oss", "bloom", "llama4_text"])
+def test_attention_variants_with_triton_match_hf(name, compile_backend, tmp_path):
+    """Sinks (gpt-oss), ALiBi (BLOOM) and chunked attention (Llama-4) through the triton kernels:
+    greedy generation (fp32) equals HF generate on the CPU, prompts longer than windows and chunks."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "transforms"))
+    from test_attention_families import PROMPTS, Deployment
+
+    from autodeploy.runtime.sampling_params import SamplingParams
+
+    d = Deployment(name, tmp_path, "args.device=cuda", "backend=triton", f"transforms/compile={compile_backend}",
+                   "args.transforms.resize_kv_cache.free_mem_ratio=0.05")
+    assert d.report["insert_cached_attention"]["num_matches"] == 2
+    outs = d.built.engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert [o.error for o in outs] == [None] * len(PROMPTS)
+    assert [o.token_ids for o in outs] == [d.hf_greedy(p, 12) for p in PROMPTS]

@@ -83,11 +83,16 @@ class ToyLM(nn.Module):
     """A small causal LM written directly with the canonical ``autodeploy::attention`` op."""
 
     def __init__(self, vocab=64, hidden=32, heads=4, kv_heads=2, head_dim=8, layers=2, sliding_window=None,
-                 logit_cap=None):
+                 logit_cap=None, sinks=False, alibi=False, attention_chunk_size=None, index_positions=False):
         super().__init__()
         import autodeploy.custom_ops.attention  # noqa: F401  (registers the op)
 
         self.H, self.KV, self.D, self.sw, self.cap = heads, kv_heads, head_dim, sliding_window, logit_cap
+        self.chunk = attention_chunk_size
+        # HF's cache_position style: positions from arange over the sequence instead of position_ids
+        self.index_positions = index_positions
+        self.sinks = nn.Parameter(torch.randn(heads)) if sinks else None
+        self.register_buffer("alibi_slopes", torch.rand(heads) if alibi else None)
         self.embed = nn.Embedding(vocab, hidden)
         self.pos = nn.Embedding(256, hidden)
         self.q = nn.ModuleList(nn.Linear(hidden, heads * head_dim) for _ in range(layers))
@@ -97,12 +102,13 @@ class ToyLM(nn.Module):
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, input_ids, position_ids):
-        x = self.embed(input_ids) + self.pos(position_ids)
         B, S = input_ids.shape
+        positions = torch.arange(S, device=input_ids.device) if self.index_positions else position_ids
+        x = self.embed(input_ids) + self.pos(positions)
         for q, k, v, o in zip(self.q, self.k, self.v, self.o):
             a = torch.ops.autodeploy.attention(
                 q(x).view(B, S, self.H, self.D), k(x).view(B, S, self.KV, self.D), v(x).view(B, S, self.KV, self.D),
-                self.D ** -0.5, self.sw, self.cap,
+                self.D ** -0.5, self.sw, self.cap, self.sinks, self.alibi_slopes, self.chunk,
             )
             x = x + o(a.reshape(B, S, -1))
         return self.head(x)

@@ -225,3 +225,27 @@ def test_stream_reports_progress_made_by_other_callers():
     rest = list(it)
     assert len(first.token_ids) == 1 and rest[-1].finished
     assert rest[-1].token_ids == expected_tokens(prompts([3])[0], 5)
+
+
+def test_prefill_chunks_stay_small_while_others_decode():
+    model = PagedSumModel()
+    eng = Engine(model, make_cache(max_num_tokens=32), prefill_chunk_size=4)
+    first = eng.add_requests(prompts([3]), SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    eng.step()  # its prefill, alone
+    late = eng.add_requests(prompts([13, 6], start=40), GREEDY)
+    while eng.has_unfinished_requests:
+        eng.step()
+    # every later forward carries a decode, so at most 4 prompt tokens plus at most 2 decodes (all
+    # three decoding means no prompt tokens); uncapped, the next step would take 1 + 13 + 6 tokens
+    assert max(t for _, t in model.calls[1:]) <= 4 + 2
+    assert eng.output(first[0]).token_ids == expected_tokens(prompts([3])[0], 10)
+    assert [eng.output(r).token_ids for r in late] == [expected_tokens(p, 6) for p in prompts([13, 6], start=40)]
+
+
+def test_step_timings_split_host_and_device_wait():
+    eng = engine()
+    eng.generate(prompts([4, 6]), GREEDY)
+    timings = list(eng.step_timings)
+    assert len(timings) == 6  # one prefill step, then five decode steps of both sequences
+    assert [(t.num_seqs, t.num_tokens, t.is_decode) for t in timings[:2]] == [(2, 10, False), (2, 2, True)]
+    assert all(t.host_s > 0 and t.wait_s >= 0 for t in timings)

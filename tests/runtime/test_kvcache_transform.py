@@ -47,7 +47,11 @@ def test_graph_takes_flattened_inputs_and_caches(toy):
     assert "cpu" in rows["resize_kv_cache"].note
 
 
-@pytest.mark.parametrize("variant", [{}, {"sliding_window": 5}, {"logit_cap": 3.0}])
+@pytest.mark.parametrize("variant", [
+    {}, {"sliding_window": 5}, {"logit_cap": 3.0},
+    {"sinks": True, "alibi": True, "sliding_window": 6, "attention_chunk_size": 5},  # each alone: test_torch_cached_attention
+    {"index_positions": True},  # arange(S) as positions: read from position_ids in the flattened batch
+])
 def test_greedy_equals_full_recompute(variant):
     torch.manual_seed(1)
     toy = ToyLM(**variant).eval()
@@ -159,3 +163,44 @@ def test_engine_finds_vocab_size_through_a_compiled_wrapper(toy):
     assert engine.vocab_size == 64
     out = engine.generate([[3, 70]], SamplingParams(temperature=0, max_tokens=2))[0]
     assert out.finish_reason == "error" and "out of range [0, 64)" in out.error
+
+
+def test_index_positions_become_position_ids():
+    torch.manual_seed(1)
+    gm, _, _ = build(ToyLM(index_positions=True).eval())
+    aranges = [n for n in gm.graph.nodes if n.op == "call_function" and "arange" in str(n.target)]
+    assert aranges == []
+
+
+def test_backend_without_a_variant_fails_naming_it():
+    from autodeploy.custom_ops.cached_attention import BACKENDS, _load_builtin
+
+    _load_builtin()
+    flashinfer = BACKENDS["flashinfer"]  # no GPU needed: the check is on the graph's arguments
+    with pytest.raises(ValueError, match="'flashinfer' does not support attention sinks, chunked attention "
+                                         r"\(attention attention_3\); use backend=torch or backend=triton"):
+        flashinfer.check_features("attention_3", {"sliding_window": 4, "sinks": object(), "attention_chunk_size": 8})
+    flashinfer.check_features("attention_1", {"sliding_window": 4, "logit_cap": 30.0, "sinks": None})
+
+
+class CumsumLM(torch.nn.Module):
+    """Token mixing by a running sum over the sequence: right in one forward, wrong over a cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64)
+
+    def forward(self, input_ids, position_ids):
+        return self.head(self.embed(input_ids).cumsum(dim=1))
+
+
+def test_scan_over_the_sequence_left_in_the_graph_fails_the_build():
+    from autodeploy.transforms.interface import TransformError
+
+    model = CumsumLM().eval()
+    ids, pos = torch.randint(0, 64, (2, 7)), torch.arange(7).expand(2, 7)
+    b, s = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=256)
+    gm = torch.export.export(model, (ids, pos), dynamic_shapes={"input_ids": {0: b, 1: s}, "position_ids": {0: b, 1: s}})
+    ctx = BuildContext(cache=CacheInterface(2, 16, None, 4, "cpu"))
+    with pytest.raises(TransformError, match=r"mixes tokens in plain graph code \(cumsum = aten.cumsum.default"):
+        InferenceOptimizer({"initialize_cache": {"stage": "cache_init"}})(ctx, model=gm.module())

@@ -81,3 +81,28 @@ def test_preempting_a_request_already_scheduled_this_step_unschedules_it():
     batch = s.schedule()  # b's decode goes first, then a's chunk needs 2 more pages: b is preempted
     assert batch.requests == [a] and batch.num_new_tokens == [8]
     assert s.waiting[0] is b and b.status is Status.WAITING and len(a.pages) == 3
+
+
+def test_prompt_tokens_are_capped_while_requests_decode():
+    s = Scheduler(CacheInterface(4, 64, max_num_tokens=20, page_size=4), prefill_chunk_size=5)
+    a, b, c = request(12), request(30), request(9)
+    s.add(a)
+    batch = s.schedule()  # nothing decodes yet: the whole budget
+    assert batch.num_new_tokens == [12]
+    run(s, batch)
+    s.add(b), s.add(c)
+    batch = s.schedule()  # a decodes: at most 5 prompt tokens in this step
+    assert list(zip(batch.requests, batch.num_new_tokens)) == [(b, 5), (a, 1)]
+    run(s, batch)
+    batch = s.schedule()  # b's next chunk (5) leaves nothing for c, which waits
+    assert list(zip(batch.requests, batch.num_new_tokens)) == [(b, 5), (a, 1)] and s.waiting[0] is c
+
+
+def test_no_cap_without_prefill_chunk_size():
+    s = Scheduler(CacheInterface(4, 64, max_num_tokens=20, page_size=4), prefill_chunk_size=None)
+    a, b = request(12), request(30)
+    s.add(a)
+    run(s, s.schedule())
+    s.add(b)
+    batch = s.schedule()
+    assert list(zip(batch.requests, batch.num_new_tokens)) == [(b, 19), (a, 1)]

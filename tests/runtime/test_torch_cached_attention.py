@@ -155,3 +155,37 @@ def test_opcheck(chunks):
             *(m[k].clone() for k in ("seq_len", "input_pos", "cu_seqlen", "page_table")),
             torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8), 0.35, None, None)
     torch.library.opcheck(get_backend("torch").op(), args)
+
+
+def _variant_cases():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+    import attn_cases
+
+    return attn_cases
+
+
+@pytest.mark.parametrize("case", _variant_cases().VARIANT_CASES, ids=[c[0] for c in _variant_cases().VARIANT_CASES])
+def test_variants_match_float64_reference(case):
+    """Sinks, ALiBi and chunk-local attention over pages (prefill, chunked prefill, decode, mixed)."""
+    cases = _variant_cases()
+    name, seqs, H, KV, D, ps, variants = case
+    batch = cases.make_batch(seqs, H, KV, D, ps, generator=torch.Generator().manual_seed(len(name)))
+    kwargs = cases.variant_args(variants, H)
+    ref, kc_ref, _ = cases.reference(batch, D**-0.5, **kwargs)
+    plain, _, _ = cases.reference(batch.clone(), D**-0.5, variants.get("sliding_window"), variants.get("logit_cap"))
+    assert cases.rel_err(plain, ref) > 1e-2  # the variant changes the answer: the check below can fail
+    out = get_backend("torch").op()(*batch.args(), D**-0.5, **kwargs)
+    assert cases.rel_err(out, ref) < 1e-6
+    assert torch.equal(batch.k_cache.double(), kc_ref)
+
+
+def test_opcheck_with_variants():
+    info = SequenceInfo(4, 64, 4)
+    m = info.build([[0] * 5, [0]], [0, 6], [[1, 2], [3, 4]], [1, 2]).named_args
+    args = (torch.randn(1, 6, 4, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8),
+            *(m[k].clone() for k in ("seq_len", "input_pos", "cu_seqlen", "page_table")),
+            torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8), 0.35, None, None, torch.randn(4), torch.rand(4), 3)
+    torch.library.opcheck(get_backend("torch").op(), args)

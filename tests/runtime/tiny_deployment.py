@@ -1,4 +1,4 @@
-"""Tiny models deployed for runtime tests: exported graph -> cleanup, matchers, cache_init.
+"""Tiny models deployed for runtime tests: exported graph -> cleanup, matchers, fusions, cache_init.
 
 The HF model the graph came from stays as the reference for ``generate``. ``tiny(name)`` builds
 once per process (export + transforms take seconds); conftest.py shares them as fixtures.
@@ -21,8 +21,14 @@ PIPELINE = {
     "match_rope_pattern": {"stage": "pattern_matcher"},
     "match_rmsnorm_pattern": {"stage": "pattern_matcher"},
     "match_moe_pattern": {"stage": "pattern_matcher"},
+    # the post-load fusions of the default pipeline: the runtime tests run with every one on
+    "fuse_add_rms_norm": {"stage": "post_load_fusion"},
+    "fuse_parallel_linears": {"stage": "post_load_fusion"},
+    "fuse_silu_mul": {"stage": "post_load_fusion"},
+    "gather_last_token_logits": {"stage": "post_load_fusion"},
     "insert_cached_attention": {"stage": "cache_init", "backend": "torch"},
     "insert_cached_ssm": {"stage": "cache_init"},
+    "insert_cached_last_tokens": {"stage": "cache_init"},
     "initialize_cache": {"stage": "cache_init"},
     "resize_kv_cache": {"stage": "cache_init"},
 }

@@ -26,6 +26,8 @@ class TinyAttention(torch.nn.Module):
         self.q = torch.nn.Linear(heads * head_dim, heads * head_dim)
         self.k = torch.nn.Linear(heads * head_dim, kv_heads * head_dim)
         self.v = torch.nn.Linear(heads * head_dim, kv_heads * head_dim)
+        self.rel_bias = torch.nn.Embedding(32, heads)  # a learned relative-position bias (T5-like)
+        self.sinks = torch.nn.Parameter(torch.randn(heads))
 
     def forward(self, input_ids, position_ids):
         x = self.emb(input_ids)
@@ -43,6 +45,12 @@ class TinyAttention(torch.nn.Module):
             p = position_ids
             mask = (p[:, None, :, None] >= p[:, None, None, :]) & (p[:, None, :, None] // 4 == p[:, None, None, :] // 4)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.kind == "sdpa_alibi":  # MPT/Falcon style: ALiBi in SDPA's float mask, slopes computed in the graph
+            p = position_ids
+            slopes = torch.pow(torch.full((), 0.5), torch.arange(1, self.h + 1)).to(q.dtype)
+            bias = slopes[None, :, None, None] * (p[:, None, None, :] - p[:, None, :, None]).to(q.dtype)
+            mask = torch.where(p[:, None, :, None] >= p[:, None, None, :], bias, float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:  # eager variants with a causal additive mask
             p = position_ids
             mask = torch.where(p[:, None, :, None] >= p[:, None, None, :], 0.0, float("-inf"))
@@ -52,7 +60,18 @@ class TinyAttention(torch.nn.Module):
                 scores = (q * self.d**-0.5) @ k.transpose(2, 3)
             elif self.kind == "eager_scale_after_cap":
                 scores = torch.tanh((q @ k.transpose(2, 3)) / 5.0) * 5.0 * 0.3
-            probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32)
+            elif self.kind in ("eager_relative_bias", "eager_sinks_relative_bias", "eager_sinks"):
+                scores = q @ k.transpose(2, 3) * self.d**-0.5
+            if "relative_bias" in self.kind:  # an extra additive bias that is neither a mask nor ALiBi
+                rel = (p[:, :, None] - p[:, None, :]).clamp(0, 31)
+                scores = scores + self.rel_bias(rel).permute(0, 3, 1, 2)
+            scores = scores + mask
+            if "sinks" in self.kind:  # gpt-oss: a learned logit per head joins the softmax, then is dropped
+                sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)
+                scores = torch.cat([scores, sinks], dim=-1)
+                probs = torch.softmax(scores - scores.max(dim=-1, keepdim=True).values, dim=-1)[..., :-1]
+            else:
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
             out = probs @ v
         return out.transpose(1, 2).reshape(b, s, -1)
 
@@ -102,13 +121,50 @@ def test_aten_repeat_interleave_is_folded():
         torch.testing.assert_close(gm(ids, pos), module(ids, pos), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,reason", [
-    ("bidirectional", "bidirectional"),
-    ("chunked", "neither causal nor sliding"),
-])
+@pytest.mark.parametrize("kind,reason", [("bidirectional", "bidirectional")])
 def test_non_causal_masks_are_left_alone(kind, reason):
     _, report = _check(kind, 0)
     assert reason in report["match_attention_pattern"].note
+
+
+@pytest.mark.parametrize("kind,variant_args", [
+    ("chunked", {8: 4}),  # attention_chunk_size
+    ("eager_sinks", {6: "sinks"}),
+    ("sdpa_alibi", {7: "alibi"}),
+])
+def test_variants_become_op_arguments(kind, variant_args):
+    gm, report = _check(kind, 1)
+    (node,) = [n for n in gm.graph.nodes if n.target is attention_op]
+    for index, expected in variant_args.items():
+        got = node.args[index]
+        if expected == "sinks":
+            assert got.op == "get_attr" and got.target == "sinks"
+        elif expected == "alibi":
+            assert tuple(got.meta["val"].shape) == (4,) and got.op == "call_function"  # computed in the graph
+        else:
+            assert got == expected
+    assert report["match_attention_pattern"].note == ""
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("eager_relative_bias", "neither a 0/-inf mask nor ALiBi"),
+    ("eager_sinks_relative_bias", "additive bias together with attention sinks"),
+])
+def test_unsupported_bias_stays_right_and_the_cached_build_names_it(kind, reason):
+    """A bias the matcher cannot prove causal or ALiBi: the graph keeps it (same output), and the
+    build with a KV cache stops naming the layer, never a silently different answer."""
+    from autodeploy.runtime.kv_cache import CacheInterface
+    from autodeploy.transforms.interface import BuildContext, TransformError
+    from autodeploy.transforms.optimizer import InferenceOptimizer
+    from hf_zoo import PATTERN_PIPELINE
+
+    gm, report = _check(kind, 0)
+    assert reason in report["match_attention_pattern"].note
+    cached = {**PATTERN_PIPELINE, "insert_cached_attention": {"stage": "cache_init"},
+              "initialize_cache": {"stage": "cache_init"}}
+    ctx = BuildContext(cache=CacheInterface(2, 32, None, 8, "cpu"))
+    with pytest.raises(TransformError, match=r"initialize_cache.*mixes tokens in plain graph code \(softmax"):
+        InferenceOptimizer(cached)(ctx, model=export_module(TinyAttention(kind)))
 
 
 def test_scale_after_soft_cap_is_not_folded():
@@ -133,3 +189,12 @@ def test_disabled_variants_are_not_matched():
     gm, report = run_pipeline(export(model), transforms=transforms)
     assert report["match_attention_pattern"].num_matches == 0
     assert count_target(gm, attention_op) == 0
+
+
+def test_alibi_in_bfloat16_is_alibi_up_to_its_rounding():
+    """HF casts BLOOM's bias to the model dtype: in bf16 it is slope * j rounded, still ALiBi."""
+    model = build_hf_model("bloom").to(device="meta", dtype=torch.bfloat16)
+    gm, report = run_pipeline(export(model), model.config)
+    nodes = [n for n in gm.graph.nodes if n.target is attention_op]
+    assert len(nodes) == 2, report["match_attention_pattern"].note
+    assert all(tuple(n.args[7].meta["val"].shape) == (4,) for n in nodes)

@@ -35,16 +35,18 @@ def test_logits_match_hf_eager(name, deployed):
 def test_one_attention_and_rope_per_layer(name, deployed):
     d = deployed(name)
     ops = canonical_ops(d.gm)
-    assert ops["attention"] == NUM_LAYERS
-    assert ops["rope"] == NUM_LAYERS
+    assert ops["attention"] == len(d.variant.attention_args)
+    assert ops["rope"] == d.variant.ropes
     assert ops["rms_norm"] == d.variant.rms_norms
     assert ops["moe"] == d.variant.moes
+    ssm_ops = ("causal_conv1d", "ssm_scan", "selective_scan")
+    assert {op: ops[op] for op in ssm_ops} == {op: d.variant.ssm_ops.get(op, 0) for op in ssm_ops}
     # nothing of HF's attention or experts is left: no SDPA, no softmax over scores, no grouped_mm
+    experts_ok = d.variant.experts_as_graph_code
     leftovers = [n for n in d.gm.graph.nodes if n.op == "call_function" and (
-        n.target in (aten.scaled_dot_product_attention.default, torch.ops.autodeploy.sdpa.default,
-                     aten._grouped_mm.default)
+        n.target in (aten.scaled_dot_product_attention.default, torch.ops.autodeploy.sdpa.default)
         or (n.target is aten.softmax.int and n.meta["val"].dim() == 4)  # the router's softmax is 2-D
-        or "grouped_mm" in str(n.target))]
+        or (("grouped_mm" in str(n.target)) and not experts_ok))]
     assert leftovers == []
     assert d.report["match_attention_pattern"].note == ""
 
@@ -61,7 +63,24 @@ def test_attention_carries_window_and_softcap(name, deployed):
         q, k, v = (a.meta["val"] for a in n.args[:3])
         # bsnd, GQA inside: k/v keep their own (un-repeated) head count
         assert (q.shape[2], q.shape[3]) == (cfg.num_attention_heads, head_dim)
-        assert k.shape[2] == v.shape[2] == cfg.num_key_value_heads
+        assert k.shape[2] == v.shape[2] == (d.variant.kv_heads or cfg.num_key_value_heads)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attention_carries_sinks_alibi_and_chunks(name, deployed):
+    """Per-head tensors ([H], heads first, so tensor parallelism can slice them) and chunk sizes."""
+    d = deployed(name)
+    nodes = [n for n in d.gm.graph.nodes if n.target is torch.ops.autodeploy.attention.default]
+    args = [dict(zip(("sinks", "alibi_slopes", "attention_chunk_size"), (list(n.args) + [None] * 9)[6:9])) for n in nodes]
+    got = [(a["sinks"] is not None, a["alibi_slopes"] is not None, a["attention_chunk_size"]) for a in args]
+    assert got == (d.variant.attention_variants or [(False, False, None)] * len(d.variant.attention_args))
+    heads = d.hf.config.num_attention_heads
+    for a in args:
+        for name in ("sinks", "alibi_slopes"):
+            if a[name] is not None:
+                assert tuple(a[name].meta["val"].shape) == (heads,)
+        if a["sinks"] is not None:  # the model's own parameter, loaded with the weights
+            assert a["sinks"].op == "get_attr" and a["sinks"].target.endswith("self_attn.sinks")
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_eager", "mixtral", "glm"])

@@ -4,6 +4,7 @@ This runs the real default.yaml (not a hand-picked list) through the InferenceOp
 checks the pipeline a user gets, before the cache and compile stages change the graph's inputs.
 """
 
+import copy
 from collections import Counter
 
 import pytest
@@ -68,3 +69,45 @@ def test_canonical_op_counts(family):
     rows = {r.name: r for r in report}
     assert rows["match_attention_pattern"].num_matches == EXPECTED[name][0]
     assert rows["detect_sharding"].skipped and rows["build_model"].num_matches == 1
+
+
+# ---- the same pipeline through post_load_fusion (the fusions of default.yaml)
+
+# per family: fused add+norm pairs, fused linear groups, silu_mul. The hybrid: its attention's
+# q/k/v (the Mamba in_proj is a single linear); its MLP is relu^2, no silu_mul
+EXPECTED_FUSIONS = {"tiny_llama": (4, 4, 2), "tiny_mixtral": (4, 2, 0), "tiny_hybrid": (4, 1, 0)}
+
+
+@pytest.fixture(scope="module")
+def fused_family(family):
+    """``family``'s graph (a copy) through the post_load_fusion transforms of default.yaml."""
+    name, factory, gm, hf, _ = family
+    cfg = compose_experiment([f"model={name}"], check_transforms=False)
+    transforms = OmegaConf.to_container(cfg.args.transforms, resolve=True)
+    fusions = {k: v for k, v in transforms.items() if Stage.parse(v["stage"]) == Stage.POST_LOAD_FUSION}
+    optimizer = InferenceOptimizer(fusions)
+    fused = optimizer(BuildContext(args=cfg.args, factory=factory), model=copy.deepcopy(gm))
+    return name, factory, fused, hf, {r.name: r for r in optimizer.report}
+
+
+@pytest.mark.parametrize("batch,seq", SHAPES)
+def test_fused_graph_equals_hf_eager_last_token(fused_family, batch, seq):
+    _, factory, gm, hf, _ = fused_family
+    gen = torch.Generator().manual_seed(batch * 100 + seq)
+    ids = torch.randint(0, factory.config.vocab_size, (batch, seq), generator=gen)
+    pos = torch.arange(seq).expand(batch, seq)
+    with torch.no_grad():
+        ours = gm(ids, pos)
+        ref = hf(input_ids=ids, position_ids=pos).logits[:, -1:]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_fusions_applied(fused_family):
+    name, _, gm, _, report = fused_family
+    counts = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    add_norms, groups, silu_muls = EXPECTED_FUSIONS[name]
+    assert [report[k].num_matches for k in ("fuse_add_rms_norm", "fuse_parallel_linears", "fuse_silu_mul",
+                                            "gather_last_token_logits")] == [add_norms, groups, silu_muls, 1]
+    assert counts["autodeploy.fused_add_rms_norm.default"] == add_norms
+    assert counts["autodeploy.rms_norm.default"] == 1  # the first norm reads the embedding: no add
+    assert counts["autodeploy.silu_mul.default"] == silu_muls and counts["autodeploy.last_tokens.default"] == 1

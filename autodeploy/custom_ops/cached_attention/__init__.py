@@ -12,6 +12,12 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+# the canonical op's optional variant arguments, in signature order after ``scale``; every cached op
+# takes them in this order too
+ATTENTION_VARIANTS = ("sliding_window", "logit_cap", "sinks", "alibi_slopes", "attention_chunk_size")
+_VARIANT_WORDS = {"sinks": "attention sinks", "alibi_slopes": "ALiBi", "attention_chunk_size": "chunked attention",
+                  "sliding_window": "a sliding window", "logit_cap": "logit soft-capping"}
+
 
 @dataclass
 class AttentionBackend:
@@ -22,12 +28,24 @@ class AttentionBackend:
     check_available: Callable[[], None]
     # optional host-side per-step planning: prepare(metadata) -> None (flashinfer plans here)
     prepare: Optional[Callable[[Any], None]] = None
+    # the ATTENTION_VARIANTS the op implements; a layer using another one fails the build
+    variants: frozenset = frozenset(ATTENTION_VARIANTS)
 
     def op(self):
         importlib.import_module(self.module)
         import torch
 
         return getattr(torch.ops.autodeploy, self.op_name).default
+
+    def check_features(self, layer: str, args: dict[str, Any]) -> None:
+        """Raise if attention ``layer`` uses a variant (an argument that is set) this backend lacks."""
+        missing = [name for name, value in args.items() if value is not None and name not in self.variants]
+        if missing:
+            others = sorted(n for n, b in BACKENDS.items() if all(m in b.variants for m in missing))
+            raise ValueError(
+                f"attention backend {self.name!r} does not support {', '.join(_VARIANT_WORDS[m] for m in missing)} "
+                f"(attention {layer}); use backend={' or backend='.join(others)}"
+            )
 
 
 BACKENDS: dict[str, AttentionBackend] = {}

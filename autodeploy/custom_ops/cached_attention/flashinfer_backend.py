@@ -20,6 +20,11 @@ Same signature and semantics as the ``torch`` reference backend. flashinfer is a
 Semantics mapping: our window W (key j visible from position p iff p - j < W) is flashinfer's
 ``window_left = W - 1``; the soft cap (cap * tanh(scale * q.k / cap)) is flashinfer's
 ``logits_soft_cap``; causal prefill aligns queries to the end of the KV, as ours.
+
+Not supported (the build fails naming the variant, see ``AttentionBackend.variants``): sinks and
+chunk-local attention have no argument in the wrappers' documented ``plan``/``run``, and their
+ALiBi (``pos_encoding_mode="ALIBI"``) derives the slopes from the number of heads it sees, which is
+wrong for our per-head slopes tensor once tensor parallelism splits the heads.
 """
 
 import weakref
@@ -161,9 +166,14 @@ def flashinfer_cached_attention(
     scale: float,
     sliding_window: Optional[int] = None,
     logit_cap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    attention_chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     from .triton_kernels import append_kv
 
+    if sinks is not None or alibi_slopes is not None or attention_chunk_size is not None:
+        raise ValueError("flashinfer backend: sinks, ALiBi and chunked attention are not supported; use backend=triton")
     q3, k3, v3 = q[0], k[0], v[0]
     T, H, D = q3.shape
     B = seq_len.shape[0]
@@ -193,7 +203,8 @@ def flashinfer_cached_attention(
 
 
 @flashinfer_cached_attention.register_fake
-def _(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window=None, logit_cap=None):
+def _(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window=None, logit_cap=None,
+      sinks=None, alibi_slopes=None, attention_chunk_size=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -209,6 +220,6 @@ def check_available() -> None:
 BACKEND = register_backend(
     AttentionBackend(
         name="flashinfer", module=__name__, op_name=OP_NAME, check_available=check_available,
-        prepare=PLANNER.prepare,
+        prepare=PLANNER.prepare, variants=frozenset({"sliding_window", "logit_cap"}),
     )
 )

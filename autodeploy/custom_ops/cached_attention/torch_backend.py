@@ -1,8 +1,9 @@
 """``torch`` backend: reference paged attention in plain PyTorch (CPU and GPU; what CI runs).
 
 The op first writes the new tokens' K/V into their pages, then each query attends to the first
-``input_pos + i + 1`` tokens of its sequence (causal), optionally limited to a sliding window and
-with tanh soft-capping of the logits. Math runs in float32.
+``input_pos + i + 1`` tokens of its sequence (causal), with the variants of the canonical op
+(``custom_ops/attention.py``): sliding window, tanh soft-capping, sinks, ALiBi, chunk-local
+attention. Math runs in float32.
 
 A decode-only batch (T == B: every sequence has exactly one new token) is one batched computation
 without host syncs, so it can be captured in a CUDA graph. A batch with prefills reads the
@@ -15,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..attention import allowed_mask
 from . import AttentionBackend, register_backend
 
 
@@ -32,11 +34,15 @@ def torch_cached_attention(
     scale: float,
     sliding_window: Optional[int] = None,
     logit_cap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    attention_chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     q, k, v = q[0], k[0], v[0]  # [T, heads, dim]
     num_tokens, num_seqs = q.shape[0], seq_len.shape[0]
     write_kv_to_pages(k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache)
-    attend = dict(scale=scale, sliding_window=sliding_window, logit_cap=logit_cap)
+    attend = dict(scale=scale, sliding_window=sliding_window, logit_cap=logit_cap, sinks=sinks,
+                  alibi_slopes=alibi_slopes, attention_chunk_size=attention_chunk_size)
 
     if num_tokens == num_seqs:  # decode only
         out = _decode(q, input_pos, page_table, k_cache, v_cache, **attend)
@@ -66,7 +72,7 @@ def torch_cached_attention(
 
 @torch_cached_attention.register_fake
 def _(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window=None,
-      logit_cap=None):
+      logit_cap=None, sinks=None, alibi_slopes=None, attention_chunk_size=None):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
@@ -94,23 +100,30 @@ def _decode(q, input_pos, page_table, k_cache, v_cache, **attend) -> torch.Tenso
     return _attention(q.unsqueeze(1), keys, values, q_pos, **attend)[:, 0]
 
 
-def _attention(q, keys, values, q_pos, scale, sliding_window, logit_cap) -> torch.Tensor:
+def _attention(q, keys, values, q_pos, scale, sliding_window, logit_cap, sinks, alibi_slopes,
+               attention_chunk_size) -> torch.Tensor:
     """q ``[N, S, H, D]`` at positions ``q_pos [N, S]``; keys/values ``[N, L, KV, D]`` at 0..L-1.
 
     Keys past a query's position (including padding past the sequence's length) are masked.
     """
     n, s, heads, dim = q.shape
     kv_heads = keys.shape[2]
-    qg = q.float().view(n, s, kv_heads, heads // kv_heads, dim)  # query head h uses kv head h // group
+    group = heads // kv_heads
+    qg = q.float().view(n, s, kv_heads, group, dim)  # query head h uses kv head h // group
     scores = torch.einsum("nskgd,nlkd->nkgsl", qg, keys.float()) * scale
     if logit_cap is not None:
         scores = logit_cap * torch.tanh(scores / logit_cap)
     key_pos = torch.arange(keys.shape[1], device=q.device)
-    visible = key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [N, S, L]
-    if sliding_window is not None:
-        visible &= key_pos.view(1, 1, -1) > q_pos.unsqueeze(-1) - sliding_window
+    if alibi_slopes is not None:
+        distance = key_pos.view(1, 1, -1) - q_pos.unsqueeze(-1)  # j - i, [N, S, L]
+        scores = scores + alibi_slopes.float().view(1, kv_heads, group, 1, 1) * distance[:, None, None]
+    visible = allowed_mask(q_pos, key_pos, sliding_window, attention_chunk_size)  # [N, S, L]
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    probs = scores.softmax(dim=-1)
+    if sinks is not None:  # one more logit per head in the denominator, without a value
+        sink_col = sinks.float().view(1, kv_heads, group, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
+    else:
+        probs = scores.softmax(dim=-1)
     out = torch.einsum("nkgsl,nlkd->nskgd", probs, values.float())
     return out.reshape(n, s, heads, values.shape[-1]).to(q.dtype)
 

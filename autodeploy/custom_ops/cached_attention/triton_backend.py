@@ -21,7 +21,7 @@ OP_NAME = "triton_cached_attention"
 SCHEMA = (
     f"{OP_NAME}(Tensor q, Tensor k, Tensor v, Tensor seq_len, Tensor input_pos, Tensor cu_seqlen, "
     "Tensor page_table, Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int? sliding_window=None, "
-    "float? logit_cap=None) -> Tensor"
+    "float? logit_cap=None, Tensor? sinks=None, Tensor? alibi_slopes=None, int? attention_chunk_size=None) -> Tensor"
 )
 
 
@@ -38,11 +38,15 @@ def triton_cached_attention(
     scale: float,
     sliding_window: Optional[int] = None,
     logit_cap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    attention_chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     from . import triton_kernels
 
     return triton_kernels.cached_attention(
-        q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window, logit_cap
+        q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window, logit_cap,
+        sinks, alibi_slopes, attention_chunk_size,
     )
 
 
@@ -55,7 +59,8 @@ for _key in ("CUDA", "CPU"):  # CPU: Triton's interpreter (TRITON_INTERPRET=1), 
 
 
 @torch.library.register_fake(f"autodeploy::{OP_NAME}")
-def _(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window=None, logit_cap=None):
+def _(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window=None, logit_cap=None,
+      sinks=None, alibi_slopes=None, attention_chunk_size=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

@@ -14,7 +14,11 @@ Three kernels and one combine step:
   write. Long contexts are split over ``NUM_SPLITS`` programs (flash-decoding) and merged by
   ``_combine_splits``.
 No kernel reads a host value: grids depend on shapes only, so all of it can be CUDA-graph captured.
-Scores use exp2 with log2(e) folded into the scale.
+Scores use exp2 with log2(e) folded into the scale (and into ALiBi slopes and sink logits).
+Variants of the canonical op (constexpr flags, compiled out when unused): sliding window, soft-cap,
+ALiBi (``slope_h * (j - i)`` added to the scores), chunk-local attention (keys of the query's
+chunk only: they bound the key range like a window) and sinks (one extra logit per head in the
+softmax denominator, folded in after the key loop, or in ``_combine_splits`` for split decodes).
 
 Measured (scripts/gpu_check.py; H100 80GB HBM3, torch 2.11, triton 3.6, 2026-11-27; Llama-8B
 attention: 32/8 heads, head_dim 128, page 64, context 1024, bf16; per layer):
@@ -110,11 +114,19 @@ def _append_kv(
 
 
 @triton.jit
+def _add_sink(acc, m_i, l_i, sink2):
+    """One more logit per row (log2 domain) in the softmax denominator, with no value."""
+    m_new = tl.maximum(m_i, sink2)
+    alpha = tl.exp2(m_i - m_new)
+    return acc * alpha[:, None], m_new, l_i * alpha + tl.exp2(sink2 - m_new)
+
+
+@triton.jit
 def _prefill_range(
-    acc, m_i, l_i, q, q_pos, start, stop, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
+    acc, m_i, l_i, q, q_pos, start, stop, hi, window, chunk, slope2, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
     s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-    PREC: tl.constexpr, MASKED: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Online softmax over key blocks [start, stop); MASKED=False for blocks every row fully sees."""
     for n0 in range(start, stop, BLOCK_N):
@@ -129,10 +141,14 @@ def _prefill_range(
         k = tl.load(kc_ptr + (page * s_kcp + slot * s_kcs + kvh * s_kch)[:, None] + offs_d[None, :],
                     mask=kv_ok & d_ok[None, :], other=0.0)
         s = _logits2(tl.dot(q, tl.trans(k), input_precision=PREC), c1, c2, HAS_CAP)
+        if HAS_ALIBI:
+            s += slope2[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
         if MASKED:
             mask = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 mask = mask & (q_pos[:, None] - offs_n[None, :] < window)
+            if HAS_CHUNK:
+                mask = mask & (offs_n[None, :] // chunk == q_pos[:, None] // chunk)
             s = tl.where(mask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
@@ -151,13 +167,14 @@ def _prefill_range(
 
 @triton.jit
 def _prefill_attn(
-    q_ptr, o_ptr, kc_ptr, vc_ptr, input_pos_ptr, cu_ptr, pt_ptr, B,
-    c1, c2, window,
+    q_ptr, o_ptr, kc_ptr, vc_ptr, input_pos_ptr, cu_ptr, pt_ptr, sinks_ptr, slopes_ptr, B,
+    c1, c2, window, chunk,
     s_qt, s_qh, s_ot, s_oh,
     s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, s_ptb,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, PREC: tl.constexpr,
 ):
     qb = tl.program_id(0)
@@ -190,31 +207,43 @@ def _prefill_attn(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
+    slope2 = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_ALIBI:
+        slope2 = tl.load(slopes_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+
     hi = pos0 + tl.minimum(q0 + BLOCK_Q, n_new)  # causal: nothing past the block's last query
-    lo = 0
+    # the earliest key the block's first and last query see (a window or chunk moves it up)
+    first_q = pos0 + q0
+    last_q = first_q + BLOCK_Q - 1
+    lo_first = 0
+    lo_last = 0
     if HAS_WINDOW:
-        lo = tl.maximum(pos0 + q0 - window + 1, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
+        lo_first = tl.maximum(first_q - window + 1, 0)
+        lo_last = tl.maximum(last_q - window + 1, 0)
+    if HAS_CHUNK:
+        lo_first = tl.maximum(lo_first, (first_q // chunk) * chunk)
+        lo_last = tl.maximum(lo_last, (last_q // chunk) * chunk)
+    lo = (lo_first // BLOCK_N) * BLOCK_N
     # key blocks [full_lo, full_hi) are seen whole by every row: at or below the block's first
-    # query and inside the window of its last one; only the blocks around them need masks
-    full_hi = lo + ((pos0 + q0 + 1 - lo) // BLOCK_N) * BLOCK_N
-    full_lo = lo
-    if HAS_WINDOW:
-        full_lo = lo + tl.cdiv(tl.maximum(pos0 + q0 + BLOCK_Q - window - lo, 0), BLOCK_N) * BLOCK_N
-        full_lo = tl.minimum(full_lo, full_hi)
+    # query and at or above the earliest key of its last one; only the blocks around them need masks
+    full_hi = lo + ((first_q + 1 - lo) // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(lo + tl.cdiv(tl.maximum(lo_last - lo, 0), BLOCK_N) * BLOCK_N, full_hi)
     pt_row = pt_ptr + b * s_ptb
     acc, m_i, l_i = _prefill_range(
-        acc, m_i, l_i, q, q_pos, lo, full_lo, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
+        acc, m_i, l_i, q, q_pos, lo, full_lo, hi, window, chunk, slope2, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
         s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
-        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, PREC, True)
+        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, HAS_ALIBI, HAS_CHUNK, PREC, True)
     acc, m_i, l_i = _prefill_range(
-        acc, m_i, l_i, q, q_pos, full_lo, full_hi, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
+        acc, m_i, l_i, q, q_pos, full_lo, full_hi, hi, window, chunk, slope2, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
         s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
-        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, PREC, False)
+        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, HAS_ALIBI, HAS_CHUNK, PREC, False)
     acc, m_i, l_i = _prefill_range(
-        acc, m_i, l_i, q, q_pos, full_hi, hi, hi, window, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
+        acc, m_i, l_i, q, q_pos, full_hi, hi, hi, window, chunk, slope2, c1, c2, kc_ptr, vc_ptr, pt_row, kvh,
         s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
-        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, PREC, True)
+        BLOCK_N, PAGE_SIZE, HAS_WINDOW, HAS_CAP, HAS_ALIBI, HAS_CHUNK, PREC, True)
+    if HAS_SINKS:
+        sink2 = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        acc, m_i, l_i = _add_sink(acc, m_i, l_i, sink2)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + q_rows[:, None] * s_ot + head[:, None] * s_oh + offs_dv[None, :],
@@ -223,14 +252,15 @@ def _prefill_attn(
 
 @triton.jit
 def _decode_attn(
-    q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr, kc_ptr, vc_ptr, input_pos_ptr, pt_ptr,
-    c1, c2, window,
+    q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr, kc_ptr, vc_ptr, input_pos_ptr, pt_ptr, sinks_ptr, slopes_ptr,
+    c1, c2, window, chunk,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
     s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, s_ptb,
     H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -252,6 +282,8 @@ def _decode_attn(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(pos - window + 1, 0)
+    if HAS_CHUNK:
+        lo = tl.maximum(lo, (pos // chunk) * chunk)
     # this split's share of keys [lo, pos], in whole BLOCK_N blocks
     chunk = tl.cdiv(tl.cdiv(pos + 1 - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     s_lo = lo + sp * chunk
@@ -262,6 +294,9 @@ def _decode_attn(
     head = kvh * G + offs_g
     q = tl.load(q_ptr + bl * s_qt + head[:, None] * s_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    slope2 = tl.zeros([G_PAD], tl.float32)
+    if HAS_ALIBI:
+        slope2 = tl.load(slopes_ptr + head, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
@@ -274,8 +309,10 @@ def _decode_attn(
         slot = offs_n % PAGE_SIZE
         k = tl.load(kc_ptr + (page * s_kcp + slot * s_kcs + kvh * s_kch)[:, None] + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.where(n_ok[None, :], _logits2(tl.dot(q, tl.trans(k), input_precision=PREC), c1, c2, HAS_CAP),
-                     float("-inf"))
+        s = _logits2(tl.dot(q, tl.trans(k), input_precision=PREC), c1, c2, HAS_CAP)
+        if HAS_ALIBI:
+            s += slope2[:, None] * (offs_n - pos).to(tl.float32)[None, :]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -295,6 +332,9 @@ def _decode_attn(
         acc = acc * alpha[:, None] + p1[:, None] * v_new.to(tl.float32)[None, :]
         m_i = m_new
 
+    if HAS_SINKS and NUM_SPLITS == 1:  # split decodes add the sink when combining
+        sink2 = tl.load(sinks_ptr + head, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        acc, m_i, l_i = _add_sink(acc, m_i, l_i, sink2)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if NUM_SPLITS == 1:
         tl.store(o_ptr + bl * s_ot + head[:, None] * s_oh + offs_dv[None, :],
@@ -308,9 +348,9 @@ def _decode_attn(
 
 @triton.jit
 def _combine_splits(
-    po_ptr, plse_ptr, o_ptr, s_ot, s_oh,
+    po_ptr, plse_ptr, o_ptr, sinks_ptr, s_ot, s_oh,
     H: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -319,10 +359,17 @@ def _combine_splits(
     row = (b.to(tl.int64) * H + h) * NUM_SPLITS
     s_ok = offs_s < NUM_SPLITS
     lse = tl.load(plse_ptr + row + offs_s, mask=s_ok, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))  # split 0 always holds keys, so the max is finite
+    m = tl.max(lse, 0)  # split 0 always holds keys, so the max is finite
+    if HAS_SINKS:
+        sink2 = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink2)
+    w = tl.exp2(lse - m)
+    denom = tl.sum(w, 0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink2 - m)
     po = tl.load(po_ptr + (row + offs_s)[:, None] * DV + offs_dv[None, :],
                  mask=s_ok[:, None] & _in_dim(offs_dv, DV, BLOCK_DV)[None, :], other=0.0)
-    out = tl.sum(po * w[:, None], 0) / tl.sum(w, 0)
+    out = tl.sum(po * w[:, None], 0) / denom
     tl.store(o_ptr + b.to(tl.int64) * s_ot + h * s_oh + offs_dv, out.to(o_ptr.dtype.element_ty),
              mask=offs_dv < DV)
 
@@ -364,6 +411,11 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+def _per_head(t, like: torch.Tensor) -> torch.Tensor:
+    """A per-head [H] argument as the kernels read it; ``like`` stands in (never read) when absent."""
+    return like if t is None else t.contiguous()
+
+
 def _score_consts(scale: float, cap: float) -> tuple[float, float]:
     """(c1, c2) of _logits2."""
     if cap:
@@ -397,8 +449,9 @@ def append_kv(k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table):
 
 def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
                       block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                      num_stages: int = 2, reverse: bool = True):
-    """Causal attention of q[T, H, D] over the pages (the new K/V must already be appended)."""
+                      num_stages: int = 2, reverse: bool = True, sinks=None, alibi_slopes=None, chunk: int = 0):
+    """Causal attention of q[T, H, D] over the pages (the new K/V must already be appended);
+    ``sinks`` / ``alibi_slopes`` are [H] tensors or None, ``chunk`` > 0 makes it chunk-local."""
     T, H, D = q.shape
     KV, DV = k_cache.shape[2], v_cache.shape[-1]
     # tiles that fit shared memory and registers (halved for wide heads or fp32); 64x64 with 4 warps
@@ -417,13 +470,14 @@ def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, sca
     q = _last_dim_contiguous(q)
     grid = (T // block_q + B, KV)
     _prefill_attn[grid](
-        q, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, B,
-        *_score_consts(scale, cap), int(window or 0),
+        q, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, _per_head(sinks, q), _per_head(alibi_slopes, q),
+        B, *_score_consts(scale, cap), int(window or 0), int(chunk or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
         G=G, G_PAD=G_PAD, BLOCK_Q=block_q, BLOCK_M=block_q * G_PAD, BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=_p2_dot(D), BLOCK_DV=_p2_dot(DV),
-        HAS_WINDOW=bool(window), HAS_CAP=bool(cap), REVERSE=reverse, PREC=_dot_precision(q),
+        HAS_WINDOW=bool(window), HAS_CAP=bool(cap), HAS_SINKS=sinks is not None,
+        HAS_ALIBI=alibi_slopes is not None, HAS_CHUNK=bool(chunk), REVERSE=reverse, PREC=_dot_precision(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -431,9 +485,9 @@ def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, sca
 
 def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, window, cap,
                      num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                     num_stages: int = 2):
+                     num_stages: int = 2, sinks=None, alibi_slopes=None, chunk: int = 0):
     """One new token per sequence (q[B, H, D], k[B, KV, D]): writes its K/V into the pages and
-    attends over positions 0..input_pos[b] (within the window)."""
+    attends over positions 0..input_pos[b] (within the window or chunk)."""
     B, H, D = q.shape
     KV, DV = k.shape[1], v.shape[-1]
     G = H // KV
@@ -445,42 +499,57 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
     max_ctx = page_table.shape[1] * k_cache.shape[1]
     if window:
         max_ctx = min(max_ctx, int(window))
+    if chunk:
+        max_ctx = min(max_ctx, int(chunk))
     splits = num_splits or decode_num_splits(B, KV, max_ctx, q.device, block_n)
     if splits > 1:
         part_o = torch.empty((B, H, splits, DV), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((B, H, splits), device=q.device, dtype=torch.float32)
     else:
         part_o = part_lse = out  # unused
+    has_sinks, has_alibi = sinks is not None, alibi_slopes is not None
+    sinks, alibi_slopes = _per_head(sinks, q), _per_head(alibi_slopes, q)
     _decode_attn[(B, KV, splits)](
-        q, k, v, out, part_o, part_lse, k_cache, v_cache, input_pos, page_table,
-        *_score_consts(scale, cap), int(window or 0),
+        q, k, v, out, part_o, part_lse, k_cache, v_cache, input_pos, page_table, sinks, alibi_slopes,
+        *_score_consts(scale, cap), int(window or 0), int(chunk or 0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
         H=H, G=G, G_PAD=max(16, _p2(G)), BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=_p2_dot(D), BLOCK_DV=_p2_dot(DV), NUM_SPLITS=splits,
-        HAS_WINDOW=bool(window), HAS_CAP=bool(cap), PREC=_dot_precision(q), num_warps=num_warps,
-        num_stages=num_stages,
+        HAS_WINDOW=bool(window), HAS_CAP=bool(cap), HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi,
+        HAS_CHUNK=bool(chunk), PREC=_dot_precision(q), num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _combine_splits[(B, H)](
-            part_o, part_lse, out, out.stride(0), out.stride(1),
-            H=H, DV=DV, NUM_SPLITS=splits, SPLITS_PAD=_p2(splits), BLOCK_DV=_p2(DV),
+            part_o, part_lse, out, sinks, out.stride(0), out.stride(1),
+            H=H, DV=DV, NUM_SPLITS=splits, SPLITS_PAD=_p2(splits), BLOCK_DV=_p2(DV), HAS_SINKS=has_sinks,
         )
     return out
 
 
 def cached_attention(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache,
-                     scale, sliding_window=None, logit_cap=None):
+                     scale, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None,
+                     attention_chunk_size=None):
     """The op body: q[1, T, H, D] ... -> [1, T, H, Dv]. Decode-only batches (T == B, i.e. every
-    sequence brings one token, since none brings zero) take the decode kernel."""
+    sequence brings one token, since none brings zero) take the decode kernel; others append the
+    new K/V and attend with ``triton_prefill.varlen_attention`` (``prefill_attention`` above, which
+    reads every key from the pages, stays for comparison: scripts/gpu_check.py times both)."""
     q3, k3, v3 = q[0], k[0], v[0]
     T, B = q3.shape[0], seq_len.shape[0]
     window = int(sliding_window) if sliding_window is not None and sliding_window > 0 else 0
     cap = float(logit_cap) if logit_cap is not None and logit_cap > 0 else 0.0
+    variants = dict(sinks=sinks, alibi_slopes=alibi_slopes, chunk=int(attention_chunk_size or 0))
     if T == B:
-        out = decode_attention(q3, k3, v3, k_cache, v_cache, input_pos, page_table, scale, window, cap)
-    else:
+        out = decode_attention(q3, k3, v3, k_cache, v_cache, input_pos, page_table, scale, window, cap, **variants)
+    elif sinks is None and alibi_slopes is None and not variants["chunk"]:
+        # new keys straight from k/v, the cached prefix from the pages (triton_prefill.py)
+        from .triton_prefill import varlen_attention
+
         append_kv(k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table)
-        out = prefill_attention(q3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
+        out = varlen_attention(q3, k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
+    else:  # sinks, ALiBi and chunked attention: the kernel that reads every key from the pages
+        append_kv(k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table)
+        out = prefill_attention(q3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
+                                **variants)
     return out.unsqueeze(0)

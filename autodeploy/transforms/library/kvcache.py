@@ -4,7 +4,8 @@ Run in this order (YAML order within the stage):
 - ``insert_cached_attention``: every canonical ``autodeploy::attention`` becomes the chosen
   backend's cached op; the batch metadata (``seq_len, input_pos, cu_seqlen, page_table,
   slot_idx``) and one K and one V cache per layer become graph inputs (docs/architecture.md).
-- ``insert_cached_ssm``: the same for Mamba2 blocks (conv + SSM state per sequence slot).
+- ``insert_cached_ssm``: the same for Mamba blocks (conv + SSM state per sequence slot; Mamba2
+  ``ssm_scan`` and Mamba1 ``selective_scan``).
 - ``initialize_cache``: allocate every registered cache.
 - ``resize_kv_cache``: on GPU, grow the paged caches into free memory measured after a
   max-token forward (times ``free_mem_ratio``); on CPU the initial size already holds
@@ -115,11 +116,46 @@ def add_metadata_inputs(gm: fx.GraphModule, cache: CacheInterface) -> dict[str, 
     missing = [n for n in ("input_ids", "position_ids") if n not in _placeholders(gm)]
     if missing:
         raise ValueError(f"the graph has no input(s) {missing}; expected forward(input_ids, position_ids)")
+    token_index_as_positions(gm)
     B, P = cache.max_batch_size, cache.pages_per_seq
     shapes = {"seq_len": (B,), "input_pos": (B,), "cu_seqlen": (B + 1,), "page_table": (B, P), "slot_idx": (B,)}
     return {
         name: add_input(gm, name, _fake(gm, shapes[name], torch.int32, cache.device)) for name in METADATA_NAMES
     }
+
+
+def token_index_as_positions(gm: fx.GraphModule) -> int:
+    """Replace ``arange(S)`` over the sequence by ``position_ids[0]``; returns how many.
+
+    HF computes the tokens' cache positions as ``arange(S) + past`` (past = 0 at export), e.g.
+    Llama-4's attention temperature. In the flattened batch the index along the sequence runs over
+    every sequence of the step, while ``position_ids`` holds each token's cache position.
+    """
+    inputs = _placeholders(gm)
+    ids, positions = inputs.get("input_ids"), inputs.get("position_ids")
+    size = ids.meta.get("val").shape[1] if ids is not None and isinstance(ids.meta.get("val"), torch.Tensor) else None
+    if positions is None or not isinstance(size, torch.SymInt):
+        return 0
+    num = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.kwargs.get("dtype") not in (None, torch.int64):
+            continue
+        if node.target is torch.ops.aten.arange.default and len(node.args) == 1:
+            end = node.args[0]
+        elif node.target is torch.ops.aten.arange.start and len(node.args) == 2 and node.args[0] == 0:
+            end = node.args[1]
+        else:
+            continue
+        end_val = end.meta.get("val") if isinstance(end, fx.Node) else None
+        if not isinstance(end_val, torch.SymInt) or end_val.node.expr != size.node.expr:
+            continue
+        with gm.graph.inserting_before(node):
+            first_row = gm.graph.call_function(torch.ops.aten.select.int, (positions, 0, 0))
+        first_row.meta["val"] = node.meta.get("val")  # [S] int64, like the arange
+        node.replace_all_uses_with(first_row)
+        gm.graph.erase_node(node)
+        num += 1
+    return num
 
 
 def add_cache_input(gm: fx.GraphModule, cache: CacheInterface, spec: CacheSpec) -> fx.Node:
@@ -185,10 +221,11 @@ class InsertCachedAttention(BaseTransform):
     config_class = InsertCachedAttentionConfig
 
     def apply(self, gm: fx.GraphModule, ctx: BuildContext):
-        from ...custom_ops.cached_attention import get_backend
+        from ...custom_ops.cached_attention import ATTENTION_VARIANTS, get_backend
 
         cfg: InsertCachedAttentionConfig = self.config
-        cached_op = get_backend(cfg.backend).op()  # fails early, naming a missing extra
+        backend = get_backend(cfg.backend)
+        cached_op = backend.op()  # fails early, naming a missing extra
         source = _canonical_attention_op()
         nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is source]
         if not nodes:
@@ -204,8 +241,9 @@ class InsertCachedAttention(BaseTransform):
                 add_cache_input(gm, cache, CacheSpec(f"{kind}_cache_{layer}", (cache.page_size, *t.shape[2:]), dtype, True))
                 for kind, t in (("k", k), ("v", v))
             ]
+            backend.check_features(node.name, {name: a.get(name) for name in ATTENTION_VARIANTS})
             args = (a["q"], a["k"], a["v"], meta["seq_len"], meta["input_pos"], meta["cu_seqlen"],
-                    meta["page_table"], *caches, a["scale"], a.get("sliding_window"), a.get("logit_cap"))
+                    meta["page_table"], *caches, a["scale"], *(a.get(name) for name in ATTENTION_VARIANTS))
             _replace(gm, node, cached_op, args)
         gm.recompile()
         note = f"{cfg.backend} backend, {len(nodes)} layers, pages of {cache.page_size} tokens"
@@ -235,7 +273,7 @@ class InsertCachedSSMConfig(TransformConfig):
 
 @register("insert_cached_ssm")
 class InsertCachedSSM(BaseTransform):
-    """Mamba2 ``causal_conv1d`` / ``ssm_scan`` -> cached ops over per-slot conv and SSM state."""
+    """``causal_conv1d`` / ``ssm_scan`` / ``selective_scan`` -> cached ops over per-slot conv and SSM state."""
 
     config_class = InsertCachedSSMConfig
 
@@ -245,7 +283,8 @@ class InsertCachedSSM(BaseTransform):
         importlib.import_module("autodeploy.custom_ops.ssm_cached")
         ops = torch.ops.autodeploy
         conv_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.causal_conv1d.default]
-        scan_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.ssm_scan.default]
+        scans = (ops.ssm_scan.default, ops.selective_scan.default)
+        scan_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in scans]
         if not conv_nodes and not scan_nodes:
             return gm, TransformInfo(num_matches=0, note="no SSM ops in the graph")
         cfg: InsertCachedSSMConfig = self.config
@@ -265,11 +304,16 @@ class InsertCachedSSM(BaseTransform):
             a = _node_args(node)
             x, b = _val(a["x"]), _val(a["B"])
             dtype = _DTYPES.get(cfg.ssm_state_dtype, x.dtype)
-            spec = CacheSpec(f"ssm_state_{layer}", (x.shape[2], x.shape[3], b.shape[3]), dtype, paged=False)
-            state = add_cache_input(gm, cache, spec)
-            args = (a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("dt_bias"), a["dt_min"], a["dt_max"],
-                    a["chunk_size"], a.get("dt_softplus", True), *batch_meta, state)
-            _replace(gm, node, ops.cached_ssm_scan.default, args)
+            if node.target is ops.selective_scan.default:  # Mamba1: a state row per channel
+                spec = CacheSpec(f"ssm_state_{layer}", (x.shape[2], b.shape[2]), dtype, paged=False)
+                args = (a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("dt_bias"), a["dt_softplus"])
+                cached = ops.cached_selective_scan.default
+            else:  # Mamba2: a [head_dim, state] matrix per head
+                spec = CacheSpec(f"ssm_state_{layer}", (x.shape[2], x.shape[3], b.shape[3]), dtype, paged=False)
+                args = (a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("dt_bias"), a["dt_min"],
+                        a["dt_max"], a["chunk_size"], a.get("dt_softplus", True))
+                cached = ops.cached_ssm_scan.default
+            _replace(gm, node, cached, (*args, *batch_meta, add_cache_input(gm, cache, spec)))
         gm.recompile()
         note = f"{len(conv_nodes)} conv + {len(scan_nodes)} scan ops, {cache.num_slots} state slots"
         return gm, TransformInfo(num_matches=len(conv_nodes) + len(scan_nodes), has_valid_shapes=True, note=note)
@@ -282,6 +326,8 @@ _UNCACHED = {
     "attention": "insert_cached_attention",
     "causal_conv1d": "insert_cached_ssm",
     "ssm_scan": "insert_cached_ssm",
+    "selective_scan": "insert_cached_ssm",
+    "last_tokens": "insert_cached_last_tokens",
 }
 
 
@@ -298,13 +344,70 @@ def check_fully_cached(gm: Any) -> None:
             left[name.split(".")[1]] = left.get(name.split(".")[1], 0) + 1
         elif "scaled_dot_product_attention" in name or name.startswith("autodeploy.sdpa."):
             left["scaled_dot_product_attention"] = left.get("scaled_dot_product_attention", 0) + 1
+        elif node.target in (torch.ops.aten.conv1d.default, torch.ops.aten.convolution.default):
+            left["convolution"] = left.get("convolution", 0) + 1
     if not left:
+        # the softmax of each unmatched attention first: it names the layer best
+        mixing = sorted(token_mixing_nodes(gm), key=lambda n: "softmax" not in str(n.target))
+        if mixing:
+            shown = "; ".join(_describe(n) for n in mixing[:3]) + (f"; ... ({len(mixing)} nodes)" if len(mixing) > 3 else "")
+            raise RuntimeError(
+                f"the cached graph still mixes tokens in plain graph code ({shown}): e.g. an attention the pattern "
+                "matcher did not rewrite into autodeploy::attention (see match_attention_pattern's note for why); "
+                "over the flattened batch, without a KV cache, it would give wrong tokens, so the build stops"
+            )
         return
     fixes = sorted({_UNCACHED[op] for op in left if op in _UNCACHED})
-    hint = f"add {', '.join(fixes)} (stage cache_init) to args.transforms" if fixes else (
-        "the attention pattern matcher did not rewrite this attention into autodeploy::attention")
+    hints = [f"add {', '.join(fixes)} (stage cache_init) to args.transforms"] if fixes else []
+    if "scaled_dot_product_attention" in left:
+        hints.append("the attention pattern matcher did not rewrite this attention into autodeploy::attention")
+    if "convolution" in left:  # e.g. a short conv over the sequence: no per-sequence state in a flattened batch
+        hints.append("a convolution is plain graph code (no export patch made it autodeploy::causal_conv1d)")
     found = ", ".join(f"{n} x {op}" for op, n in sorted(left.items()))
-    raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {hint}")
+    raise RuntimeError(f"the cached graph still has uncached sequence ops ({found}); {'; '.join(hints)}")
+
+
+# scans along a dim: over the sequence they carry state from token to token
+_SCANS = (torch.ops.aten.cumsum.default, torch.ops.aten.cumprod.default, torch.ops.aten.logcumsumexp.default,
+          torch.ops.aten.diff.default)
+
+
+def token_mixing_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Graph code that mixes tokens along the sequence: values spanning it in two dims
+    (``[.., S, S']``: attention scores or probs) and scans along it (cumsum, ...).
+
+    Unmatched attention or recurrences stay such graph code; over the cached runtime's flattened
+    batch they would see one step's tokens only, and mix sequences. Sizes come from the export's
+    symbol for ``seq``.
+    """
+    ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "input_ids"), None)
+    ids_val = ids.meta.get("val") if ids is not None else None
+    if not isinstance(ids_val, torch.Tensor) or ids_val.dim() != 2 or not isinstance(ids_val.shape[1], torch.SymInt):
+        return []
+    seq = ids_val.shape[1].node.expr.free_symbols
+
+    def spans(size: Any) -> bool:
+        return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols & seq)
+
+    out = []
+    for node in gm.graph.nodes:
+        v = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(v, torch.Tensor):
+            continue
+        if sum(map(spans, v.shape)) >= 2:
+            out.append(node)
+        elif node.target in _SCANS and isinstance(x := node.args[0].meta.get("val"), torch.Tensor):
+            dim_index = 2 if node.target is torch.ops.aten.diff.default else 1  # diff(input, n, dim, ...)
+            dim = node.args[dim_index] if len(node.args) > dim_index else node.kwargs.get("dim", -1)
+            if spans(x.shape[dim]):
+                out.append(node)
+    return out
+
+
+def _describe(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    where = f" in {list(stack.values())[-1][0]}" if stack else ""
+    return f"{node.name} = {node.target}{tuple(node.meta['val'].shape)}{where}"
 
 
 # ---- initialize_cache ----

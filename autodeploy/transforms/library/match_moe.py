@@ -10,7 +10,9 @@ transformers 5 runs MoE experts (Mixtral, Qwen2/3-MoE, ...) through ``grouped_mm
 dtype and torch version. The whole dispatch chain becomes one op fed by the router's top-k ids
 and weights, which stay in the graph (softmax or sigmoid, renormalized or not, shared experts:
 all plain graph code). Experts with biases, another activation or transposed storage are not
-matched and stay as they are.
+matched and stay as they are: gpt-oss's experts (``[E, Hd, 2I]`` storage, interleaved gate/up
+columns, expert biases, clamped SwiGLU ``(up + 1) * gate * sigmoid(alpha * gate)``) stay
+transformers' grouped_mm graph code, which is right token by token in the flattened batch.
 
 transformers' expert-parallel sentinel handling (always there in 5.17, only with expert
 parallelism in 5.24) adds ``mask = (sorted ids >= E).unsqueeze(-1)``, an in-place

@@ -100,6 +100,14 @@ class DetectSharding(BaseTransform):
 class ShardingExecutorConfig(TransformConfig):
     stage: str = "sharding"
     run_shape_prop: bool = True  # the per-rank shapes are checked right away
+    # auto: one-shot all-reduces over symmetric memory for decode-sized messages on GPUs, NCCL for the
+    # rest (and wherever symmetric memory is unavailable); nccl: always NCCL (gloo on CPU)
+    allreduce_strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.allreduce_strategy not in ("auto", "nccl"):
+            raise ValueError(f"args.transforms.sharding_transform_executor.allreduce_strategy: "
+                             f"{self.allreduce_strategy!r} is not one of auto, nccl")
 
 
 @register("sharding_transform_executor")
@@ -112,8 +120,15 @@ class ShardingExecutor(BaseTransform):
         if plan is None:
             return model, TransformInfo(skipped=True, note="no sharding plan (world_size 1 or detect_sharding disabled)")
         edits = plan.edits(ctx.rank)
-        slices = apply_edits(model, edits, plan.groups())
+        groups = plan.groups()
+        slices = apply_edits(model, edits, groups)
         ctx.shared["shard_slices"] = slices
+        if self.config.allreduce_strategy == "auto":
+            from ...distributed.collectives import enable_low_latency_all_reduce
+
+            fast = enable_low_latency_all_reduce(groups, ctx.device)
+            if fast and ctx.rank == 0:
+                log.info("one-shot all-reduce (symmetric memory) for messages up to 1 MiB over ranks %s", ", ".join(fast))
         collectives = sum(1 for n in model.graph.nodes if "all_reduce" in str(n.target) or "all_gather" in str(n.target))
         return model, TransformInfo(num_matches=len(edits), note=f"rank {ctx.rank}: {len(slices)} parameters sliced, "
                                                                  f"{collectives} collectives")

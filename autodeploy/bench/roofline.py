@@ -1,0 +1,106 @@
+"""What the card could do at best, measured in the same run: the floors the benchmark compares to.
+
+Decode is bound by memory: a step reads every weight but the embedding table (one row per token)
+plus the K/V of every cached token of the batch, so its floor is
+``(weight bytes + bs * context * KV bytes per token) / copy bandwidth``. Prefill is bound by
+matmul: ``2 * parameters * tokens / matmul rate``. Both rates are measured here (a device-to-device
+copy counting bytes read and written; a large bf16 matmul), because datasheet rates are not what a
+card delivers (an H200 copied at 4.30 TB/s in 2026-11, against 4.8 on the datasheet). CUDA only:
+on other devices there is no roofline (``None``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+
+def _median_ms(fn, reps: int = 10) -> float:
+    fn()  # warm-up (allocation, library handles)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, max_bytes: int = 2**30) -> float:
+    """Bytes per second of a device-to-device copy (read + write), on random data."""
+    free, _ = torch.cuda.mem_get_info(device)
+    n = max(2**20, min(max_bytes, free // 4)) // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src))
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
+    """FLOP/s of an n x n x n matmul on random data (the ceiling a prefill GEMM can reach)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    while n > 1024 and 3 * n * n * torch.finfo(dtype).bits // 8 > free // 4:
+        n //= 2
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = _median_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def _graph(model: nn.Module) -> Optional[fx.GraphModule]:
+    return next((m for m in model.modules() if isinstance(m, fx.GraphModule)), None)
+
+
+def streamed_weights(model: nn.Module) -> tuple[int, int]:
+    """(bytes, parameters) a decode step reads: every tensor the graph uses, but tables only
+    looked up by ``embedding`` (one row per token; a tied LM head still reads the whole table)."""
+    gm = _graph(model)
+    if gm is None:
+        return 0, 0
+    embedding = torch.ops.aten.embedding.default
+    seen, nbytes, numel = set(), 0, 0
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        t = gm
+        for part in node.target.split("."):
+            t = getattr(t, part, None)
+        if not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
+            continue
+        if node.users and all(u.target is embedding and u.args[0] is node for u in node.users):
+            continue
+        seen.add(t.data_ptr())
+        nbytes += t.numel() * t.element_size()
+        numel += t.numel()
+    return nbytes, numel
+
+
+def measure(model: nn.Module, cache: Any) -> Optional[dict[str, Any]]:
+    """Ceilings of this card and what this model streams; None off CUDA."""
+    device = cache.device
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    weight_bytes, params = streamed_weights(model)
+    return {
+        "copy_bw_tb_s": copy_bandwidth(device) / 1e12,
+        "matmul_tflop_s": matmul_flops(device) / 1e12,
+        "weight_gb": weight_bytes / 1e9,
+        "params": params,
+        "kv_bytes_per_token": cache.bytes_per_page // cache.page_size if cache.specs else 0,
+    }
+
+
+def floors(ceilings: Optional[dict[str, Any]], bs: int, isl: int, osl: int) -> Optional[dict[str, float]]:
+    """Decode step and prefill floors for one benchmark shape (mean context of the decode steps)."""
+    if ceilings is None:
+        return None
+    context = isl + (osl - 1) / 2
+    step_bytes = ceilings["weight_gb"] * 1e9 + bs * context * ceilings["kv_bytes_per_token"]
+    step_ms = step_bytes / (ceilings["copy_bw_tb_s"] * 1e12) * 1e3
+    prefill_ms = 2 * ceilings["params"] * isl / (ceilings["matmul_tflop_s"] * 1e12) * 1e3
+    return {"decode_step_floor_ms": step_ms, "decode_floor_tok_s": bs * 1e3 / step_ms,
+            "prefill_floor_ms": prefill_ms}
