@@ -78,3 +78,4 @@ def test_tiny_cpu_sweep_file_runs_with_offline_wandb(tmp_path):
         assert run["summary"]["benchmark/tpot_ms/p50"] == pytest.approx(bench["tpot_ms"]["p50"])
         assert run["group"] == str(sweep) and f"benchmark.bs={num + 1}" in run["name"]
         assert "transforms" in run["logged"]  # the transform report, as a table
+        assert "benchmark/itl_trace/itl_ms_chart_table" in run["logged"]  # the ITL of every step, a chart

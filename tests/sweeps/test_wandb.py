@@ -20,7 +20,9 @@ def test_tables_and_per_step_series(tmp_path, monkeypatch):
         "sharding_plan": [{"target": "q_proj", "strategy": "colwise", "source": "heuristic", "dim": 0,
                            "bytes_per_rank": 512}],
         "sharding_summary": {"world_size": 2, "bytes_per_rank_max": 4096, "collectives_per_forward": {"all_reduce": 4}},
-        "benchmark": {"ttft_ms": {"p50": 3.0}, "itl_ms_series": [1.0, 1.5, 1.25], "output_tok_s": 10.0},
+        "benchmark": {"ttft_ms": {"p50": 3.0}, "output_tok_s": 10.0,
+                      "itl_trace": {"t_s": [0.1, 0.2, 0.3], "itl_ms": [1.0, 1.5, 1.25]},
+                      "by_batch_size": {"1": {"itl_trace": {"t_s": [0.1, 0.2], "itl_ms": [1.0, 1.5]}}}},
     }
     logger = OmegaConf.create({"name": "wandb", "project": "p", "entity": None, "mode": "offline", "group": "g",
                                "tags": ["t"]})
@@ -33,9 +35,10 @@ def test_tables_and_per_step_series(tmp_path, monkeypatch):
     assert run["summary"]["sharding_summary/bytes_per_rank_max"] == 4096
     assert run["summary"]["sharding_summary/collectives_per_forward/all_reduce"] == 4
     assert run["summary"]["benchmark/ttft_ms/p50"] == 3.0
-    assert {"transforms", "sharding_plan", "benchmark/itl_ms_series_chart_table"} <= run["logged"]
+    assert {"transforms", "sharding_plan", "benchmark/itl_trace/itl_ms_chart_table"} <= run["logged"]
+    assert not any("by_batch_size" in key for key in run["logged"])  # the same trace again: not charted twice
     charts = [r.config for r in wandb_records(tmp_path) if r.WhichOneof("record_type") == "config"]
-    assert any("benchmark/itl_ms_series_chart" in list(u.nested_key) for c in charts for u in c.update)
+    assert any("benchmark/itl_trace/itl_ms_chart" in list(u.nested_key) for c in charts for u in c.update)
 
 
 def test_mode_environment_wins(monkeypatch):
