@@ -36,13 +36,13 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) launch.py experiment=llama3_8b_latency $(ARGS)
 
-# a multirun sweep from sweeps/: make sweep NAME=compile_backends
-NAME ?= compile_backends
+# a multirun sweep from sweeps/: make sweep NAME=compile_backends (default: the CPU sweep CI runs)
+NAME ?= tiny_cpu
 sweep: $(STAMP)
 	$(PY) launch.py -cd sweeps -cn $(NAME) $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check --select E9,F autodeploy tests launch.py
+	$(PY) -m ruff check --select E9,F autodeploy hydra_plugins tests launch.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -123,3 +123,4 @@ def test_multirun_sweeps_compile_backends(tmp_path):
     backends = [yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[0] for p in jobs]
     assert backends == ["transforms/compile=torch-simple", "transforms/compile=torch-compile"]
     assert "compile_backend: torch-compile" in proc.stdout and "compile_backend: torch-simple" in proc.stdout
+    assert not (sweep_dir / "summary.csv").exists()  # a dry run runs nothing to summarize

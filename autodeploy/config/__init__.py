@@ -27,12 +27,14 @@ def compose_experiment(
     config_dir: str | None = None,
     extra_layer: dict | None = None,
     check_transforms: bool = True,
+    with_hydra: bool = False,
 ) -> DictConfig:
     """Compose and resolve an experiment in-process (tests, the LLM API, ``--cfg job``).
 
     ``overrides`` may mix Hydra overrides and seed-style flags; ``extra_layer`` is a nested dict
     applied at command-line precedence (the LLM API's keyword arguments). ``config_dir`` is
     Hydra's ``--config-dir``: an extra config folder (e.g. ``sweeps/``) searched before ours.
+    ``with_hydra`` keeps Hydra's own node under ``hydra`` (``--cfg hydra``).
     """
     import os
     import hydra
@@ -50,9 +52,9 @@ def compose_experiment(
     search = [f"hydra.searchpath=[file://{extra}]"] if extra and not initialized else []
     groups = group_overrides(translated, config_groups())
 
-    def compose(overrides: list[str]) -> DictConfig:
+    def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
         try:
-            return hydra.compose(config_name, overrides=overrides)
+            return hydra.compose(config_name, overrides=overrides, return_hydra_config=with_hydra)
         except HydraException as e:
             cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""
             raise ConfigError(f"{e}{cause}") from None
@@ -62,10 +64,16 @@ def compose_experiment(
             stack.enter_context(
                 hydra.initialize_config_dir(config_dir=primary, version_base="1.3", job_name="autodeploy")
             )
+        cli = compose(search + translated, with_hydra)
         cfg = resolve_experiment(
-            compose(search + translated), compose(search + groups), translated, extra_layer=extra_layer,
+            cli, compose(search + groups), translated, extra_layer=extra_layer,
             compose_defaults=lambda choice: compose(search + groups + [choice]),
         )
     if check_transforms:
         validate_transforms(cfg)
+    if with_hydra:
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.hydra = cli.hydra
     return cfg
