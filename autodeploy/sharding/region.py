@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import fx
 
-from .graph import ancestors, descendants, param_of, static_shape
-from .layout import Layout, LayoutError, Part, check, full_size, local_ranges, split_layout
+from .graph import ancestors, descendants, param_of
+from .layout import Layout, Part, check, full_size, local_ranges, split_layout
 from .plan import RegionParam
 
 aten = torch.ops.aten
@@ -96,7 +96,6 @@ def _shape(node) -> tuple:
 
 def _transfer(gm, n: fx.Node, state, out: Region, world: int):
     t = n.target
-    ins = [a for a in n.all_input_nodes if a in state]
     if t is operator.getitem:
         return state[n.args[0]][n.args[1]]
     if t is aten.sym_size.int:
