@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_zoo import VARIANTS
 from rank_cases import SHAPES, Case, run_cases
 
 WILDCARD_PLAN = (f"yaml_extra=[{Path(__file__).parent / 'manual_tp_plan.yaml'}]",)
 HEURISTIC = ("args.transforms.detect_sharding.sharding_source=[heuristic]",)
 SSM = ("args.transforms.detect_sharding.sharding_dims=[tp,ep,bmm,ssm]",)
 
-ZOO = ["llama", "llama_eager", "mixtral", "qwen3_moe", "qwen2_moe", "qwen3", "glm", "stablelm", "qwen2_sliding", "gemma2"]
+# every architecture of tests/transforms (hf_zoo), at world_size 2
+ZOO = list(VARIANTS)
 
 CASES_2 = [
     Case("llama_heuristic", "tiny_llama", HEURISTIC),
@@ -41,6 +43,19 @@ CASES_4 = [
 ]
 
 
+# 8 CPU ranks (what the 8-GPU runs would use, on tiny models): 4 query heads cannot split over 8
+# ranks (simple shard), the MLP can; Mixtral's 4 experts over a {ep: 4, tp: 2} grid
+CASES_8 = [
+    Case("llama_default", "tiny_llama", ()),
+    Case("mixtral_ep4_tp2", "tiny_mixtral", ("sharding=ep", "++args.transforms.detect_sharding.process_grid={ep: 4, tp: 2}")),
+]
+
+
+@pytest.fixture(scope="session")
+def world8():
+    return run_cases(8, CASES_8)
+
+
 @pytest.fixture(scope="session")
 def world2():
     return run_cases(2, CASES_2)
@@ -55,7 +70,10 @@ def _results(request, world):
     return request.getfixturevalue(f"world{world}")
 
 
-@pytest.mark.parametrize("world,case", [(2, c.id) for c in CASES_2] + [(4, c.id) for c in CASES_4])
+ALL_CASES = [(2, c.id) for c in CASES_2] + [(4, c.id) for c in CASES_4] + [(8, c.id) for c in CASES_8]
+
+
+@pytest.mark.parametrize("world,case", ALL_CASES)
 def test_logits_equal_hf_eager(request, world, case):
     r = _results(request, world)[case]
     for (batch, seq), got, ref in zip(SHAPES, r["logits"], r["reference"]):
@@ -63,7 +81,7 @@ def test_logits_equal_hf_eager(request, world, case):
     assert r["collectives"], "a sharded graph must hold collectives"
 
 
-@pytest.mark.parametrize("world,case", [(2, c.id) for c in CASES_2] + [(4, c.id) for c in CASES_4])
+@pytest.mark.parametrize("world,case", ALL_CASES)
 def test_without_collectives_the_output_is_wrong(request, world, case):
     r = _results(request, world)[case]
     broken = r["without_collectives"]
@@ -111,14 +129,16 @@ def test_llama_params_per_rank(request, world, case, lm_head_split):
 # tiny_mixtral: 4 experts (gate_up [4, 192, 64], down [4, 64, 96]) per layer, router [4, 64]
 def _mixtral_expected(world: int, ep: int, tp: int) -> int:
     hidden, layers, experts, inter, vocab = 64, 2, 4, 96, 512
-    attn = hidden * 4 * 16 * 2 / world + 2 * hidden * 2 * 16 / min(world, 2)
+    # 4 query heads: split by heads up to 4 ranks (KV heads replicated), simple-sharded beyond
+    attn = hidden * 4 * 16 * 2 / world + 2 * hidden * 2 * 16 / (world if world > 4 else min(world, 2))
     expert_params = experts * 3 * hidden * inter / (ep * tp)
     router = experts * hidden
     norms = (2 * layers + 1) * hidden
     return int(norms + vocab * hidden + vocab * hidden / world + layers * (attn + expert_params + router))
 
 
-@pytest.mark.parametrize("world,case,ep,tp", [(2, "mixtral_ep", 2, 1), (4, "mixtral_ep", 4, 1), (4, "mixtral_ep_tp", 2, 2)])
+@pytest.mark.parametrize("world,case,ep,tp", [(2, "mixtral_ep", 2, 1), (4, "mixtral_ep", 4, 1), (4, "mixtral_ep_tp", 2, 2),
+                                              (8, "mixtral_ep4_tp2", 4, 2)])
 def test_mixtral_params_per_rank(request, world, case, ep, tp):
     r = _results(request, world)[case]
     assert r["param_counts"] == [_mixtral_expected(world, ep, tp)] * world
@@ -155,3 +175,9 @@ def test_plan_rows_name_sources_and_strategies(world2, world4):
     summary = world2["llama_heuristic"]["summary"]
     assert summary["world_size"] == 2 and summary["collectives_per_forward"] == 2 * 2 + 1
     assert summary["all_gather_per_forward"] == 1 and world2["llama_factory"]["summary"]["all_gather_per_forward"] == 0
+
+
+def test_eight_ranks_split_what_divides(world8):
+    rows = {r["target"]: r for r in world8["llama_default"]["rows"]}
+    assert rows["model.layers.0.self_attn.q_proj"]["strategy"] == "gather"  # 4 heads, 8 ranks
+    assert rows["model.layers.0.mlp.down_proj"]["strategy"] == "rowwise"  # 128 / 8
