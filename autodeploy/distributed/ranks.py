@@ -16,6 +16,7 @@ notice, e.g. NCCL). A worker whose rank 0 is gone exits on its own.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import logging
 import os
@@ -131,17 +132,14 @@ class Ranks:
         finally:
             self._busy -= 1
 
+    @contextlib.contextmanager
     def busy(self):
-        ranks = self
-
-        class _Busy:
-            def __enter__(self):
-                ranks._busy += 1
-
-            def __exit__(self, *exc):
-                ranks._busy -= 1
-
-        return _Busy()
+        """Marks rank 0 as inside a step (its collectives may block on a dead peer)."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
 
     # --- failures ---
     def check(self) -> None:

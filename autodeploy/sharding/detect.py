@@ -20,7 +20,8 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import fx
 
-from .graph import Branch, is_linear, linear_of, module_path, param_of, residual_branches, tensor_name_counts
+from .graph import (Branch, descendants, is_linear, linear_of, module_path, param_of, residual_branches,
+                    tensor_name_counts)
 from .layers import bmm_shard, moe_shard, replicate_linear, simple_shard, tp_layer
 from .layout import LayoutError
 from .plan import Claim, Plan, Replicate
@@ -149,8 +150,6 @@ def _moe_claims(gm, branch: Branch, moes: list[fx.Node], opts: ShardingOptions) 
 
 
 def _feeds(node: fx.Node, target: fx.Node) -> bool:
-    from .graph import descendants
-
     return target in descendants([node])
 
 

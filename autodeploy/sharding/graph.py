@@ -83,28 +83,23 @@ def shared_weight(gm: fx.GraphModule, node: fx.Node, name_counts: dict[int, int]
     return len(weight.users) > 1 or name_counts.get(id(get_attr_tensor(gm, weight)), 1) > 1
 
 
-def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+def _reach(nodes: Iterable[fx.Node], step) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     todo = deque(nodes)
     while todo:
-        n = todo.popleft()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
+        for m in step(todo.popleft()):
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
     return seen
+
+
+def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    return _reach(nodes, lambda n: n.users)
 
 
 def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = deque(nodes)
-    while todo:
-        n = todo.popleft()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
+    return _reach(nodes, lambda n: n.all_input_nodes)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from typing import Optional, Sequence
 from ..distributed.collectives import group_name
 from .layout import Layout, Part, local_ranges, local_size
 
-STRATEGIES = ("colwise", "rowwise", "ep", "bmm", "mamba", "gather", "replicate")
 SOURCES = ("manual", "factory", "heuristic")
 DIMS = ("tp", "ep", "bmm", "ssm")
 
