@@ -10,6 +10,7 @@ sized per rank and saved without a process group (plan-only mode on meta).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -131,19 +132,20 @@ def _sliced_bytes(param: Param, ranges: Sequence[tuple[int, int, int]]) -> int:
 
 
 @dataclass
-class Claim:
+class Claim(ABC):
     """One layer or op claimed by a source. Subclasses say how it is sharded on a rank."""
 
     source: str
     dim: str
     nodes: frozenset[str]  # the compute nodes it claims (linears, MoE/SSM/BMM ops)
 
+    @abstractmethod
     def edits(self, rank: int, world: int) -> list[Edit]:
-        raise NotImplementedError
+        """What ``rank`` does to its graph."""
 
+    @abstractmethod
     def targets(self) -> list[tuple[str, str, list[Param]]]:
         """(target, strategy, params) rows of the plan."""
-        raise NotImplementedError
 
     def groups(self, world: int) -> set[str]:
         return {e.group for r in range(world) for e in self.edits(r, world) if isinstance(e, Collective)}
