@@ -84,14 +84,27 @@ class StepChannel:
 
     def __init__(self, device: torch.device):
         self.header = torch.zeros(3, dtype=torch.int64, device=device)  # [go, num_seqs, num_tokens]
+        # filled on the host and copied without a sync: a copy from pageable memory would wait for
+        # the device to finish the step before (the overlap scheduler launches ahead of it)
+        on_cuda = torch.device(device).type == "cuda"
+        self._host = torch.zeros(3, dtype=torch.int64, pin_memory=on_cuda)
+        self._copied = torch.cuda.Event() if on_cuda else None
+
+    def _set_header(self, go: int, num_seqs: int = 0, num_tokens: int = 0) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous header's copy (done long ago in steady state)
+        self._host[0], self._host[1], self._host[2] = go, num_seqs, num_tokens
+        self.header.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
     def send(self, info, num_seqs: int, num_tokens: int) -> None:
-        self.header.copy_(torch.tensor([1, num_seqs, num_tokens]))
+        self._set_header(1, num_seqs, num_tokens)
         dist.broadcast(self.header, 0)
         dist.broadcast(info.buffer[: info.packed_size(num_seqs, num_tokens)], 0)
 
     def send_stop(self) -> None:
-        self.header.zero_()
+        self._set_header(0)
         dist.broadcast(self.header, 0)
 
     def receive(self, info):

@@ -1,7 +1,13 @@
 """The continuous-batching engine: requests in, ``RequestOutput`` out.
 
-One step = schedule -> build the flattened batch -> forward -> sample -> commit. The only host
-sync per step is reading the sampled token ids; each step's host time (everything but that wait)
+One step = schedule -> build the flattened batch -> forward -> sample (launched: a "flight") ->
+land (the sampled ids reach the host: append, stop checks, release). The only host sync per step
+is reading the sampled ids. With ``overlap=True`` (the overlap scheduler, the default) a step
+launches its flight before it lands the previous one, so the device never waits for the host:
+a token still on the device is fed to the next step by a device-side copy into its inputs
+(``Request.num_inflight``), requests that its landing ends by length are not scheduled again,
+and a request that a landed token stops (EOS, stop string) wastes one row of the flight already
+launched, whose token is dropped. Each flight's host time (everything but the wait for its ids)
 is kept in ``step_timings``. Every request ends with a result or an error:
 bad input fails at arrival (other requests go on), a failing forward fails the requests of that
 batch, an abandoned stream aborts its requests and frees their pages.
@@ -17,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -36,6 +43,18 @@ log = logging.getLogger(__name__)
 SamplingArg = Union[SamplingParams, Sequence[SamplingParams], None]
 
 
+@dataclass
+class Flight:
+    """A launched step whose sampled ids have not landed on the host yet."""
+
+    batch: ScheduledBatch
+    rows: dict[Request, int]  # requests that get a token from this step -> their row of `sampled`
+    sampled: torch.Tensor  # [B] on the device
+    landed: torch.Tensor  # [B] on the host (pinned), valid once `ready` has passed
+    ready: Optional[torch.cuda.Event]
+    host_s: float  # host time spent on it so far
+
+
 class Engine:
     def __init__(
         self,
@@ -47,6 +66,7 @@ class Engine:
         vocab_size: Optional[int] = None,
         ranks: Optional[Any] = None,
         prefill_chunk_size: Optional[int] = DEFAULT_PREFILL_CHUNK_SIZE,
+        overlap: bool = True,
     ):
         self.model = model
         # multi-rank runs: rank 0's handle on the other ranks (distributed/ranks.py), which get every step
@@ -61,6 +81,8 @@ class Engine:
         self.stop_checker = StopChecker(_eos_ids(eos_token_id, tokenizer), cache.max_seq_len, tokenizer)
         self._input_names = _graph_input_names(model)
         self._next_request_id = 0
+        self.overlap = overlap
+        self._in_flight: Optional[Flight] = None  # overlap: the launched step not landed yet
         # host time and device wait of the latest steps (the benchmark reads and clears it)
         self.step_timings: deque[StepTiming] = deque(maxlen=100_000)
 
@@ -76,6 +98,7 @@ class Engine:
                 bar.update(sum(r.finished for r in requests) - bar.n)
         finally:
             self.abort(requests)
+            self._settle()
             bar.close()
         return [self.output(r) for r in requests]
 
@@ -100,6 +123,7 @@ class Engine:
                     self.step()  # also advances other callers' requests; we report only ours
         finally:
             self.abort(requests)
+            self._settle()
 
     def add_requests(self, prompts: Any, sampling_params: SamplingArg = None) -> list[Request]:
         prompts = as_prompt_list(prompts)
@@ -147,44 +171,123 @@ class Engine:
     # ---- one step ----
 
     def step(self) -> list[Request]:
-        """Run one forward over the scheduled batch; returns the requests that got a token or ended."""
+        """Launch one forward over the scheduled batch and land the previous one (overlap) or this
+        one; returns the requests that got a token or ended."""
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
-            return self._fail_unschedulable()
-        now = time.perf_counter()
+            if self._in_flight is None:
+                return self._fail_unschedulable()
+            return self._land_in_flight()  # what is left runs on the device
         for r in batch.requests:
             if r.metrics.first_scheduled_time is None:
-                r.metrics.first_scheduled_time = now
+                r.metrics.first_scheduled_time = start
         try:
-            with self.ranks.busy() if self.ranks is not None else contextlib.nullcontext():
-                sampled = self._forward_and_sample(batch)
-                launched = time.perf_counter()
-                tokens = sampled.tolist()  # the step's one host sync
+            flight = self._launch(batch, start)
         except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the engine goes on
             failure = self.ranks.failure(e) if self.ranks is not None else None
             if failure is not None:
                 raise failure from e  # another rank is gone: the run cannot go on
             log.exception("forward failed for requests %s", [r.request_id for r in batch.requests])
+            updated = self._land_in_flight()
             for r in batch.requests:
-                self._fail(r, f"generation failed: {type(e).__name__}: {e}")
-            return batch.requests
-        synced = time.perf_counter()
-        updated = self._commit(batch, tokens)
+                if not r.finished:
+                    self._fail(r, f"generation failed: {type(e).__name__}: {e}")
+            return updated + [r for r in batch.requests if r not in updated]
+        if not self.overlap:
+            return self._land(flight)
+        updated = self._land_in_flight()
+        self._in_flight = flight
+        return updated
+
+    def _launch(self, batch: ScheduledBatch, start: float) -> Flight:
+        """Forward and sampling of ``batch`` on the device, the ids' copy to the host started."""
+        with self.ranks.busy() if self.ranks is not None else contextlib.nullcontext():
+            sampled = self._forward_and_sample(batch)
+        if sampled.is_cuda:
+            landed = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            landed.copy_(sampled, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            landed, ready = sampled, None
+        rows = {}
+        for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            r.num_computed += n
+            if not r.num_pending:  # its prompt is done (or it decoded): a token is on its way
+                r.num_inflight += 1
+                rows[r] = i
+        return Flight(batch, rows, sampled, landed, ready, host_s=time.perf_counter() - start)
+
+    def _land_in_flight(self) -> list[Request]:
+        flight, self._in_flight = self._in_flight, None
+        return self._land(flight) if flight is not None else []
+
+    def _settle(self) -> None:
+        """Land a flight nobody waits for (its requests all ended), so that no work stays behind."""
+        if self._in_flight is not None and not self.scheduler.has_work:
+            self._land_in_flight()
+
+    def _land(self, flight: Flight) -> list[Request]:
+        """Wait for the flight's ids; append them, check stops, release finished requests."""
+        t0 = time.perf_counter()
+        try:
+            if flight.ready is not None:
+                with self.ranks.busy() if self.ranks is not None else contextlib.nullcontext():
+                    flight.ready.synchronize()  # the step's one host sync
+            tokens = flight.landed.tolist()
+        except Exception as e:  # noqa: BLE001 - an error the device reported late
+            failure = self.ranks.failure(e) if self.ranks is not None else None
+            if failure is not None:
+                raise failure from e
+            log.exception("forward failed for requests %s", [r.request_id for r in flight.batch.requests])
+            for r in flight.batch.requests:
+                r.num_inflight -= r in flight.rows
+                if not r.finished:
+                    self._fail(r, f"generation failed: {type(e).__name__}: {e}")
+            return list(flight.batch.requests)
+        synced = now = time.perf_counter()
+        updated = []
+        for request, row in flight.rows.items():
+            request.num_inflight -= 1
+            if request.finished:  # stopped, aborted or failed while this step ran: its token is dropped
+                continue
+            request.token_ids.append(tokens[row])
+            request.metrics.token_times.append(now)
+            self.stop_checker(request)
+            if request.finish_reason:
+                request.metrics.finished_time = now
+                self.scheduler.release(request)
+            updated.append(request)
+        batch = flight.batch
         self.step_timings.append(StepTiming(
-            len(batch), sum(batch.num_new_tokens), host_s=(launched - start) + (time.perf_counter() - synced),
-            wait_s=synced - launched,
+            len(batch), sum(batch.num_new_tokens), host_s=flight.host_s + (time.perf_counter() - synced),
+            wait_s=synced - t0,
         ))
         return updated
 
     def _forward_and_sample(self, batch: ScheduledBatch) -> torch.Tensor:
         """Launch the step's forward and sampling; returns the sampled ids [B] on the device."""
+        tokens, patch_at, patch_from = [], [], []
+        offset = 0
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            chunk = r.token_ids[r.num_computed: r.num_computed + n]
+            if len(chunk) < n:  # its last token is still on the device, in the flight before this one
+                if len(chunk) != n - 1 or self._in_flight is None or r not in self._in_flight.rows:
+                    raise RuntimeError(f"request {r.request_id}: {n - len(chunk)} tokens in flight, expected 1")
+                patch_at.append(offset + n - 1)
+                patch_from.append(self._in_flight.rows[r])
+                chunk = chunk + [0]
+            tokens.append(chunk)
+            offset += n
         inputs = self.cache.info.build(
-            tokens=[r.token_ids[r.num_computed: r.num_computed + n] for r, n in zip(batch.requests, batch.num_new_tokens)],
+            tokens=tokens,
             input_pos=[r.num_computed for r in batch.requests],
             pages=[r.pages for r in batch.requests],
             slots=[r.slot for r in batch.requests],
         )
+        if patch_at:
+            _copy_rows(inputs.named_args["input_ids"].view(-1), patch_at, self._in_flight.sampled, patch_from)
         if self.ranks is not None:
             self.ranks.send(self.cache.info, inputs.num_seqs, inputs.num_tokens)
         with torch.inference_mode():
@@ -193,7 +296,7 @@ class Engine:
                 logits = logits[inputs.last_token_idx]  # [B, V]
             sampling = SamplingBatch.from_params(
                 [r.params for r in batch.requests], [r.seed for r in batch.requests],
-                [r.num_generated for r in batch.requests],
+                [r.num_generated + r.num_inflight for r in batch.requests],  # index of the token drawn
             )
             return self.sampler(logits, sampling)
 
@@ -204,21 +307,6 @@ class Engine:
             args = {k: args[k] for k in self._input_names}
         with torch.inference_mode():
             return _logits(self.model(**args))
-
-    def _commit(self, batch: ScheduledBatch, tokens: list[int]) -> list[Request]:
-        now, updated = time.perf_counter(), []
-        for request, n, token in zip(batch.requests, batch.num_new_tokens, tokens):
-            request.num_computed += n
-            if request.num_pending:  # mid-prompt chunk: no token yet
-                continue
-            request.token_ids.append(token)
-            request.metrics.token_times.append(now)
-            self.stop_checker(request)
-            if request.finish_reason:
-                request.metrics.finished_time = now
-                self.scheduler.release(request)
-            updated.append(request)
-        return updated
 
     # ---- failures and outputs ----
 
@@ -248,6 +336,18 @@ class Engine:
             error=request.error,
             metrics=request.metrics,
         )
+
+
+def _copy_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int]) -> None:
+    """``dst[dst_rows] = src[src_rows]`` on the device, without a host sync."""
+    k = len(dst_rows)
+    if dst_rows == src_rows == list(range(k)):  # steady decode: the same requests in the same order
+        dst[:k].copy_(src[:k])
+        return
+    index = torch.tensor([dst_rows, src_rows], dtype=torch.int64)
+    if dst.is_cuda:
+        index = index.pin_memory().to(dst.device, non_blocking=True)
+    dst.index_copy_(0, index[0], src.index_select(0, index[1]))
 
 
 def _progress_bar(total: int, enabled: bool):

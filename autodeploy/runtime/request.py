@@ -4,6 +4,10 @@ A request is its token list (prompt + generated so far) and how many of those to
 have K/V in the cache (``num_computed``). Every step feeds ``token_ids[num_computed:]`` (or a
 chunk of it): a fresh prompt, a later prefill chunk, a decode (one token) and a request resumed
 after preemption (everything again) are the same case.
+
+With the overlap scheduler a token may still be on the device when the next step is scheduled:
+``num_inflight`` counts those (at most one per step in flight). They are fed to the next step
+straight from the device, and join ``token_ids`` when their step lands on the host.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Request:
     seed: int  # 32-bit, folded from params.seed or drawn at arrival
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V (and state) are in the cache
+    num_inflight: int = 0  # sampled on the device, not in token_ids yet (overlap scheduler)
     pages: list[int] = field(default_factory=list)
     slot: Optional[int] = None
     finish_reason: Optional[str] = None
@@ -55,8 +60,14 @@ class Request:
 
     @property
     def num_pending(self) -> int:
-        """Tokens not in the cache yet (1 for a decode)."""
-        return len(self.token_ids) - self.num_computed
+        """Tokens not in the cache yet (1 for a decode), in-flight ones included."""
+        return len(self.token_ids) + self.num_inflight - self.num_computed
+
+    def ends_by_length_when_landed(self, max_seq_len: int) -> bool:
+        """Its in-flight tokens already end it by length (``max_tokens`` or ``max_seq_len``, as
+        ``StopChecker`` decides once they land): nothing more to schedule for it."""
+        n = len(self.token_ids) + self.num_inflight
+        return self.num_inflight > 0 and (n - self.prompt_len >= self.params.max_tokens or n > max_seq_len)
 
     @property
     def finished(self) -> bool:

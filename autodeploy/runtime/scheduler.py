@@ -65,6 +65,8 @@ class Scheduler:
         for request in sorted(self.running, key=lambda r: r.num_pending > 1):
             if request.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
+            if request.ends_by_length_when_landed(self.cache.max_seq_len):
+                continue  # its last token is still on the device (overlap scheduler)
             pending = request.num_pending
             n = min(pending, self._budget(used, decodes, prompt=pending > 1))
             if n == 0:
