@@ -66,7 +66,7 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
         model = optimizer(ctx, progress=started)
     tokenizer = None if args.skip_tokenizer_init or rank > 0 else factory.init_tokenizer()
     engine = Engine(model, cache, tokenizer, eos_token_id=getattr(factory.config, "eos_token_id", None),
-                    prefill_chunk_size=args.get("prefill_chunk_size"), overlap=bool(args.get("overlap_scheduler", True)))
+                    prefill_chunk_size=args.get("prefill_chunk_size"), overlap=args.get("overlap_scheduler"))
     build_s = time.perf_counter() - t0
     log.info("built in %.1fs", build_s)
     return Built(engine, factory, [r.to_dict() for r in optimizer.report], build_s, ctx.shared.get("sharding_plan"))

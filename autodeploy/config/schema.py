@@ -87,8 +87,9 @@ class AutoDeployArgs:
     max_num_tokens: Optional[int] = None  # None = max_batch_size * max_seq_len, capped at 8192
     # prompt tokens per step while other requests decode (bounds their inter-token latency); None = no cap
     prefill_chunk_size: Optional[int] = 2048
-    # launch each step before the previous one's sampled ids reach the host (hides the host's time per step)
-    overlap_scheduler: bool = True
+    # launch each step before the previous one's sampled ids reach the host (hides the host's time
+    # per step); None = on with a CUDA device (on the CPU the forward itself runs on the host)
+    overlap_scheduler: Optional[bool] = None
     attn_page_size: int = 64
     kv_cache_dtype: str = "auto"
     # shortcuts: None = keep the transform's value; a value overwrites it (see config/resolve.py)

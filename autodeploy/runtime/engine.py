@@ -2,7 +2,7 @@
 
 One step = schedule -> build the flattened batch -> forward -> sample (launched: a "flight") ->
 land (the sampled ids reach the host: append, stop checks, release). The only host sync per step
-is reading the sampled ids. With ``overlap=True`` (the overlap scheduler, the default) a step
+is reading the sampled ids. With ``overlap`` (the overlap scheduler; default on CUDA) a step
 launches its flight before it lands the previous one, so the device never waits for the host:
 a token still on the device is fed to the next step by a device-side copy into its inputs
 (``Request.num_inflight``), requests that its landing ends by length are not scheduled again,
@@ -66,7 +66,7 @@ class Engine:
         vocab_size: Optional[int] = None,
         ranks: Optional[Any] = None,
         prefill_chunk_size: Optional[int] = DEFAULT_PREFILL_CHUNK_SIZE,
-        overlap: bool = True,
+        overlap: Optional[bool] = None,
     ):
         self.model = model
         # multi-rank runs: rank 0's handle on the other ranks (distributed/ranks.py), which get every step
@@ -81,7 +81,9 @@ class Engine:
         self.stop_checker = StopChecker(_eos_ids(eos_token_id, tokenizer), cache.max_seq_len, tokenizer)
         self._input_names = _graph_input_names(model)
         self._next_request_id = 0
-        self.overlap = overlap
+        # None = on with a CUDA device; on the CPU the forward runs on the host, so nothing would
+        # overlap, and a landed token would wait for the next step's forward
+        self.overlap = cache.device.type == "cuda" if overlap is None else overlap
         self._in_flight: Optional[Flight] = None  # overlap: the launched step not landed yet
         # host time and device wait of the latest steps (the benchmark reads and clears it)
         self.step_timings: deque[StepTiming] = deque(maxlen=100_000)
