@@ -3,7 +3,7 @@
 # one cannot eat the others. Run from the repo root on a CUDA machine with torch, triton and
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf and antlr4 into .whl/, which this script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe]
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
 #   bash scripts/gpu_validate.sh perf            # ours with/without fusions at bs 1 and 32 + the anchor (~8.5 min)
 #   bash scripts/gpu_validate.sh tests kernels hf  # GPU tests, attention kernels, HF baselines (~9 min)
@@ -137,6 +137,27 @@ PY
       hydra.run.dir=/tmp/runs/perf_unfused > /tmp/runs_perf_unfused.log 2>&1
     echo "unfused tp=1 rc=$? in $((SECONDS - t0)) s"
     cp /tmp/runs/perf_unfused/results.json "$OUT/perf_unfused.json" 2>/dev/null
+  fi
+fi
+
+# ---- where the time goes: one build, the first prefill timed alone, the benchmark with the overlap
+# scheduler off and on, kernel tables (scripts/perf_probe.py) on GPU 0; with a second GPU, the
+# anchor (bs 1 and 32) and then the attention-kernel table run on GPU 1 meanwhile.
+if [[ " $STEPS " == *" probe "* ]]; then
+  echo "=== probe: Llama-3.1-8B shape, random bf16, triton, torch-opt"
+  side_pid=
+  if [[ $(nvidia-smi -L | wc -l) -ge 2 ]]; then
+    (export CUDA_VISIBLE_DEVICES=1
+     [[ -f .anchors/hand_decode.py ]] && BS=1,32 timeout ${ANCHOR_TIMEOUT:-260} python3 .anchors/hand_decode.py > "$OUT/anchor.txt" 2>&1
+     timeout ${KERNELS_TIMEOUT:-120} python3 scripts/gpu_check.py --quick --out "$OUT" > "$OUT/gpu_check.log" 2>&1) &
+    side_pid=$!
+  fi
+  t0=$SECONDS
+  CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_TIMEOUT:-420} python3 scripts/perf_probe.py --out "$OUT" ${PROBE_ARGS:-} \
+    > "$OUT/probe.log" 2>&1
+  echo "probe rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT|steps, device" "$OUT/probe.log" || tail -5 "$OUT/probe.log"
+  if [[ -n $side_pid ]]; then
+    wait $side_pid; echo "anchor:"; grep RESULT "$OUT/anchor.txt"; sed -n '/==== summary/,$p' "$OUT/gpu_check.log"
   fi
 fi
 
