@@ -57,11 +57,12 @@ def _graph(model: nn.Module) -> Optional[fx.GraphModule]:
 
 def streamed_weights(model: nn.Module) -> tuple[int, int]:
     """(bytes, parameters) a decode step reads: every tensor the graph uses, but tables only
-    looked up by ``embedding`` (one row per token; a tied LM head still reads the whole table)."""
+    looked up by ``embedding`` or indexing (one row per token: the embedding, RoPE's cos/sin
+    tables; a tied LM head still reads the whole table)."""
     gm = _graph(model)
     if gm is None:
         return 0, 0
-    embedding = torch.ops.aten.embedding.default
+    lookups = (torch.ops.aten.embedding.default, torch.ops.aten.index.Tensor)
     seen, nbytes, numel = set(), 0, 0
     for node in gm.graph.nodes:
         if node.op != "get_attr":
@@ -71,7 +72,7 @@ def streamed_weights(model: nn.Module) -> tuple[int, int]:
             t = getattr(t, part, None)
         if not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
             continue
-        if node.users and all(u.target is embedding and u.args[0] is node for u in node.users):
+        if node.users and all(u.target in lookups and u.args[0] is node for u in node.users):
             continue
         seen.add(t.data_ptr())
         nbytes += t.numel() * t.element_size()

@@ -26,6 +26,7 @@ PIPELINE = {
     "fuse_parallel_linears": {"stage": "post_load_fusion"},
     "fuse_silu_mul": {"stage": "post_load_fusion"},
     "gather_last_token_logits": {"stage": "post_load_fusion"},
+    "rope_position_tables": {"stage": "post_load_fusion"},
     "insert_cached_attention": {"stage": "cache_init", "backend": "torch"},
     "insert_cached_ssm": {"stage": "cache_init"},
     "insert_cached_last_tokens": {"stage": "cache_init"},
