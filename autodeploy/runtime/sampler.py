@@ -79,7 +79,7 @@ class Sampler:
         self._vocab_keys: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = argmax_rows(logits)
         if batch.all_greedy:
             return greedy_tokens
         device = logits.device
@@ -106,6 +106,27 @@ class Sampler:
         bits = hash32(row_keys.unsqueeze(-1) ^ vocab_keys)  # [B, V] uniform 32-bit
         uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1), 24-bit resolution
         return -torch.log(-torch.log(uniform))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` for ``[B, V]``; on CUDA a few long rows go in two passes: one block per
+    row leaves the GPU nearly idle (36 us for one 128K-vocabulary row on an H200, 2026-11-30)."""
+    rows, vocab = logits.shape
+    if logits.is_cuda and rows <= 64 and vocab >= 8192:
+        chunks = next((k for k in (128, 96, 64, 48, 32) if vocab % k == 0), None)
+        if chunks is not None:
+            return two_pass_argmax(logits, chunks)
+    return logits.argmax(dim=-1)
+
+
+def two_pass_argmax(logits: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The first index of each row's maximum, as ``argmax``: the maximum of each of ``chunks`` equal
+    slices of a row (first index within it), then the first slice holding the row's maximum."""
+    rows, vocab = logits.shape
+    width = vocab // chunks
+    best, index = logits.view(rows, chunks, width).max(dim=-1)
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return (index.gather(-1, chunk) + chunk * width).squeeze(-1)
 
 
 def filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -41,3 +41,22 @@ def test_sampling_on_cuda_matches_cpu_draws():
     cpu = Sampler()(logits, batch)
     gpu = Sampler()(logits.cuda(), batch)
     assert gpu.tolist() == cpu.tolist()
+
+
+def test_greedy_rows_on_cuda_are_argmax():
+    from autodeploy.runtime.sampler import argmax_rows
+
+    logits = torch.randn(32, 128256, device="cuda").to(torch.bfloat16)  # a Llama-3 vocabulary: two passes
+    logits[0, 70000] = logits[0, 5] = 100.0  # a tie across slices: the first index wins
+    for rows in (1, 2, 32):
+        assert torch.equal(argmax_rows(logits[:rows]), logits[:rows].argmax(-1))
+    assert argmax_rows(logits)[0] == 5
+
+
+def test_overlap_scheduler_on_cuda_gives_the_synchronous_tokens(llama_cuda):
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    sync = llama_cuda.engine()
+    sync.overlap = False
+    ahead = llama_cuda.engine()
+    assert ahead.overlap  # on by default with a CUDA device
+    assert [o.token_ids for o in ahead.generate(PROMPTS, sp)] == [o.token_ids for o in sync.generate(PROMPTS, sp)]

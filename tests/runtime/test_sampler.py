@@ -2,7 +2,7 @@
 
 import torch
 
-from autodeploy.runtime.sampler import Sampler, SamplingBatch, filter_top_k_top_p, fold_seed, hash32
+from autodeploy.runtime.sampler import Sampler, SamplingBatch, filter_top_k_top_p, fold_seed, hash32, two_pass_argmax
 from autodeploy.runtime.sampling_params import SamplingParams
 
 
@@ -28,6 +28,16 @@ def test_hash_matches_the_reference_mixer():
 def test_greedy_is_argmax_and_needs_no_randomness():
     logits = torch.randn(5, 50)
     assert torch.equal(Sampler()(logits, batch(5, temperature=0.0)), logits.argmax(-1))
+
+
+def test_two_pass_argmax_is_argmax_ties_included():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(-3, 4, (7, 96), generator=gen).to(torch.bfloat16)  # many ties within and across slices
+    logits[3, 50] = logits[3, 10] = 9  # the first of two maxima in different slices
+    logits[5] = 0  # all equal: index 0
+    for chunks in (1, 4, 12, 96):
+        assert torch.equal(two_pass_argmax(logits, chunks), logits.argmax(-1))
+    assert two_pass_argmax(logits, 12)[3] == 10 and two_pass_argmax(logits, 12)[5] == 0
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
