@@ -4,28 +4,29 @@ Layout (docs/architecture.md): the batch is flattened, q[T, H, D], k[T, KV, D], 
 sequence b owns tokens cu_seqlen[b]:cu_seqlen[b+1], the first at position input_pos[b];
 caches are [num_pages, page_size, KV, D] and page_table[b, i] holds the i-th page of sequence b.
 
-Three kernels and one combine step:
+Three kernels:
 - ``_append_kv``: writes every new token's K/V into its page slot (prefill / mixed batches);
 - ``_prefill_attn``: flash attention over the pages, causal, one program per (query block, KV
   head). Query heads that share a KV head are packed into the rows of one tile (GQA), so K/V is
   read once per group. Decode rows of a mixed batch are 1-token sequences here.
 - ``_decode_attn``: every sequence has one new token (T == B). The new K/V is written by the
   kernel itself and also taken straight from the k/v inputs, so no other program depends on the
-  write. Long contexts are split over ``NUM_SPLITS`` programs (flash-decoding) and merged by
-  ``_combine_splits``.
+  write. Long contexts are split over ``NUM_SPLITS`` programs (flash-decoding); the last split
+  of a (sequence, KV head) to finish, counted by an atomic per-group counter, merges them all
+  (``_combine_group``), so a split decode is one launch, not two.
 No kernel reads a host value: grids depend on shapes only, so all of it can be CUDA-graph captured.
 Scores use exp2 with log2(e) folded into the scale (and into ALiBi slopes and sink logits).
 Variants of the canonical op (constexpr flags, compiled out when unused): sliding window, soft-cap,
 ALiBi (``slope_h * (j - i)`` added to the scores), chunk-local attention (keys of the query's
 chunk only: they bound the key range like a window) and sinks (one extra logit per head in the
-softmax denominator, folded in after the key loop, or in ``_combine_splits`` for split decodes).
+softmax denominator, folded in after the key loop, or when merging split decodes).
 
 Measured (scripts/gpu_check.py; H100 80GB HBM3, torch 2.11, triton 3.6, 2026-11-27; Llama-8B
 attention: 32/8 heads, head_dim 128, page 64, context 1024, bf16; per layer):
 - error vs float64: bf16 2.2e-3 max (torch backend 1.7e-3), fp16 2.7e-4;
 - decode, CUDA-graph replay: bs1 9.1 us, bs8 20.9 us, bs32 54.9 us (2.44 TB/s of K/V; the copy
   ceiling is ~3.0 TB/s); torch backend 103 / 305 / 946 us. Small batches are latency-bound: a split
-  holds one 64-key block, then the combine kernel;
+  holds one 64-key block (then a separate combine kernel, since merged into the last split);
 - prefill (append + attention), commit b320015 with 128x64 tiles: bs1 0.10 ms, bs8 0.33 ms
   (210 TFLOP/s), bs32 1.25 ms (220); dense SDPA (flash, unpaged) 0.035 / 0.16 / 0.65 ms; torch
   backend 1.2 / 8.6 / 33.5 ms. The 64x64 / 4-warp tiles now default ran attention-only at
@@ -253,14 +254,14 @@ def _prefill_attn(
 @triton.jit
 def _decode_attn(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr, kc_ptr, vc_ptr, input_pos_ptr, pt_ptr, sinks_ptr, slopes_ptr,
-    c1, c2, window, chunk,
+    sem_ptr, c1, c2, window, chunk,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
     s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, s_ptb,
     H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, PREC: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -344,34 +345,42 @@ def _decode_attn(
         tl.store(po_ptr + row[:, None] * DV + offs_dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(plse_ptr + row, lse, mask=g_ok)
+        # the last split of (b, kvh) to get here combines them all (saves a kernel launch per layer);
+        # acq_rel: the other splits' stores above are visible once their count is
+        sem = sem_ptr + b * (H // G) + kvh
+        if tl.atomic_add(sem, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            _combine_group(po_ptr, plse_ptr, o_ptr, sinks_ptr, (bl * H + head) * NUM_SPLITS, head, g_ok,
+                           bl * s_ot + head * s_oh, offs_dv, dv_ok, DV, NUM_SPLITS, SPLITS_PAD, G_PAD, BLOCK_DV,
+                           HAS_SINKS)
+            tl.atomic_xchg(sem, 0)  # ready for the next launch (CUDA graphs replay the same counters)
 
 
 @triton.jit
-def _combine_splits(
-    po_ptr, plse_ptr, o_ptr, sinks_ptr, s_ot, s_oh,
-    H: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+def _combine_group(po_ptr, plse_ptr, o_ptr, sinks_ptr, rows, head, g_ok, o_off, offs_dv, dv_ok,
+                   DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Weigh the splits' partial outputs of a group of heads by their log2-sum-exps."""
     offs_s = tl.arange(0, SPLITS_PAD)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row = (b.to(tl.int64) * H + h) * NUM_SPLITS
     s_ok = offs_s < NUM_SPLITS
-    lse = tl.load(plse_ptr + row + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)  # split 0 always holds keys, so the max is finite
+    lse = tl.load(plse_ptr + rows[:, None] + offs_s[None, :], mask=g_ok[:, None] & s_ok[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 1)  # split 0 always holds keys, so the max is finite (for real heads)
+    m = tl.where(g_ok, m, 0.0)
     if HAS_SINKS:
-        sink2 = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        sink2 = tl.load(sinks_ptr + head, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
         m = tl.maximum(m, sink2)
-    w = tl.exp2(lse - m)
-    denom = tl.sum(w, 0)
+    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
     if HAS_SINKS:
         denom += tl.exp2(sink2 - m)
-    po = tl.load(po_ptr + (row + offs_s)[:, None] * DV + offs_dv[None, :],
-                 mask=s_ok[:, None] & _in_dim(offs_dv, DV, BLOCK_DV)[None, :], other=0.0)
-    out = tl.sum(po * w[:, None], 0) / denom
-    tl.store(o_ptr + b.to(tl.int64) * s_ot + h * s_oh + offs_dv, out.to(o_ptr.dtype.element_ty),
-             mask=offs_dv < DV)
+    acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
+    for s in range(NUM_SPLITS):
+        lse_s = tl.load(plse_ptr + rows + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
+        po = tl.load(po_ptr + (rows + s)[:, None] * DV + offs_dv[None, :], mask=g_ok[:, None] & dv_ok[None, :],
+                     other=0.0, cache_modifier=".cg")
+        acc += po * tl.exp2(lse_s - m)[:, None]
+    out = acc / tl.where(g_ok, denom, 1.0)[:, None]
+    tl.store(o_ptr + o_off[:, None] + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=g_ok[:, None] & dv_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -505,12 +514,13 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
     if splits > 1:
         part_o = torch.empty((B, H, splits, DV), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((B, H, splits), device=q.device, dtype=torch.float32)
+        sem = _split_counters(q.device, B * KV)
     else:
-        part_o = part_lse = out  # unused
+        part_o = part_lse = sem = out  # unused
     has_sinks, has_alibi = sinks is not None, alibi_slopes is not None
     sinks, alibi_slopes = _per_head(sinks, q), _per_head(alibi_slopes, q)
     _decode_attn[(B, KV, splits)](
-        q, k, v, out, part_o, part_lse, k_cache, v_cache, input_pos, page_table, sinks, alibi_slopes,
+        q, k, v, out, part_o, part_lse, k_cache, v_cache, input_pos, page_table, sinks, alibi_slopes, sem,
         *_score_consts(scale, cap), int(window or 0), int(chunk or 0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
@@ -518,14 +528,25 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
         H=H, G=G, G_PAD=max(16, _p2(G)), BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=_p2_dot(D), BLOCK_DV=_p2_dot(DV), NUM_SPLITS=splits,
         HAS_WINDOW=bool(window), HAS_CAP=bool(cap), HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi,
-        HAS_CHUNK=bool(chunk), PREC=_dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        HAS_CHUNK=bool(chunk), PREC=_dot_precision(q), SPLITS_PAD=_p2(splits),
+        num_warps=num_warps, num_stages=num_stages,
     )
-    if splits > 1:
-        _combine_splits[(B, H)](
-            part_o, part_lse, out, sinks, out.stride(0), out.stride(1),
-            H=H, DV=DV, NUM_SPLITS=splits, SPLITS_PAD=_p2(splits), BLOCK_DV=_p2(DV), HAS_SINKS=has_sinks,
-        )
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # counters replaced by larger ones: CUDA graphs may still read them
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), that split decodes count up and the last
+    split resets. Allocated once per device, generously (a CUDA graph keeps the address it captured)."""
+    t = _COUNTERS.get(device)
+    if t is None or t.numel() < n:
+        if t is not None:
+            _OUTGROWN.append(t)
+        t = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return t
 
 
 def cached_attention(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache,
