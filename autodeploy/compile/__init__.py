@@ -1,28 +1,50 @@
 """Compile backends for the cached graph (used by the ``compile_model`` transform).
 
 - ``torch-simple``: the GraphModule as is (eager FX);
-- ``torch-compile``: ``torch.compile(dynamic=True)``;
+- ``torch-compile``: ``torch.compile``, compiled once for every batch (``CompiledGraph``);
 - ``torch-cudagraph``: CUDA graphs per decode batch size, eager otherwise (``cudagraph.py``);
-- ``torch-opt``: ``torch.compile(dynamic=True)`` inside the CUDA-graph runner;
+- ``torch-opt``: ``CompiledGraph`` inside the CUDA-graph runner;
 - ``auto`` (the default): torch-opt on a CUDA device, torch-simple on the CPU.
 The two inductor backends first swap the row-wise canonical ops for their torch code
 (``inline.py``), so inductor fuses them instead of calling them as opaque kernels.
 Every result is called exactly like the GraphModule (same keyword inputs).
+
+One compile serves every batch: torch-opt's warm-ups and captures of every decode size (one
+token included) and its eager prefills and mixed batches, or torch-compile's steps, all run the
+graph dynamo compiled at the first call. ``CompiledGraph`` sees to the four things that made
+dynamo compile again:
+- sizes 0/1 are specialized and equal sizes tied (``T == B`` in a decode batch): each call marks
+  the batch dims (``BATCH_DIMS``: ``T`` of ``input_ids``/``position_ids``, ``B`` of the
+  per-sequence inputs) unbacked. Every other dim stays static (caches, page-table width).
+  ``backed_size_oblivious`` is not enough: inductor still guards ``T != 1`` when it views a
+  non-contiguous tensor (the q/k/v split of a fused projection), and storage offsets keep 0/1;
+- storage offsets 0/1 are specialized too (the engine's inputs are views of one buffer,
+  ``position_ids`` at offset ``T``): such batch inputs are passed as copies (metadata, bytes);
+- dispatch keys are guarded, and differ for inference tensors and under inference mode (graphs
+  captured at build under no_grad, steps under inference mode): inference-tensor batch inputs
+  are copied too, and the compiled graph always runs under inference mode;
+- unbacked sizes without a bound make inductor index every kernel that spans the tokens in 64
+  bits: given the cache manager's ``max_num_tokens`` / ``max_batch_size``, the graph checks the
+  batch dims against them (``torch._check``), which bounds the sizes; a larger step is refused.
+Without ``mark_unbacked`` (an older torch) it falls back to ``torch.compile(dynamic=True)``,
+which compiles again for sizes 0/1 (one warning).
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import fx, nn
 
-from .cudagraph import CudaGraphRunner
+from .cudagraph import SEQ_INPUTS, TOKEN_INPUTS, CudaGraphRunner
 from .inline import inline_for_inductor
 
 __all__ = [
-    "COMPILE_BACKENDS", "CompiledGraph", "CudaGraphRunner", "check_backend", "compile_graph", "default_batch_sizes",
+    "BATCH_DIMS", "COMPILE_BACKENDS", "CompiledGraph", "CudaGraphRunner", "check_backend", "compile_graph",
+    "default_batch_sizes",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,20 +85,89 @@ def clamp_batch_sizes(sizes: Iterable[int], max_batch_size: int) -> list[int]:
     return [s for s in sizes if 1 <= s <= max_batch_size]
 
 
-class CompiledGraph(nn.Module):
-    """``torch.compile(gm, dynamic=True)`` called like the GraphModule; keyword inputs the graph does
-    not take are ignored (as the CUDA-graph runner does)."""
+# the dim of each graph input that follows the batch: T tokens ([1, T]), B sequences ([B, ...], cu_seqlen [B+1])
+BATCH_DIMS = {**dict.fromkeys(TOKEN_INPUTS, 1), **dict.fromkeys(SEQ_INPUTS, 0)}
 
-    def __init__(self, gm: fx.GraphModule, num_shapes: int = 2):
+
+def _mark_unbacked() -> Optional[Callable]:
+    """``torch._dynamo.decorators.mark_unbacked`` where this torch has it (2.11 and 2.13 do), else None."""
+    decorators = getattr(torch._dynamo, "decorators", None)
+    return getattr(decorators, "mark_unbacked", None)
+
+
+class CompiledGraph(nn.Module):
+    """``torch.compile(gm)`` called like the GraphModule, compiled once for every batch (see the
+    module docstring); keyword inputs the graph does not take are ignored (as the CUDA-graph
+    runner does). ``max_num_tokens`` / ``max_batch_size``: the largest step it will get (checked
+    in the graph, a larger one is refused with a ValueError); None: unbounded. ``num_shapes`` only
+    sizes the recompile limit of the fallback for a torch without ``mark_unbacked``. Outputs are
+    inference tensors."""
+
+    def __init__(self, gm: fx.GraphModule, num_shapes: int = 2, max_num_tokens: Optional[int] = None,
+                 max_batch_size: Optional[int] = None):
         super().__init__()
         self.input_names = placeholder_names(gm)
-        self.compiled = _torch_compile(gm, num_shapes)
+        self.batch_dims = [(n, d) for n, d in BATCH_DIMS.items() if n in self.input_names]
+        self.limits: dict[str, tuple[int, int]] = {}  # name -> (dim, largest size)
+        self._mark = _mark_unbacked()
+        if self._mark is None:
+            log.warning("torch %s has no torch._dynamo.decorators.mark_unbacked: compiling with dynamic=True, "
+                        "which compiles again for batch sizes 0/1", torch.__version__)
+            self.compiled = _torch_compile(gm, num_shapes, one_graph=False)
+            return
+        for name, dim in self.batch_dims:
+            if name in TOKEN_INPUTS:
+                limit = max_num_tokens
+            else:
+                limit = max_batch_size + (name == "cu_seqlen") if max_batch_size else None
+            if limit:
+                self.limits[name] = (dim, int(limit))
+        self.compiled = _torch_compile(_insert_size_checks(gm, self.limits) if self.limits else gm, num_shapes)
 
     def forward(self, **kwargs):
-        return self.compiled(**{n: kwargs[n] for n in self.input_names})
+        inputs = {n: kwargs[n] for n in self.input_names}
+        if self._mark is None:
+            return self.compiled(**inputs)
+        for name, (dim, limit) in self.limits.items():
+            if inputs[name].shape[dim] > limit:  # else the graph's check fails, as an obscure dynamo error
+                raise ValueError(f"{name} has {inputs[name].shape[dim]} rows along dim {dim}; the graph was "
+                                 f"compiled for at most {limit} (max_num_tokens / max_batch_size)")
+        with torch.inference_mode(False):
+            for name, dim in self.batch_dims:
+                t = inputs[name]
+                # storage offsets 0/1 are specialized, dispatch keys guarded (module docstring):
+                # views at an offset and inference tensors, bytes of metadata, go in as plain copies
+                if t.storage_offset() or t.is_inference():
+                    inputs[name] = t = t.clone()
+                # on every call: compiling is lazy, and a recompile must see the marks too; a
+                # compiled graph is reused for inputs marked the same or not at all
+                self._mark(t, dim)
+        with torch.inference_mode():  # whatever the caller's mode: it changes the guarded dispatch keys
+            return self.compiled(**inputs)
 
 
-def _torch_compile(model: nn.Module, num_shapes: int) -> nn.Module:
+def _insert_size_checks(gm: fx.GraphModule, limits: Mapping[str, tuple[int, int]]) -> fx.GraphModule:
+    """Puts ``torch._check(input.size(dim) <= limit)`` for ``limits`` (name -> (dim, limit)) at the
+    top of ``gm``. Traced by dynamo, the checks bound the unbacked sizes: inductor indexes in 32 bits
+    only where it can prove that safe, so unbounded sizes make every kernel that spans the tokens
+    index in 64 bits. (In ``gm`` itself, not a wrapper GraphModule: the engine and the roofline look
+    for the weights in the first GraphModule of the compiled model.)"""
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    last = list(placeholders.values())[-1]
+    with gm.graph.inserting_after(last):
+        for name, (dim, limit) in reversed(list(limits.items())):  # each goes right after the placeholders
+            size = gm.graph.call_method("size", (placeholders[name], dim))
+            with gm.graph.inserting_after(size):
+                fits = gm.graph.call_function(operator.le, (size, limit))
+            with gm.graph.inserting_after(fits):
+                gm.graph.call_function(torch._check, (fits,))
+    gm.recompile()
+    return gm
+
+
+def _torch_compile(model: nn.Module, num_shapes: int, one_graph: bool = True) -> nn.Module:
+    if one_graph:  # batch dims unbacked, the rest static: the default recompile limit is plenty, untouched
+        return torch.compile(model)
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), num_shapes + 8))  # 0/1-specialized sizes + a few
@@ -97,9 +188,13 @@ def compile_graph(
     example_inputs: Optional[Mapping[str, torch.Tensor]] = None,
     prepare_hooks: Iterable[Callable] = (),
     warmup_iters: int = 2,
+    max_num_tokens: Optional[int] = None,
+    max_batch_size: Optional[int] = None,
 ) -> tuple[nn.Module, str]:
     """Returns (compiled model, backend actually used). With ``example_inputs`` (the cache
-    manager's tensors) CUDA graphs are captured now, else on the first decode step."""
+    manager's tensors) CUDA graphs are captured now, else on the first decode step.
+    ``max_num_tokens`` / ``max_batch_size``: the largest step the compiled graph will get (see
+    ``CompiledGraph``)."""
     backend = resolve_auto(check_backend(backend), device)
     if backend in _USES_CUDA_GRAPHS and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
         log.warning("compile backend %s needs a CUDA device (device is %s): using torch-simple", backend, device)
@@ -108,9 +203,10 @@ def compile_graph(
         return gm, backend
     if backend in ("torch-compile", "torch-opt"):
         inline_for_inductor(gm)  # norms, RoPE, SiLU*mul visible to inductor, not opaque ops
+    limits = dict(max_num_tokens=max_num_tokens, max_batch_size=max_batch_size)
     if backend == "torch-compile":
-        return CompiledGraph(gm), backend
-    inner = _torch_compile(gm, len(batch_sizes)) if backend == "torch-opt" else gm
+        return CompiledGraph(gm, **limits), backend
+    inner = CompiledGraph(gm, len(batch_sizes), **limits) if backend == "torch-opt" else gm
     runner = CudaGraphRunner(inner, placeholder_names(gm), batch_sizes, warmup_iters, prepare_hooks)
     if example_inputs is not None:
         runner.capture(example_inputs)

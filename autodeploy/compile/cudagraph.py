@@ -15,9 +15,10 @@ replays the graph captured for the smallest captured size ``bs >= b``:
 - outputs are token-major (``[1, T, ...]``): the runner returns views of the graph's static
   output narrowed to the first ``b`` tokens, valid until the next replay.
 
-Prefill or mixed batches, larger batches, or a page table of another width run eagerly. Graphs
-are captured largest first into one shared memory pool, each after a few warm-up runs (which also
-trigger torch.compile for torch-opt and let attention backends plan).
+Prefill or mixed batches, larger batches, or a page table of another width run eagerly (for
+torch-opt: the compiled graph, not FX). Graphs are captured largest first into one shared memory
+pool, each after a few warm-up runs (which let attention backends plan; for torch-opt the first
+one compiles the graph, once for every capture size and the eager batches: ``CompiledGraph``).
 """
 
 from __future__ import annotations

@@ -76,3 +76,20 @@ def test_capture_on_build_from_cache_manager_and_fallbacks(caplog):
             runner(**batcher.batch({i: [6] for i in range(2)}), **moved)  # other cache tensors: eager
     assert runner.num_replays == 1 and runner.num_eager == 3
     assert any("not the tensor seen at capture" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.gpu
+def test_torch_opt_compiles_once():
+    """Warm-ups and captures of every decode size (largest first, one-token decode included), then
+    eager prefills and a mixed batch: all run the graph dynamo compiled at the first call."""
+    from torch._dynamo.utils import counters
+
+    from autodeploy.custom_ops.cached_attention import triton_backend  # noqa: F401
+
+    gm = toy_graph("triton_cached_attention", device="cuda")
+    runner, _ = apply_compile(toy_graph("triton_cached_attention", device="cuda"), "cuda", backend="torch-opt",
+                              cuda_graph_batch_sizes=[1, 2, 4, 8])
+    before = counters["stats"]["unique_graphs"]
+    _check_replay(runner, gm)
+    assert runner.captured_sizes == [1, 2, 4, 8] and runner.num_eager == 2
+    assert counters["stats"]["unique_graphs"] - before == 1

@@ -60,3 +60,38 @@ def test_overlap_scheduler_on_cuda_gives_the_synchronous_tokens(llama_cuda):
     ahead = llama_cuda.engine()
     assert ahead.overlap  # on by default with a CUDA device
     assert [o.token_ids for o in ahead.generate(PROMPTS, sp)] == [o.token_ids for o in sync.generate(PROMPTS, sp)]
+
+
+def test_torch_opt_engine_compiles_once():
+    """torch-opt over the cached tiny Llama: CUDA graphs captured at build (decode sizes 4, 2, 1),
+    then the engine's prefills (one prompt, several), decode batches shrinking 3 -> 1 and mixed
+    steps (prompts arriving while others decode); greedy tokens equal HF's, and dynamo compiled
+    the graph once."""
+    from dataclasses import replace
+
+    from torch._dynamo.utils import counters
+    from tiny_deployment import build_tiny
+
+    from autodeploy.transforms.interface import BuildContext
+    from autodeploy.transforms.library.compile_model import CompileModel, CompileModelConfig
+
+    dep = build_tiny("tiny_llama", device="cuda", free_mem_ratio=0.1)
+    before = counters["stats"]["unique_graphs"]
+    ctx = BuildContext(args={"max_batch_size": dep.cache.max_batch_size}, device=torch.device("cuda"), cache=dep.cache)
+    runner, info = CompileModel(CompileModelConfig(backend="torch-opt")).apply(dep.graph, ctx)
+    assert runner.captured_sizes == [1, 2, 4], info.note
+    engine = replace(dep, graph=runner).engine()
+    lengths = [3, 6, 9, 4]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    first = engine.generate(PROMPTS[:1], params[:1])
+    rest = engine.generate(PROMPTS[1:], params[1:])
+    assert [o.token_ids for o in first + rest] == [dep.hf_greedy(p, n, ignore_eos=True) for p, n in zip(PROMPTS, lengths)]
+    reqs = engine.add_requests(PROMPTS[:2], params[:2])
+    for _ in range(2):
+        engine.step()
+    reqs += engine.add_requests(PROMPTS[2:], params[2:])  # their prefills join the running decodes
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert [engine.output(r).token_ids for r in reqs] == [o.token_ids for o in first + rest]
+    assert runner.num_replays > 0 and runner.num_eager > 0
+    assert counters["stats"]["unique_graphs"] - before == 1

@@ -102,9 +102,11 @@ class CompileModel(BaseTransform):
         )
         names = placeholder_names(model)
         example = _example_inputs(ctx, names) if cfg.capture_on_build else None
+        info = getattr(ctx.cache, "info", None)  # SequenceInfo: the engine never builds a larger step
         compiled, used = compile_graph(
             model, backend, ctx.device, sizes, example_inputs=example,
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
+            max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
         )
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")

@@ -1,0 +1,202 @@
+"""One torch.compile serves every batch shape (torch-compile and, emulated on the CPU, torch-opt).
+
+Dynamo specializes sizes 0 and 1 and ties equal sizes together; the compiled graph marks its
+batch dims unbacked so that a one-token decode, a one-prompt prefill, decode batches of any size
+and mixed batches all run the graph compiled at the first call. Counted here: dynamo frames
+compiled (``counters["stats"]["unique_graphs"]``), which counts an inductor cache hit too.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+from toy_lm import PagedBatcher, apply_compile, rel, schedule, toy_caches, toy_graph  # noqa: E402
+
+from autodeploy.compile import CompiledGraph, CudaGraphRunner, placeholder_names  # noqa: E402
+from autodeploy.compile.cudagraph import _Graph, decode_pad_inputs  # noqa: E402
+
+
+def _compiles() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _record_shapes(model, shapes):
+    """Wraps ``model.forward`` (instance attribute) to record (T, B) of each call."""
+    forward = model.forward
+
+    def recording(**kwargs):
+        shapes.append((kwargs["input_ids"].shape[-1], kwargs["seq_len"].shape[0]))
+        return forward(**kwargs)
+
+    model.forward = recording
+
+
+# ---- torch-compile through the real pipeline and engine ----
+
+
+@pytest.fixture(scope="module")
+def hf_tiny_llama():
+    from transformers import AutoModelForCausalLM
+
+    from autodeploy.models.tiny import ensure_tiny_model
+
+    return AutoModelForCausalLM.from_pretrained(ensure_tiny_model("tiny_llama"), dtype=torch.float32).eval()
+
+
+def _hf_greedy(hf, prompt, n):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama):
+    from autodeploy import LLM, SamplingParams
+
+    # max_num_tokens=12 chunks the longer prompts, so later prefills share steps with decodes
+    llm = LLM("tiny_llama", device="cpu", compile_backend="torch-compile", max_batch_size=4, max_seq_len=64,
+              attn_page_size=8, max_num_tokens=12)
+    engine = llm.engine
+    assert isinstance(engine.model, CompiledGraph)
+    assert engine.vocab_size == hf_tiny_llama.config.vocab_size  # found through the compiled wrappers
+    shapes: list[tuple[int, int]] = []
+    _record_shapes(engine.model, shapes)
+    before = _compiles()
+
+    def greedy(n):
+        return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+    def check(prompts, lengths, requests):
+        for p, n, r in zip(prompts, lengths, requests):
+            assert engine.output(r).token_ids == _hf_greedy(hf_tiny_llama, p, n), (p, n)
+
+    # one prompt: a one-prompt prefill, then one-token decodes
+    one = [[1, 5, 9, 22, 41, 7]]
+    reqs = engine.add_requests(one, greedy(5))
+    _run(engine)
+    check(one, [5], reqs)
+    # prompts of different lengths finishing at different steps: decode batches of 3, 2 and 1
+    several = [[1] + [100] * 11, [1, 3], [1, 17, 18, 19, 20, 21, 22, 23, 24]]
+    lengths = [2, 5, 8]
+    reqs = [engine.add_requests([p], greedy(n))[0] for p, n in zip(several, lengths)]
+    _run(engine)
+    check(several, lengths, reqs)
+    # mixed steps: prompts arriving while others decode
+    first = [[1, 40, 41, 42], [1] + [7] * 9]
+    late = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 60]]
+    reqs = [engine.add_requests([p], greedy(6))[0] for p in first]
+    for _ in range(3):
+        engine.step()
+    reqs += [engine.add_requests([p], greedy(6))[0] for p in late]
+    _run(engine)
+    check(first + late, [6] * 4, reqs)
+
+    decodes = {b for t, b in shapes if t == b}
+    assert {1, 2, 3} <= decodes, shapes
+    assert any(t > b > 1 for t, b in shapes), shapes  # a mixed (or multi-prompt) step
+    assert (6, 1) in shapes  # the one-prompt prefill
+    assert _compiles() - before == 1, f"{_compiles() - before} compiles for the shapes {sorted(set(shapes))}"
+
+
+def _run(engine):
+    while engine.has_unfinished_requests:
+        engine.step()
+
+
+# ---- torch-opt's order of calls, emulated on the CPU ----
+
+
+class _RerunGraph:
+    def __init__(self, fn):
+        self.replay = fn
+
+
+class _CpuRunner(CudaGraphRunner):
+    """The CUDA-graph runner with 'graphs' that re-run the model on their static buffers (as in
+    test_compile_model_cpu.py), but with torch-opt's calls: warm-ups of every decode size,
+    largest first, then eager prefills and mixed batches."""
+
+    def capture(self, example):
+        static = {n: example[n] for n in self.static_names}
+        for bs in sorted(self.batch_sizes, reverse=True):
+            g = _Graph(bs, {**decode_pad_inputs(bs, example), **static})
+            for _ in range(self.warmup_iters):
+                self.model(**g.inputs)
+            g.output = self.model(**g.inputs)
+
+            def replay(g=g):
+                g.output.copy_(self.model(**g.inputs))
+
+            g.graph = _RerunGraph(replay)
+            self.graphs[bs] = g
+
+
+def test_torch_opt_calls_compile_once():
+    """Captures at build (outside inference mode, as compile_model does), largest first, then the
+    engine's steps under inference mode: replays, eager prefills and a mixed batch."""
+    gm = toy_graph()
+    compiled, _ = apply_compile(toy_graph(), "cpu", backend="torch-compile")
+    runner = _CpuRunner(compiled, placeholder_names(gm), [1, 2, 4, 8])
+    caches_ref, caches_new = toy_caches(48), toy_caches(48)
+    before = _compiles()
+    runner.capture({**PagedBatcher().batch({0: [0]}), **caches_new})
+    assert runner.captured_sizes == [1, 2, 4, 8]
+    b_ref, b_new = PagedBatcher(), PagedBatcher()
+    with torch.inference_mode():
+        for i, step in enumerate(schedule(torch.Generator().manual_seed(0))):
+            ref = gm(**b_ref.batch(step), **caches_ref)
+            new = runner(**b_new.batch(step), **caches_new)
+            assert new.shape == ref.shape and rel(new, ref) < 1e-5, f"step {i}"
+    assert runner.num_replays == 7 and runner.num_eager == 2  # eager: the prefill and the mixed step
+    assert _compiles() - before == 1
+
+
+def test_engine_views_at_storage_offsets_compile_once():
+    """The engine's inputs are views of one buffer (``SequenceInfo``): position_ids starts at T,
+    which is 1 for a one-token step, the metadata further on. Dynamo specializes storage offsets
+    0 and 1 as it does sizes."""
+    from autodeploy.runtime.sequence_info import SequenceInfo
+
+    gm = toy_graph()
+    compiled, _ = apply_compile(toy_graph(), "cpu", backend="torch-compile")
+    names = placeholder_names(gm)
+    caches_ref, caches_new = toy_caches(48), toy_caches(48)
+    batcher, info = PagedBatcher(), SequenceInfo(8, 64, 8)
+    before = _compiles()
+    with torch.inference_mode():
+        for step in ({0: [3, 4, 5], 1: [6, 7]}, {0: [8], 1: [9]}, {1: [10]}, {2: [11]}, {0: [12], 2: [13, 14]}):
+            batch = batcher.batch(step)
+            views = info.build(list(step.values()), batch["input_pos"].tolist(), batch["page_table"].tolist(),
+                               [0] * len(step)).named_args
+            assert views["position_ids"].storage_offset() == batch["input_ids"].shape[1]
+            ref = gm(**batch, **caches_ref)
+            new = compiled(**{n: views[n] for n in names if n in views}, **caches_new)
+            assert rel(new, ref) < 1e-5
+    assert _compiles() - before == 1
+
+
+def test_size_checks_bound_the_batch_dims():
+    """With the cache manager's limits, the graph checks T <= max_num_tokens and B <= max_batch_size
+    (bounded sizes let inductor index in 32 bits); a larger step fails, a smaller one never recompiles."""
+    from types import SimpleNamespace
+
+    gm = toy_graph()
+    cache = SimpleNamespace(info=SimpleNamespace(max_num_tokens=16, max_batch_size=4))  # no tensors: no capture
+    compiled, _ = apply_compile(toy_graph(), "cpu", cache=cache, backend="torch-compile")
+    code = compiled.compiled._orig_mod.code
+    assert "input_ids.size(1)" in code and "<= 16" in code and "seq_len.size(0)" in code and "<= 5" in code
+    caches_ref, caches_new = toy_caches(48), toy_caches(48)
+    b_ref, b_new = PagedBatcher(), PagedBatcher()
+    before = _compiles()
+    with torch.inference_mode():
+        for step in ({0: list(range(10)), 1: [1, 2, 3, 4, 5, 6]}, {0: [7], 1: [8]}, {1: [9]}):
+            ref = gm(**b_ref.batch(step), **caches_ref)
+            assert rel(compiled(**b_new.batch(step), **caches_new), ref) < 1e-5
+        assert _compiles() - before == 1
+        with pytest.raises(ValueError, match="input_ids has 17 .* at most 16"):
+            compiled(**b_new.batch({5: list(range(17))}), **caches_new)
