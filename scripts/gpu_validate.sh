@@ -3,7 +3,7 @@
 # one cannot eat the others. Run from the repo root on a CUDA machine with torch, triton and
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf and antlr4 into .whl/, which this script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final]
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
 #   bash scripts/gpu_validate.sh perf            # ours with/without fusions at bs 1 and 32 + the anchor (~8.5 min)
 #   bash scripts/gpu_validate.sh tests kernels hf  # GPU tests, attention kernels, HF baselines (~9 min)
@@ -159,6 +159,26 @@ if [[ " $STEPS " == *" probe "* ]]; then
   if [[ -n $side_pid ]]; then
     wait $side_pid; echo "anchor:"; grep RESULT "$OUT/anchor.txt"; sed -n '/==== summary/,$p' "$OUT/gpu_check.log"
   fi
+fi
+
+# ---- the evidence run of issue 8 in about 3.5 minutes on nvidia-h200-x2: ours (overlap scheduler off,
+# then on, bs 1 and 32, one build) and then the triton + torch-opt pipeline tests on GPU 0, while the
+# anchor runs at bs 1, then 32, on GPU 1 (each result printed as soon as it exists)
+if [[ " $STEPS " == *" final "* ]]; then
+  echo "=== final: ours on GPU 0, the hand-written anchor on GPU 1, at the same time"
+  (export CUDA_VISIBLE_DEVICES=1
+   for bs in 1 32; do
+     BS=$bs timeout ${ANCHOR_BS_TIMEOUT:-105} python3 .anchors/hand_decode.py > "$OUT/anchor_bs$bs.txt" 2>&1
+     echo "anchor bs=$bs rc=$?: $(grep RESULT "$OUT/anchor_bs$bs.txt")"
+   done) &
+  side_pid=$!
+  t0=$SECONDS
+  CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_TIMEOUT:-150} python3 scripts/perf_probe.py --out "$OUT" --no-profile \
+    > "$OUT/probe.log" 2>&1
+  echo "probe rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT" "$OUT/probe.log" || tail -5 "$OUT/probe.log"
+  CUDA_VISIBLE_DEVICES=0 timeout ${TESTS_TIMEOUT:-50} python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/gpu/test_pipeline_backends.py tests/runtime/test_gpu_runtime.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -6
+  wait $side_pid
 fi
 
 if [[ " $STEPS " == *" tp_anchor "* ]] && [[ -f .anchors/hand_decode.py ]]; then
