@@ -100,19 +100,21 @@ class CompiledGraph(nn.Module):
     module docstring); keyword inputs the graph does not take are ignored (as the CUDA-graph
     runner does). ``max_num_tokens`` / ``max_batch_size``: the largest step it will get (checked
     in the graph, a larger one is refused with a ValueError); None: unbounded. ``num_shapes`` only
-    sizes the recompile limit of the fallback for a torch without ``mark_unbacked``. Outputs are
-    inference tensors."""
+    sizes the recompile limit of ``dynamic=True``. ``one_compile=False`` (or a torch without
+    ``mark_unbacked``) is ``torch.compile(dynamic=True)``: sizes 0/1 get their own compile (and
+    their own specialized kernels). Outputs are inference tensors."""
 
     def __init__(self, gm: fx.GraphModule, num_shapes: int = 2, max_num_tokens: Optional[int] = None,
-                 max_batch_size: Optional[int] = None):
+                 max_batch_size: Optional[int] = None, one_compile: bool = True):
         super().__init__()
         self.input_names = placeholder_names(gm)
         self.batch_dims = [(n, d) for n, d in BATCH_DIMS.items() if n in self.input_names]
         self.limits: dict[str, tuple[int, int]] = {}  # name -> (dim, largest size)
-        self._mark = _mark_unbacked()
+        self._mark = _mark_unbacked() if one_compile else None
         if self._mark is None:
-            log.warning("torch %s has no torch._dynamo.decorators.mark_unbacked: compiling with dynamic=True, "
-                        "which compiles again for batch sizes 0/1", torch.__version__)
+            if one_compile:
+                log.warning("torch %s has no torch._dynamo.decorators.mark_unbacked: compiling with dynamic=True, "
+                            "which compiles again for batch sizes 0/1", torch.__version__)
             self.compiled = _torch_compile(gm, num_shapes, one_graph=False)
             return
         for name, dim in self.batch_dims:
@@ -127,7 +129,8 @@ class CompiledGraph(nn.Module):
     def forward(self, **kwargs):
         inputs = {n: kwargs[n] for n in self.input_names}
         if self._mark is None:
-            return self.compiled(**inputs)
+            with torch.inference_mode():  # one grad mode for captures and steps (dynamo guards on it)
+                return self.compiled(**inputs)
         for name, (dim, limit) in self.limits.items():
             if inputs[name].shape[dim] > limit:  # else the graph's check fails, as an obscure dynamo error
                 raise ValueError(f"{name} has {inputs[name].shape[dim]} rows along dim {dim}; the graph was "
@@ -190,6 +193,7 @@ def compile_graph(
     warmup_iters: int = 2,
     max_num_tokens: Optional[int] = None,
     max_batch_size: Optional[int] = None,
+    one_compile: bool = True,
 ) -> tuple[nn.Module, str]:
     """Returns (compiled model, backend actually used). With ``example_inputs`` (the cache
     manager's tensors) CUDA graphs are captured now, else on the first decode step.
@@ -203,7 +207,7 @@ def compile_graph(
         return gm, backend
     if backend in ("torch-compile", "torch-opt"):
         inline_for_inductor(gm)  # norms, RoPE, SiLU*mul visible to inductor, not opaque ops
-    limits = dict(max_num_tokens=max_num_tokens, max_batch_size=max_batch_size)
+    limits = dict(max_num_tokens=max_num_tokens, max_batch_size=max_batch_size, one_compile=one_compile)
     if backend == "torch-compile":
         return CompiledGraph(gm, **limits), backend
     inner = CompiledGraph(gm, len(batch_sizes), **limits) if backend == "torch-opt" else gm

@@ -38,6 +38,10 @@ class CompileModelConfig(TransformConfig):
     max_batch_size: Optional[int] = None  # None = args.max_batch_size
     capture_on_build: bool = True  # False: capture on the first decode step instead
     num_warmup_iters: int = 2  # eager runs before each capture (compile, autotune, planning)
+    # torch-compile/torch-opt: True = one compile serves every batch shape (batch dims unbacked);
+    # False = dynamic=True, which compiles again for sizes 0/1 (a one-token decode, a one-prompt
+    # prefill get their own, specialized kernels) when such a shape first arrives
+    one_compile: bool = True
     run_graph_cleanup: bool = False  # the result is no longer a plain GraphModule
     requires_clean_graph: bool = True
 
@@ -107,6 +111,7 @@ class CompileModel(BaseTransform):
             model, backend, ctx.device, sizes, example_inputs=example,
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
             max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
+            one_compile=cfg.one_compile,
         )
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")
