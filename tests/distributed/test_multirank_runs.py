@@ -38,6 +38,7 @@ def _hf_greedy(name: str, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("name,world,extra", [
     ("tiny_llama", 2, {}),
+    ("tiny_llama", 2, {"overlap_scheduler": True}),  # rank 0 feeds in-flight tokens into what it broadcasts
     ("tiny_mixtral", 2, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep"]}}}),
     ("tiny_hybrid", 2, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep", "bmm", "ssm"]}}}),
     ("tiny_mixtral", 4, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep"], "process_grid": {"ep": 2, "tp": 2}}}}),
@@ -46,6 +47,7 @@ def test_llm_api_greedy_equals_hf_generate(name, world, extra):
     with LLM(name, world_size=world, **CPU, **extra) as llm:
         procs = list(llm.ranks.procs)
         assert len(procs) == world - 1 and all(p.is_alive() for p in procs)
+        assert llm.engine.overlap == bool(extra.get("overlap_scheduler"))  # off on the CPU unless asked for
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         assert any(r.strategy != "replicate" for r in llm.sharding_plan.rows())
     assert [o.token_ids for o in outs] == [_hf_greedy(name, p, 6) for p in PROMPTS]
