@@ -105,7 +105,8 @@ class RopePositionTables(BaseTransform):
                 found = None
             tables, computed = found if found is not None else (None, ())
             ok = tables is not None and all(
-                t.dim() == 3 and t.shape[:2] == (1, num) and t.dtype == n.meta["val"].dtype
+                isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[:2] == (1, num)
+                and t.dtype == getattr(n.meta.get("val"), "dtype", t.dtype)
                 for t, n in zip(tables, (cos, sin))
             )
             if not ok:
