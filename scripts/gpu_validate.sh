@@ -8,6 +8,9 @@
 #   bash scripts/gpu_validate.sh perf            # ours with/without fusions at bs 1 and 32 + the anchor (~8.5 min)
 #   bash scripts/gpu_validate.sh tests kernels hf  # GPU tests, attention kernels, HF baselines (~9 min)
 # then `python3 scripts/perf_summary.py DIR1 DIR2` prints the table of both calls' $OUT folders.
+# On nvidia-h200-x2, `probe` (~4 min: one build, overlap scheduler off/on, kernel tables, the anchor and
+# attention kernels on GPU 1 meanwhile) and `final` (~3.5 min, no profile, then GPU pipeline tests)
+# are the one-call versions (scripts/perf_probe.py).
 # perf needs .anchors/hand_decode.py (a copy of ../shared/anchors/hand_decode.py, git-ignored).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_validate}
