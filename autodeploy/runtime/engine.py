@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import fx, nn
 
+from ..transforms.graph_utils import get_attr_value
 from .kv_cache import CacheInterface
 from .outputs import RequestOutput, StepTiming
 from .prompts import as_prompt_list, tokenize
@@ -399,13 +400,7 @@ def _embedding_rows(model: nn.Module) -> Optional[int]:
             weight, ids = node.args[0], node.args[1]
             if getattr(ids, "op", None) == "placeholder" and getattr(weight, "op", None) == "get_attr":
                 try:
-                    return int(_get_attr(model, weight.target).shape[0])
+                    return int(get_attr_value(model, weight.target).shape[0])
                 except AttributeError:
                     return None
     return None
-
-
-def _get_attr(module: nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module

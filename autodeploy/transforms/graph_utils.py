@@ -31,6 +31,15 @@ def canonicalize_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def get_attr_value(gm: fx.GraphModule, target: str) -> object:
+    """What a ``get_attr`` node reads: a dotted path (export lifts tensor constants into the
+    submodule that made them, e.g. ``model.lifted_tensor_0``)."""
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def placeholder_values(gm: fx.GraphModule) -> list[object]:
     return [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
 

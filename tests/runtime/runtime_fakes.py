@@ -45,6 +45,11 @@ def next_token(tokens, vocab=VOCAB):
     return (sum(tokens) * 31 + len(tokens)) % vocab
 
 
+def prompts(lengths, start=1):
+    """Token-id prompts of the given lengths (ids 1..90, different per prompt)."""
+    return [[(start + 7 * i + j) % 90 + 1 for j in range(n)] for i, n in enumerate(lengths)]
+
+
 def expected_tokens(prompt, n, vocab=VOCAB):
     tokens, out = list(prompt), []
     for _ in range(n):

@@ -4,13 +4,9 @@ import pytest
 
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.sampling_params import SamplingParams
-from runtime_fakes import FakeTokenizer, PagedSumModel, expected_tokens, make_cache
+from runtime_fakes import FakeTokenizer, PagedSumModel, expected_tokens, make_cache, prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-
-
-def prompts(lengths, start=1):
-    return [[(start + 7 * i + j) % 90 + 1 for j in range(n)] for i, n in enumerate(lengths)]
 
 
 def engine(model=None, tokenizer=None, **cache_kw):

@@ -23,6 +23,7 @@ from torch import fx
 
 import autodeploy.custom_ops.rope  # noqa: F401  registers torch.ops.autodeploy.rope
 
+from ..graph_utils import get_attr_value
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,6 @@ log = logging.getLogger(__name__)
 class RopeTablesConfig(TransformConfig):
     stage: str = "post_load_fusion"
     max_positions: Optional[int] = None  # None = args.max_seq_len (the cache's), else the model's max_position_embeddings
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def evaluate_from(gm: fx.GraphModule, outputs: list[fx.Node], source: fx.Node, value: torch.Tensor):
@@ -59,7 +53,7 @@ def evaluate_from(gm: fx.GraphModule, outputs: list[fx.Node], source: fx.Node, v
         if node not in needed or node is source:
             continue
         if node.op == "get_attr":
-            env[node] = _attr(gm, node.target)
+            env[node] = get_attr_value(gm, node.target)
         else:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
             env[node] = node.target(*args, **kwargs)

@@ -34,6 +34,7 @@ import torch
 from torch import fx
 from torch.fx.node import map_arg
 
+from ..graph_utils import get_attr_value
 from .nodes import is_op
 
 
@@ -154,7 +155,7 @@ def _evaluate(nodes: list[fx.Node], gm: fx.GraphModule, inputs, symbols) -> dict
         if node.op == "placeholder":
             env[node] = inputs[node]
         elif node.op == "get_attr":
-            t = _get_attr(gm, node.target)
+            t = get_attr_value(gm, node.target)
             if isinstance(t, torch.Tensor) and t.device.type == "meta":
                 raise _NotProbeable(f"mask depends on parameter/buffer {node.target} that has no data (meta)")
             env[node] = t.to("cpu")
@@ -170,15 +171,6 @@ def _evaluate(nodes: list[fx.Node], gm: fx.GraphModule, inputs, symbols) -> dict
         else:
             raise _NotProbeable(f"mask depends on {node.op} node {node.name}")
     return env
-
-
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
-    """A get_attr target: a dotted path (``model.lifted_tensor_0``: export lifts tensor constants
-    the mask code creates into the submodule that made them)."""
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _as_4d(t: Any, term: BiasTerm, batch: int, heads: Optional[int], seq: int) -> torch.Tensor:
