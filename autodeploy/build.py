@@ -33,6 +33,7 @@ class Built:
     report: list[dict[str, Any]]  # one row per transform (see TransformRecord)
     build_s: float
     sharding: Any = None  # the sharding Plan (world_size > 1)
+    phases: dict[str, float] | None = None  # seconds: setup (factory, cache), pipeline, tokenizer + engine
 
 
 def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> Built:
@@ -49,6 +50,7 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
     device = resolve_device(args.device)
     factory = create_factory(args)
     cache = CacheInterface.from_args(args, device)
+    t_setup = time.perf_counter()
     ctx = BuildContext(
         args=args, factory=factory, device=device, dtype=factory.dtype, rank=rank, world_size=world_size, cache=cache
     )
@@ -64,12 +66,15 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
             bar.update(1)
 
         model = optimizer(ctx, progress=started)
+    t_pipeline = time.perf_counter()
     tokenizer = None if args.skip_tokenizer_init or rank > 0 else factory.init_tokenizer()
     engine = Engine(model, cache, tokenizer, eos_token_id=getattr(factory.config, "eos_token_id", None),
                     prefill_chunk_size=args.get("prefill_chunk_size"), overlap=args.get("overlap_scheduler"))
-    build_s = time.perf_counter() - t0
-    log.info("built in %.1fs", build_s)
-    return Built(engine, factory, [r.to_dict() for r in optimizer.report], build_s, ctx.shared.get("sharding_plan"))
+    end = time.perf_counter()
+    phases = {"setup": t_setup - t0, "pipeline": t_pipeline - t_setup, "engine": end - t_pipeline}
+    log.info("built in %.1fs (%s)", end - t0, ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
+    return Built(engine, factory, [r.to_dict() for r in optimizer.report], end - t0, ctx.shared.get("sharding_plan"),
+                 phases)
 
 
 def plan_sharding(args: DictConfig) -> Built:

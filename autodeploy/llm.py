@@ -83,6 +83,7 @@ class LLM:
                 raise failure from e
             raise
         self.engine, self.factory, self.build_report = built.engine, built.factory, built.report
+        self.build_phases = built.phases
         self.sharding_plan = built.sharding
         self.engine.ranks = self.ranks
         self.tokenizer = self.engine.tokenizer

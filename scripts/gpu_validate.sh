@@ -3,7 +3,7 @@
 # one cannot eat the others. Run from the repo root on a CUDA machine with torch, triton and
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf and antlr4 into .whl/, which this script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag]
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
 #   bash scripts/gpu_validate.sh perf            # ours with/without fusions at bs 1 and 32 + the anchor (~8.5 min)
 #   bash scripts/gpu_validate.sh tests kernels hf  # GPU tests, attention kernels, HF baselines (~9 min)
@@ -182,6 +182,36 @@ if [[ " $STEPS " == *" final "* ]]; then
   CUDA_VISIBLE_DEVICES=0 timeout ${TESTS_TIMEOUT:-50} python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/gpu/test_pipeline_backends.py tests/runtime/test_gpu_runtime.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -6
   wait $side_pid
+fi
+
+# ---- an A/B of two builds on GPU 0 (the default with kernel tables and the prefill chunk sizes, then
+# PROBE_B_ARGS), while GPU 1 runs the anchor at bs 1 and 32, the GEMM table per BLAS library and the
+# GPU tests; everything lands in $OUT/diag.tgz (the device tool brings back at most 8 files)
+if [[ " $STEPS " == *" diag "* ]]; then
+  echo "=== diag: A = the default build, B = ${PROBE_B_ARGS:-"(none)"}; GPU 1: anchor, GEMMs, tests"
+  mkdir -p "$OUT/diag/a" "$OUT/diag/b"
+  (export CUDA_VISIBLE_DEVICES=1
+   for bs in 1 32; do
+     BS=$bs timeout ${ANCHOR_BS_TIMEOUT:-110} python3 .anchors/hand_decode.py > "$OUT/diag/anchor_bs$bs.txt" 2>&1
+     echo "anchor bs=$bs rc=$?: $(grep RESULT "$OUT/diag/anchor_bs$bs.txt")"
+   done
+   timeout 90 python3 scripts/gemm_check.py --out "$OUT/diag" > "$OUT/diag/gemm.log" 2>&1
+   echo "gemm_check rc=$?"; grep "RESULT step" "$OUT/diag/gemm.log"
+   timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu tests/runtime/test_gpu_runtime.py      > "$OUT/diag/pytest_gpu.log" 2>&1
+   echo "gpu tests rc=$?"; tail -8 "$OUT/diag/pytest_gpu.log") &
+  side_pid=$!
+  t0=$SECONDS
+  CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_TIMEOUT:-270} python3 scripts/perf_probe.py --out "$OUT/diag/a" \
+    --chunk-sizes ${CHUNK_SIZES:-4096,8192} > "$OUT/diag/a/probe.log" 2>&1
+  echo "probe A rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT|steps, device" "$OUT/diag/a/probe.log" || tail -5 "$OUT/diag/a/probe.log"
+  if [[ -n ${PROBE_B_ARGS:-} ]]; then
+    t0=$SECONDS
+    CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_B_TIMEOUT:-200} python3 scripts/perf_probe.py --out "$OUT/diag/b" --no-profile \
+      $PROBE_B_ARGS > "$OUT/diag/b/probe.log" 2>&1
+    echo "probe B rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT" "$OUT/diag/b/probe.log" || tail -5 "$OUT/diag/b/probe.log"
+  fi
+  wait $side_pid
+  tar -C "$OUT" -czf "$OUT/diag.tgz" diag && rm -rf "$OUT/diag"
 fi
 
 if [[ " $STEPS " == *" tp_anchor "* ]] && [[ -f .anchors/hand_decode.py ]]; then

@@ -1,12 +1,16 @@
 """Where a step's time goes on the GPU, and what the engine-level switches change, in one process.
 
-    python3 scripts/perf_probe.py --out DIR [--model llama3_8b] [--num 3] [--no-profile]
+    python3 scripts/perf_probe.py --out DIR [--model llama3_8b] [--num 3] [--no-profile] [--overlap both|on|off]
+        [--set transforms.compile_model.one_compile=false ...] [--chunk-sizes 4096,8192]
 
 One build of the model (triton attention, torch-opt, CUDA graphs for decode batches 1 and 32, the
 default pipeline), then:
 1. the first request's prefill, timed alone (it includes any compile torch.compile defers to it);
 2. the benchmark (isl 1024, osl 128) at batch 1 and 32 with the overlap scheduler off, then on;
-3. with --profile (default on): torch.profiler kernel tables of a 1024-token prefill, 32 decode
+3. with --chunk-sizes: batch 32 again (overlap on) with each prefill_chunk_size, on the same engine;
+4. the one-prompt prefill taken apart: the step's host time, the forward's device time (CUDA events
+   around the model call) and what the host waits for after it;
+5. with --profile (default on): torch.profiler kernel tables of a 1024-token prefill, 32 decode
    steps at batch 1, and the batch-32 round's prefill-carrying steps.
 Writes ``DIR/probe.json`` (figures) and ``DIR/profile_*.txt`` (tables); prints RESULT lines.
 """
@@ -56,6 +60,53 @@ def _profile(engine, name: str, out: Path, run, setup=None) -> None:
     print(header + "\n".join(table.splitlines()[:28]), flush=True)
 
 
+def _prefill_parts(engine, prompt, greedy, reps: int = 5) -> dict:
+    """One-prompt prefills with the overlap scheduler off, each taken apart (medians, ms): ``wall``
+    of generate(), the engine step's ``host`` time and its ``wait`` for the ids, the model call's
+    host time (``launch``) and the forward's device time (``forward``, CUDA events around the call)."""
+    import statistics
+
+    cuda = torch.cuda.is_available()
+    model, overlap = engine.model, engine.overlap
+    parts: dict[str, list[float]] = {k: [] for k in ("wall", "host", "wait", "launch", "forward")}
+
+    class Timed(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else []
+            for e in ev[:1]:
+                e.record()
+            t0 = time.perf_counter()
+            out = self.inner(**kw)
+            parts["launch"].append((time.perf_counter() - t0) * 1e3)
+            for e in ev[1:]:
+                e.record()
+            events.append(ev)
+            return out
+
+    events: list = []
+    engine.model, engine.overlap = Timed(model), False
+    try:
+        for _ in range(reps):
+            engine.step_timings.clear()
+            _sync()
+            t0 = time.perf_counter()
+            engine.generate(prompt, greedy)
+            parts["wall"].append((time.perf_counter() - t0) * 1e3)
+            s = engine.step_timings[-1]
+            parts["host"].append(s.host_s * 1e3)
+            parts["wait"].append(s.wait_s * 1e3)
+        _sync()
+        if cuda:
+            parts["forward"] = [a.elapsed_time(b) for a, b in events]
+    finally:
+        engine.model, engine.overlap = model, overlap
+    return {k: round(statistics.median(v), 3) for k, v in parts.items() if v}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -63,6 +114,10 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=3)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--isl", type=int, default=1024)
+    parser.add_argument("--overlap", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="LLM keyword overrides, dotted (transforms.compile_model.one_compile=false)")
+    parser.add_argument("--chunk-sizes", default="", help="comma-separated prefill_chunk_size values to time at bs 32")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -72,8 +127,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     gpu = dict(attn_backend="triton", compile_backend="torch-opt", cuda_graph_batch_sizes=[1, 32], free_mem_ratio=0.3)
-    llm = LLM(args.model, max_batch_size=32, **(gpu if torch.cuda.is_available() else {"max_seq_len": 1200}))
-    record = {"build_s": time.perf_counter() - t0,
+    overrides = OmegaConf.to_container(OmegaConf.from_dotlist(args.set))
+    kwargs = {**(gpu if torch.cuda.is_available() else {"max_seq_len": 1200}), **overrides}
+    llm = LLM(args.model, max_batch_size=32, **kwargs)
+    record = {"overrides": overrides, "build_s": time.perf_counter() - t0,
+              "build_phases_s": {k: round(v, 2) for k, v in llm.build_phases.items()},
               "build_stage_s": {r["name"]: round(r["time_s"], 2) for r in llm.build_report}}
     engine = llm.engine
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -82,18 +140,26 @@ def main() -> None:
     engine.generate(prompt, greedy)
     record["first_prefill_s"] = time.perf_counter() - t0
     print(f"RESULT build_s={record['build_s']:.1f} first_prefill_s={record['first_prefill_s']:.1f} "
-          f"stages={record['build_stage_s']}", flush=True)
+          f"phases={record['build_phases_s']} stages={record['build_stage_s']}", flush=True)
 
-    for overlap in (False, True):
+    default_chunk = engine.scheduler.prefill_chunk_size
+    runs = [(o, bs, default_chunk) for o in {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
+            for bs in (1, 32)]
+    runs += [(True, 32, int(c)) for c in args.chunk_sizes.split(",") if c]
+    for overlap, bs, chunk in runs:
         engine.overlap = overlap
-        for bs in (1, 32):
-            r = _bench(engine, bs, args.num, args.isl)
-            record[f"overlap={overlap} bs={bs}"] = r
-            print(f"RESULT overlap={overlap} bs={bs} decode_tok_s={r['decode_tok_s']:.1f} itl_ms={r['itl_ms']:.3f} "
-                  f"tpot_ms={r['tpot_ms']:.3f} ttft_ms={r['ttft_ms']:.2f} ttft_max_ms={r['ttft_max_ms']:.1f} "
-                  f"output_tok_s={r['output_tok_s']:.1f} "
-                  f"host_ms={r['decode_host_ms_per_step']:.3f} wait_ms={r['decode_wait_ms_per_step']:.3f} "
-                  f"steps={r['num_steps']}", flush=True)
+        engine.scheduler.prefill_chunk_size = chunk
+        r = _bench(engine, bs, args.num, args.isl)
+        tag = f"overlap={overlap} bs={bs}" + (f" chunk={chunk}" if chunk != default_chunk else "")
+        record[tag] = r
+        print(f"RESULT {tag} decode_tok_s={r['decode_tok_s']:.1f} itl_ms={r['itl_ms']:.3f} "
+              f"tpot_ms={r['tpot_ms']:.3f} ttft_ms={r['ttft_ms']:.2f} ttft_max_ms={r['ttft_max_ms']:.1f} "
+              f"output_tok_s={r['output_tok_s']:.1f} "
+              f"host_ms={r['decode_host_ms_per_step']:.3f} wait_ms={r['decode_wait_ms_per_step']:.3f} "
+              f"steps={r['num_steps']}", flush=True)
+    engine.scheduler.prefill_chunk_size = default_chunk
+    record["prefill_parts"] = _prefill_parts(engine, prompt, greedy)
+    print(f"RESULT prefill_parts {record['prefill_parts']}", flush=True)
 
     if not args.no_profile:
         def prefill():
