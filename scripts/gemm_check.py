@@ -21,21 +21,35 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
           "lm_head": (128256, 4096)}
 
 
-def time_gemm(n: int, k: int, m: int, reps: int = 20) -> float:
-    """µs per ``x @ w.T`` with the current BLAS library, each replay on a different weight copy."""
+def weights(n: int, k: int) -> list[torch.Tensor]:
     copies = max(2, -(-2 * 1024**3 // (n * k * 2)))  # >= 2 GiB of weights: nothing stays in L2
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(min(copies, 64))]
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(min(copies, 64))]
+
+
+def time_gemm(n: int, k: int, m: int, reps: int = 20, gemv_config=None, ws=None) -> float:
+    """µs per ``x @ w.T`` with the current BLAS library (or the Triton GEMV with ``gemv_config``),
+    each replay on a different weight copy."""
+    from autodeploy.custom_ops.gemv import gemv
+
+    ws = ws or weights(n, k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):  # warm-up (cuBLAS picks and loads its kernels)
-        for w in ws[:3]:
+
+    def call(w):
+        if gemv_config is None:
             torch.mm(x, w.t(), out=out)
+        else:
+            gemv(x, w, None, gemv_config)  # its output stays in the graph pool
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm-up (cuBLAS picks and loads its kernels, Triton compiles)
+        for w in ws[:3]:
+            call(w)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         for i in range(reps):
-            torch.mm(x, ws[i % len(ws)].t(), out=out)
+            call(ws[i % len(ws)])
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -51,8 +65,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--m", default="1,32,1024")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--gemv", action="store_true", help="also the Triton GEMV (one token), each config")
     args = parser.parse_args()
     rows = []
+    if args.gemv:  # first: cuBLAS at m=1 and every GEMV config on the same weights
+        from autodeploy.custom_ops.gemv import CONFIGS
+
+        torch.backends.cuda.preferred_blas_library("cublas")
+        for name, (n, k) in SHAPES.items():
+            ws = weights(n, k)
+            gb = n * k * 2 / 1e9
+            base = time_gemm(n, k, 1, ws=ws)
+            print(f"RESULT gemv {name:8s} cublas {base:8.2f} us {gb / base * 1e3:.2f} TB/s", flush=True)
+            for cfg in CONFIGS:
+                us = time_gemm(n, k, 1, gemv_config=cfg, ws=ws)
+                rows.append({"lib": "gemv", "config": list(cfg), "m": 1, "gemm": name, "us": round(us, 2),
+                             "cublas_us": round(base, 2)})
+                print(f"RESULT gemv {name:8s} {str(cfg):16s} {us:8.2f} us {gb / us * 1e3:.2f} TB/s "
+                      f"({base / us:.2f}x cublas)", flush=True)
+            del ws
     for lib in ("cublas", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(lib)
         for m in (int(v) for v in args.m.split(",")):

@@ -127,6 +127,22 @@ def time_decode(ops, batch, sweep):
     return res
 
 
+def time_decode_merge(batch):
+    """The triton decode per layer (us) by split count and merge mode, as the engine runs it at
+    isl 1024 (context ~1088 tokens of a 2048-token page table)."""
+    b = make_batch([(CTX + 63, 1)] * batch, H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
+    caches = [(torch.randn_like(b.k_cache), torch.randn_like(b.v_cache)) for _ in range(LAYERS)]
+    res = {"heuristic_splits": tk.decode_num_splits(batch, KV, 2048, b.q.device, 64)}
+    for merge in ("last_split", "launch"):
+        for splits in (1, 2, 4, 8, 16, 32):
+            def fn(s=splits, m=merge):
+                for kc, vc in caches:
+                    tk.decode_attention(b.q[0], b.k[0], b.v[0], kc, vc, b.input_pos, b.page_table, D**-0.5, 0, 0.0,
+                                        num_splits=s, merge=m)
+            res[f"{merge}/{splits}"] = round(bench_graph(fn) * 1e3, 2)
+    return res
+
+
 def time_prefill(ops, batch, sweep):
     b = make_batch([(0, CTX)] * batch, H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
     flops = 4 * batch * H * D * CTX * (CTX + 1) / 2  # causal QK^T and PV
@@ -230,6 +246,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="bf16 only, no sweeps")
+    ap.add_argument("--decode-merge", action="store_true",
+                    help="only the decode split x merge table (bs 1, 8, 32), then exit")
     args = ap.parse_args()
     import triton
 
@@ -255,6 +273,11 @@ def main():
             report["errors"][name] = f"{type(e).__name__}: {e}"
             return None
 
+    if args.decode_merge:
+        for batch in (1, 8, 32):
+            r = section(f"decode merge batch {batch}", lambda: time_decode_merge(batch))
+            print(f"RESULT decode_merge bs{batch} {r}", flush=True)
+        return
     report["correctness"] = section("correctness (relative error vs float64)",
                                     lambda: check_correctness(ops, dtypes)) or []
     for batch in (1, 8, 32):

@@ -185,30 +185,37 @@ if [[ " $STEPS " == *" final "* ]]; then
 fi
 
 # ---- an A/B of two builds on GPU 0 (the default with kernel tables and the prefill chunk sizes, then
-# PROBE_B_ARGS), while GPU 1 runs the anchor at bs 1 and 32, the GEMM table per BLAS library and the
-# GPU tests; everything lands in $OUT/diag.tgz (the device tool brings back at most 8 files)
+# PROBE_B_ARGS), then the HF baselines in the time left, while GPU 1 runs the anchor at bs 1 and 32
+# and the GPU tests; everything lands in $OUT/diag.tgz (the device tool brings back at most 8 files)
 if [[ " $STEPS " == *" diag "* ]]; then
-  echo "=== diag: A = the default build, B = ${PROBE_B_ARGS:-"(none)"}; GPU 1: anchor, GEMMs, tests"
+  echo "=== diag: A = the default build, B = ${PROBE_B_ARGS:-"(none)"}; GPU 1: anchor, tests"
   mkdir -p "$OUT/diag/a" "$OUT/diag/b"
+  start=$SECONDS
   (export CUDA_VISIBLE_DEVICES=1
    for bs in 1 32; do
      BS=$bs timeout ${ANCHOR_BS_TIMEOUT:-110} python3 .anchors/hand_decode.py > "$OUT/diag/anchor_bs$bs.txt" 2>&1
      echo "anchor bs=$bs rc=$?: $(grep RESULT "$OUT/diag/anchor_bs$bs.txt")"
    done
-   timeout 90 python3 scripts/gemm_check.py --out "$OUT/diag" > "$OUT/diag/gemm.log" 2>&1
-   echo "gemm_check rc=$?"; grep "RESULT step" "$OUT/diag/gemm.log"
-   timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu tests/runtime/test_gpu_runtime.py      > "$OUT/diag/pytest_gpu.log" 2>&1
-   echo "gpu tests rc=$?"; tail -8 "$OUT/diag/pytest_gpu.log") &
+   timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu tests/runtime/test_gpu_runtime.py \
+     > "$OUT/diag/pytest_gpu.log" 2>&1
+   echo "gpu tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/diag/pytest_gpu.log" | tail -8) &
   side_pid=$!
   t0=$SECONDS
-  CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_TIMEOUT:-270} python3 scripts/perf_probe.py --out "$OUT/diag/a" \
+  CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_TIMEOUT:-200} python3 scripts/perf_probe.py --out "$OUT/diag/a" \
     --chunk-sizes ${CHUNK_SIZES:-4096,8192} > "$OUT/diag/a/probe.log" 2>&1
   echo "probe A rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT|steps, device" "$OUT/diag/a/probe.log" || tail -5 "$OUT/diag/a/probe.log"
   if [[ -n ${PROBE_B_ARGS:-} ]]; then
     t0=$SECONDS
-    CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_B_TIMEOUT:-200} python3 scripts/perf_probe.py --out "$OUT/diag/b" --no-profile \
+    CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_B_TIMEOUT:-210} python3 scripts/perf_probe.py --out "$OUT/diag/b" \
       $PROBE_B_ARGS > "$OUT/diag/b/probe.log" 2>&1
-    echo "probe B rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT" "$OUT/diag/b/probe.log" || tail -5 "$OUT/diag/b/probe.log"
+    echo "probe B rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT|steps, device" "$OUT/diag/b/probe.log" || tail -5 "$OUT/diag/b/probe.log"
+  fi
+  left=$(( ${DIAG_BUDGET:-580} - (SECONDS - start) ))
+  if [[ $left -gt 60 ]]; then
+    t0=$SECONDS
+    CUDA_VISIBLE_DEVICES=0 timeout $left python3 -m autodeploy.bench.hf_baselines --model llama3_8b --bs 1 --isl 1024 \
+      --osl 128 --num 3 --out "$OUT/diag/hf_baselines.json" > "$OUT/diag/hf_baselines.log" 2>&1
+    echo "hf rc=$? in $((SECONDS - t0)) s (limit $left s)"; cat "$OUT/diag/hf_baselines.json" 2>/dev/null | head -40
   fi
   wait $side_pid
   tar -C "$OUT" -czf "$OUT/diag.tgz" diag && rm -rf "$OUT/diag"

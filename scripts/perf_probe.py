@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--model", default="llama3_8b")
     parser.add_argument("--num", type=int, default=3)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profiles", default="prefill,decode_bs1,prefill_bs32",
+                        help="which kernel tables to write (comma-separated)")
     parser.add_argument("--isl", type=int, default=1024)
     parser.add_argument("--overlap", choices=("both", "on", "off"), default="both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -188,9 +190,13 @@ def main() -> None:
                 n += 1
             return n
 
-        _profile(engine, f"prefill_{args.isl}", args.out, prefill)
-        _profile(engine, "decode_bs1", args.out, decode_bs1, setup=start_bs1)
-        _profile(engine, "prefill_bs32", args.out, bs32_prefill_steps)
+        wanted = set(args.profiles.split(","))
+        if "prefill" in wanted:
+            _profile(engine, f"prefill_{args.isl}", args.out, prefill)
+        if "decode_bs1" in wanted:
+            _profile(engine, "decode_bs1", args.out, decode_bs1, setup=start_bs1)
+        if "prefill_bs32" in wanted:
+            _profile(engine, "prefill_bs32", args.out, bs32_prefill_steps)
     (args.out / "probe.json").write_text(json.dumps(record, indent=1, default=str))
     llm.shutdown()
 

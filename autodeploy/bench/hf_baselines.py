@@ -10,6 +10,7 @@ Both report TTFT (a one-token ``generate``), decode tok/s and TPOT from the full
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from .stats import percentiles
+
+log = logging.getLogger(__name__)
 
 
 def _sync() -> None:
@@ -86,6 +89,7 @@ def _measure_both(model: Any, device: torch.device, prompts: list[list[int]], os
 
     with torch.inference_mode():
         results = {"eager": _measure(eager, bs, osl, num, warmup=1)}
+        log.info("HF eager: %s", results["eager"])  # on record before the (long) compiled baseline
         # two warm-up rounds: the first compiles, the second records the CUDA graphs
         results["static_compile"] = {**_measure(static, bs, osl, num, warmup=2), "compiled": compiled}
     return results
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-compile", action="store_true", help="static cache without torch.compile")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = compose_experiment([f"model={args.model}"], check_transforms=False)
     factory = create_factory(cfg.args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -194,6 +194,7 @@ def compile_graph(
     max_num_tokens: Optional[int] = None,
     max_batch_size: Optional[int] = None,
     one_compile: bool = True,
+    cublaslt_min_batch: Optional[int] = None,
 ) -> tuple[nn.Module, str]:
     """Returns (compiled model, backend actually used). With ``example_inputs`` (the cache
     manager's tensors) CUDA graphs are captured now, else on the first decode step.
@@ -211,7 +212,8 @@ def compile_graph(
     if backend == "torch-compile":
         return CompiledGraph(gm, **limits), backend
     inner = CompiledGraph(gm, len(batch_sizes), **limits) if backend == "torch-opt" else gm
-    runner = CudaGraphRunner(inner, placeholder_names(gm), batch_sizes, warmup_iters, prepare_hooks)
+    runner = CudaGraphRunner(inner, placeholder_names(gm), batch_sizes, warmup_iters, prepare_hooks,
+                             cublaslt_min_batch)
     if example_inputs is not None:
         runner.capture(example_inputs)
     return runner, backend

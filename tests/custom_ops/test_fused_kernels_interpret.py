@@ -49,3 +49,26 @@ def test_silu_mul_kernel(cols):
     wide = torch.randn(6, 3 * cols)[:, cols:]  # a slice of a wider GEMM output
     gate, up = wide.chunk(2, dim=-1)
     torch.testing.assert_close(silu_mul_triton(wide), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [(8, 512, 4), (16, 256, 4), (4, 1024, 4)])
+@pytest.mark.parametrize("n,k,bias", [(40, 1024, False), (33, 100, True), (8, 2048, True)])
+def test_one_token_gemv_kernel(config, n, k, bias):
+    """Every tile config on shapes that fill whole tiles or leave ragged rows/columns."""
+    from autodeploy.custom_ops.gemv import gemv
+
+    gen = torch.Generator().manual_seed(n * k)
+    x, w = torch.randn(1, 1, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    out = gemv(x, w, b, config)
+    assert out.shape == (1, 1, n)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_one_token_gemv_refuses_what_it_cannot_take():
+    from autodeploy.custom_ops.gemv import gemv
+
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.randn(2, 16), torch.randn(8, 16))
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv(torch.randn(1, 16), torch.randn(16, 8).t())

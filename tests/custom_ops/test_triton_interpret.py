@@ -48,15 +48,16 @@ def test_value_head_dim_differs():
     assert rel_err(out, ref) < 1e-5 and torch.equal(batch.v_cache.double(), vc_ref)
 
 
+@pytest.mark.parametrize("merge", ["last_split", "launch"])
 @pytest.mark.parametrize("splits", [1, 2, 3, 8])
-def test_decode_splits_agree(splits):
+def test_decode_splits_agree(splits, merge):
     batch = make_batch([(200, 1), (17, 1), (0, 1)], 8, 2, 32, 16)
     ref, kc_ref, _ = reference(batch, 0.2, 100, None)
     out = tk.decode_attention(batch.q[0], batch.k[0], batch.v[0], batch.k_cache, batch.v_cache,
-                              batch.input_pos, batch.page_table, 0.2, 100, 0.0, num_splits=splits)
+                              batch.input_pos, batch.page_table, 0.2, 100, 0.0, num_splits=splits, merge=merge)
     assert rel_err(out.unsqueeze(0), ref) < 1e-5
     assert torch.equal(batch.k_cache.double(), kc_ref)
-    if splits > 1:  # the last split of each group merged them and reset its counter for the next launch
+    if splits > 1 and merge == "last_split":  # the last split of each group merged them and reset its counter
         assert not tk._COUNTERS[out.device].any()
         again = tk.decode_attention(batch.q[0], batch.k[0], batch.v[0], batch.k_cache, batch.v_cache,
                                     batch.input_pos, batch.page_table, 0.2, 100, 0.0, num_splits=splits)
@@ -106,15 +107,16 @@ def test_triton_variants_match_reference(case):
     assert torch.equal(batch.k_cache.double(), kc_ref)
 
 
+@pytest.mark.parametrize("merge", ["last_split", "launch"])
 @pytest.mark.parametrize("splits", [1, 3, 8])
-def test_decode_splits_with_sinks_alibi_and_chunks(splits):
+def test_decode_splits_with_sinks_alibi_and_chunks(splits, merge):
     """A sink joins the denominator once, in the decode kernel or in the combine step."""
     batch = make_batch([(200, 1), (17, 1), (0, 1)], 8, 2, 32, 16)
     kwargs = variant_args(dict(sinks=True, alibi=True, attention_chunk_size=90), 8)
     ref, _, _ = reference(batch, 0.2, **kwargs)
     out = tk.decode_attention(batch.q[0], batch.k[0], batch.v[0], batch.k_cache, batch.v_cache, batch.input_pos,
                               batch.page_table, 0.2, 0, 0.0, num_splits=splits, sinks=kwargs["sinks"],
-                              alibi_slopes=kwargs["alibi_slopes"], chunk=90)
+                              alibi_slopes=kwargs["alibi_slopes"], chunk=90, merge=merge)
     assert rel_err(out.unsqueeze(0), ref) < 1e-5
 
 

@@ -11,9 +11,10 @@ Three kernels:
   read once per group. Decode rows of a mixed batch are 1-token sequences here.
 - ``_decode_attn``: every sequence has one new token (T == B). The new K/V is written by the
   kernel itself and also taken straight from the k/v inputs, so no other program depends on the
-  write. Long contexts are split over ``NUM_SPLITS`` programs (flash-decoding); the last split
-  of a (sequence, KV head) to finish, counted by an atomic per-group counter, merges them all
-  (``_combine_group``), so a split decode is one launch, not two.
+  write. Long contexts are split over ``NUM_SPLITS`` programs (flash-decoding), merged by
+  ``_combine_splits`` in a second launch (the default, ``DECODE_MERGE``) or, with
+  ``merge="last_split"``, by the last split of a (sequence, KV head) to finish, counted by an
+  atomic per-group counter (one launch, but the merge then waits on one program: slower).
 No kernel reads a host value: grids depend on shapes only, so all of it can be CUDA-graph captured.
 Scores use exp2 with log2(e) folded into the scale (and into ALiBi slopes and sink logits).
 Variants of the canonical op (constexpr flags, compiled out when unused): sliding window, soft-cap,
@@ -26,7 +27,7 @@ attention: 32/8 heads, head_dim 128, page 64, context 1024, bf16; per layer):
 - error vs float64: bf16 2.2e-3 max (torch backend 1.7e-3), fp16 2.7e-4;
 - decode, CUDA-graph replay: bs1 9.1 us, bs8 20.9 us, bs32 54.9 us (2.44 TB/s of K/V; the copy
   ceiling is ~3.0 TB/s); torch backend 103 / 305 / 946 us. Small batches are latency-bound: a split
-  holds one 64-key block (then a separate combine kernel, since merged into the last split);
+  holds one 64-key block, then a separate combine kernel (merging in the last split was slower);
 - prefill (append + attention), commit b320015 with 128x64 tiles: bs1 0.10 ms, bs8 0.33 ms
   (210 TFLOP/s), bs32 1.25 ms (220); dense SDPA (flash, unpaged) 0.035 / 0.16 / 0.65 ms; torch
   backend 1.2 / 8.6 / 33.5 ms. The 64x64 / 4-warp tiles now default ran attention-only at
@@ -261,7 +262,7 @@ def _decode_attn(
     PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, PREC: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_HERE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -345,42 +346,50 @@ def _decode_attn(
         tl.store(po_ptr + row[:, None] * DV + offs_dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(plse_ptr + row, lse, mask=g_ok)
-        # the last split of (b, kvh) to get here combines them all (saves a kernel launch per layer);
-        # acq_rel: the other splits' stores above are visible once their count is
-        sem = sem_ptr + b * (H // G) + kvh
-        if tl.atomic_add(sem, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            _combine_group(po_ptr, plse_ptr, o_ptr, sinks_ptr, (bl * H + head) * NUM_SPLITS, head, g_ok,
-                           bl * s_ot + head * s_oh, offs_dv, dv_ok, DV, NUM_SPLITS, SPLITS_PAD, G_PAD, BLOCK_DV,
-                           HAS_SINKS)
-            tl.atomic_xchg(sem, 0)  # ready for the next launch (CUDA graphs replay the same counters)
+        if MERGE_HERE:
+            # the last split of (b, kvh) to get here combines them all (saves a kernel launch per
+            # layer); acq_rel: the other splits' stores above are visible once their count is
+            sem = sem_ptr + b * (H // G) + kvh
+            if tl.atomic_add(sem, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                for g in tl.static_range(G):  # head by head: all of a head's splits in one load
+                    h = kvh * G + g
+                    _combine_head(po_ptr, plse_ptr, o_ptr, sinks_ptr, (bl * H + h) * NUM_SPLITS, h,
+                                  bl * s_ot + h * s_oh, offs_dv, dv_ok, DV, NUM_SPLITS, SPLITS_PAD, HAS_SINKS)
+                tl.atomic_xchg(sem, 0)  # ready for the next launch (CUDA graphs replay the same counters)
 
 
 @triton.jit
-def _combine_group(po_ptr, plse_ptr, o_ptr, sinks_ptr, rows, head, g_ok, o_off, offs_dv, dv_ok,
-                   DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, G_PAD: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr):
-    """Weigh the splits' partial outputs of a group of heads by their log2-sum-exps."""
+def _combine_head(po_ptr, plse_ptr, o_ptr, sinks_ptr, row, h, o_off, offs_dv, dv_ok,
+                  DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Weigh one head's split outputs (rows ``row .. row + NUM_SPLITS``) by their log2-sum-exps,
+    all splits in one load (.cg: written by other programs of this launch, not cached in L1)."""
     offs_s = tl.arange(0, SPLITS_PAD)
     s_ok = offs_s < NUM_SPLITS
-    lse = tl.load(plse_ptr + rows[:, None] + offs_s[None, :], mask=g_ok[:, None] & s_ok[None, :],
-                  other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 1)  # split 0 always holds keys, so the max is finite (for real heads)
-    m = tl.where(g_ok, m, 0.0)
+    lse = tl.load(plse_ptr + row + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)  # split 0 always holds keys, so the max is finite
     if HAS_SINKS:
-        sink2 = tl.load(sinks_ptr + head, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        sink2 = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         m = tl.maximum(m, sink2)
-    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    w = tl.exp2(lse - m)
+    denom = tl.sum(w, 0)
     if HAS_SINKS:
         denom += tl.exp2(sink2 - m)
-    acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
-    for s in range(NUM_SPLITS):
-        lse_s = tl.load(plse_ptr + rows + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
-        po = tl.load(po_ptr + (rows + s)[:, None] * DV + offs_dv[None, :], mask=g_ok[:, None] & dv_ok[None, :],
-                     other=0.0, cache_modifier=".cg")
-        acc += po * tl.exp2(lse_s - m)[:, None]
-    out = acc / tl.where(g_ok, denom, 1.0)[:, None]
-    tl.store(o_ptr + o_off[:, None] + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=g_ok[:, None] & dv_ok[None, :])
+    po = tl.load(po_ptr + (row + offs_s)[:, None] * DV + offs_dv[None, :], mask=s_ok[:, None] & dv_ok[None, :],
+                 other=0.0, cache_modifier=".cg")
+    out = tl.sum(po * w[:, None], 0) / denom
+    tl.store(o_ptr + o_off + offs_dv, out.to(o_ptr.dtype.element_ty), mask=dv_ok)
+
+
+@triton.jit
+def _combine_splits(po_ptr, plse_ptr, o_ptr, sinks_ptr, s_ot, s_oh,
+                    H: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """The separate merge (``merge="launch"``): one program per (sequence, head)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    _combine_head(po_ptr, plse_ptr, o_ptr, sinks_ptr, (b * H + h) * NUM_SPLITS, h, b * s_ot + h * s_oh, offs_dv,
+                  _in_dim(offs_dv, DV, BLOCK_DV), DV, NUM_SPLITS, SPLITS_PAD, HAS_SINKS)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -430,6 +439,12 @@ def _score_consts(scale: float, cap: float) -> tuple[float, float]:
     if cap:
         return float(scale) / cap, cap * LOG2E
     return float(scale) * LOG2E, 0.0
+
+
+# how a split decode merges its splits (decode_attention's ``merge``): a second launch was faster
+# at every batch size (H200, ctx 1088, per layer: bs1 9.6 vs 12.1 us, bs8 20.6 vs 22.5 us at 4
+# splits, bs32 43.8 vs 44.4 us at 2; scripts/gpu_check.py --decode-merge)
+DECODE_MERGE = "launch"
 
 
 def decode_num_splits(batch: int, kv_heads: int, max_ctx: int, device: torch.device, block_n: int) -> int:
@@ -494,9 +509,11 @@ def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, sca
 
 def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, window, cap,
                      num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                     num_stages: int = 2, sinks=None, alibi_slopes=None, chunk: int = 0):
+                     num_stages: int = 2, sinks=None, alibi_slopes=None, chunk: int = 0, merge: str | None = None):
     """One new token per sequence (q[B, H, D], k[B, KV, D]): writes its K/V into the pages and
-    attends over positions 0..input_pos[b] (within the window or chunk)."""
+    attends over positions 0..input_pos[b] (within the window or chunk). A split decode merges its
+    splits in the last split to finish (``merge="last_split"``) or in a second launch (``"launch"``);
+    None = ``DECODE_MERGE``."""
     B, H, D = q.shape
     KV, DV = k.shape[1], v.shape[-1]
     G = H // KV
@@ -511,10 +528,13 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
     if chunk:
         max_ctx = min(max_ctx, int(chunk))
     splits = num_splits or decode_num_splits(B, KV, max_ctx, q.device, block_n)
+    merge = merge or DECODE_MERGE
+    if merge not in ("last_split", "launch"):
+        raise ValueError(f"merge must be 'last_split' or 'launch', got {merge!r}")
     if splits > 1:
         part_o = torch.empty((B, H, splits, DV), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((B, H, splits), device=q.device, dtype=torch.float32)
-        sem = _split_counters(q.device, B * KV)
+        sem = _split_counters(q.device, B * KV) if merge == "last_split" else part_lse  # unused: no counting
     else:
         part_o = part_lse = sem = out  # unused
     has_sinks, has_alibi = sinks is not None, alibi_slopes is not None
@@ -528,9 +548,12 @@ def decode_attention(q, k, v, k_cache, v_cache, input_pos, page_table, scale, wi
         H=H, G=G, G_PAD=max(16, _p2(G)), BLOCK_N=block_n, PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=_p2_dot(D), BLOCK_DV=_p2_dot(DV), NUM_SPLITS=splits,
         HAS_WINDOW=bool(window), HAS_CAP=bool(cap), HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi,
-        HAS_CHUNK=bool(chunk), PREC=_dot_precision(q), SPLITS_PAD=_p2(splits),
+        HAS_CHUNK=bool(chunk), PREC=_dot_precision(q), SPLITS_PAD=_p2(splits), MERGE_HERE=merge == "last_split",
         num_warps=num_warps, num_stages=num_stages,
     )
+    if splits > 1 and merge == "launch":
+        _combine_splits[(B, H)](part_o, part_lse, out, sinks, out.stride(0), out.stride(1), H=H, DV=DV,
+                                NUM_SPLITS=splits, SPLITS_PAD=_p2(splits), BLOCK_DV=_p2_dot(DV), HAS_SINKS=has_sinks)
     return out
 
 

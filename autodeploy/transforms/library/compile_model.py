@@ -42,6 +42,8 @@ class CompileModelConfig(TransformConfig):
     # False = dynamic=True, which compiles again for sizes 0/1 (a one-token decode, a one-prompt
     # prefill get their own, specialized kernels) when such a shape first arrives
     one_compile: bool = True
+    # CUDA graphs of this many decode sequences or more are captured with cuBLASLt GEMMs (None: cuBLAS)
+    cublaslt_min_batch: Optional[int] = 32
     run_graph_cleanup: bool = False  # the result is no longer a plain GraphModule
     requires_clean_graph: bool = True
 
@@ -111,7 +113,7 @@ class CompileModel(BaseTransform):
             model, backend, ctx.device, sizes, example_inputs=example,
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
             max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
-            one_compile=cfg.one_compile,
+            one_compile=cfg.one_compile, cublaslt_min_batch=cfg.cublaslt_min_batch,
         )
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")
