@@ -59,6 +59,17 @@ def test_silu_mul_kernel_matches_reference(dtype):
 FUSIONS = ["fuse_add_rms_norm", "fuse_parallel_linears", "fuse_silu_mul", "gather_last_token_logits"]
 
 
+def _no_match_details(fusion, report, gm):
+    """For fuse_silu_mul: what fuse_parallel_linears did and what surrounds each silu."""
+    if fusion != "fuse_silu_mul":
+        return f"{fusion}: {report[fusion]}"
+    from autodeploy.transforms.library.fuse_silu_mul import describe_silu_sites
+
+    lin = report["fuse_parallel_linears"]
+    return (f"fuse_silu_mul: 0 matches; fuse_parallel_linears: {lin.num_matches} matches, note={lin.note!r}, "
+            f"skipped={lin.skipped}, error={lin.error}; silu sites:\n{describe_silu_sites(gm)}")
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_each_fusion_on_cuda_in_bf16(fusion):
     from hf_zoo import build_hf_model, export, run_pipeline, sample_inputs
@@ -70,7 +81,7 @@ def test_each_fusion_on_cuda_in_bf16(fusion):
     needs = ["fuse_parallel_linears"] if fusion == "fuse_silu_mul" else []  # silu_mul reads the fused gate/up
     transforms = {name: {"stage": "post_load_fusion"} for name in needs + [fusion]}
     fused, report = run_pipeline(gm, hf.config, transforms)
-    assert report[fusion].num_matches > 0
+    assert report[fusion].num_matches > 0, _no_match_details(fusion, report, fused)
     ids, pos = sample_inputs(3, 33)
     with torch.no_grad():
         ref = unfused(ids.cuda(), pos.cuda())[:, -1:]

@@ -8,6 +8,7 @@ cached graph) in tests/runtime (tiny_deployment.py runs every fusion).
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 from collections import Counter
@@ -163,3 +164,55 @@ def test_each_group_frees_its_weights_before_the_next(monkeypatch):
     run_pipeline(gm, transforms={"fuse_parallel_linears": {"stage": "post_load_fusion"}})
     # groups (q,k,v), (gate,up) per layer: the old tensors die group by group, not at the end
     assert alive_after_each_group == [7, 5, 2, 0]
+
+
+# ---- fuse_silu_mul on hand-made graphs and on a graph moved to another device
+
+
+class GateUp(nn.Module):
+    """One gate/up linear cut by ``torch.split`` (export: ``split.Tensor``) or ``chunk``; with
+    ``parts=3`` silu*mul reads the last two of three parts (a slice of the GEMM output)."""
+
+    def __init__(self, cut, parts=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.cut, self.parts = cut, parts
+        self.emb, self.gate_up = nn.Embedding(128, 16), nn.Linear(16, 8 * parts, bias=False)
+
+    def forward(self, input_ids, position_ids):
+        y = self.gate_up(self.emb(input_ids))
+        parts = torch.split(y, 8, dim=-1) if self.cut == "split" else y.chunk(self.parts, dim=-1)
+        return nn.functional.silu(parts[-2]) * parts[-1] + parts[0]
+
+
+@pytest.mark.parametrize("cut,parts", [("split", 2), ("split", 3), ("chunk", 2), ("chunk", 3)])
+def test_silu_mul_on_split_and_chunk(cut, parts):
+    module = GateUp(cut, parts)
+    gm = export_module(module)
+    split_op = aten.split.Tensor if cut == "split" else aten.chunk.default
+    assert _counts(gm)[str(split_op)] == 1  # the form this case is about
+    fused, report = run_pipeline(gm, transforms={"fuse_silu_mul": {"stage": "post_load_fusion"}})
+    assert report["fuse_silu_mul"].num_matches == 1 and _counts(fused)["aten.silu.default"] == 0
+    ids, pos = sample_inputs(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids, pos), module(ids, pos), rtol=0, atol=0)
+
+
+def test_silu_mul_after_the_graph_moved_to_another_device():
+    """What tests/gpu/test_fusions_gpu.py does, moved to meta instead of CUDA: after ``move_graph``
+    the nodes' fake values are on the old device, so ``fuse_parallel_linears`` cannot give its GEMM
+    one, and fuse_silu_mul (which reads it) found nothing until it asked for shape propagation."""
+    from autodeploy.models.materialize import move_graph
+    from autodeploy.transforms.library.fuse_silu_mul import describe_silu_sites
+
+    hf = build_hf_model("llama").to(torch.bfloat16)
+    exported, _ = run_pipeline(export(hf), hf.config)
+    for options, expected in [({"requires_shape_prop": False}, 0), ({}, 2)]:  # {}: the default asks for it
+        gm = move_graph(copy.deepcopy(exported), "meta")
+        transforms = {"fuse_parallel_linears": {"stage": "post_load_fusion"},
+                      "fuse_silu_mul": {"stage": "post_load_fusion", **options}}
+        fused, report = run_pipeline(gm, hf.config, transforms)
+        assert report["fuse_parallel_linears"].num_matches == 4 and report["fuse_silu_mul"].num_matches == expected
+    sites = describe_silu_sites(run_pipeline(move_graph(copy.deepcopy(exported), "meta"), hf.config, {
+        "fuse_parallel_linears": {"stage": "post_load_fusion"}})[0]).splitlines()
+    assert len(sites) == 2 and all("mul.Tensor(silu, split_with_sizes_default" in s and "(no val)" in s for s in sites)

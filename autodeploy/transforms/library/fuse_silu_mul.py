@@ -2,9 +2,11 @@
 
 Runs after ``fuse_parallel_linears``: matches ``mul(silu(part_i), part_{i+1})`` where both parts
 are equal-sized neighbours of one last-dim ``split_with_sizes`` of the fused gate/up GEMM (or of a
-checkpoint's own ``gate_up_proj`` output cut with ``chunk(2)``), so the op reads the contiguous
-``[gate | up]`` columns in place (a ``slice`` of them when the split has other parts). Models
-whose gate and up were not fused are left as they are.
+checkpoint's own ``gate_up_proj`` output cut with ``chunk`` or ``split``), so the op reads the
+contiguous ``[gate | up]`` columns in place (a ``slice`` of them when the split has other parts).
+Models whose gate and up were not fused are left as they are. It reads the split input's fake
+value (rank, width), so it asks for shape propagation when the last transform left stale values
+(a graph moved to another device: ``fuse_parallel_linears`` then cannot give its GEMM one).
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from ..interface import BaseTransform, BuildContext, TransformConfig, TransformI
 from ..patterns.nodes import GraphEditor, commutative_operands, is_op, static_size
 
 aten = torch.ops.aten
+_SPLITS = (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default)
 
 
 def _split_part(node):
-    """(source, sizes, index) if ``node`` is part ``index`` of a last-dim ``split_with_sizes`` or
-    two-way ``chunk`` of ``source``."""
+    """(source, sizes, index) if ``node`` is part ``index`` of a last-dim ``split_with_sizes``,
+    ``split`` or ``chunk`` of ``source`` (``chunk`` decomposes to ``split``, e.g. in core ATen)."""
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is operator.getitem):
         return None
     split, index = node.args
-    if not is_op(split, (aten.split_with_sizes.default, aten.chunk.default)):
+    if not is_op(split, _SPLITS):
         return None
     source = split.args[0]
     x = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
@@ -37,10 +40,11 @@ def _split_part(node):
         return None
     if is_op(split, aten.split_with_sizes.default):
         return source, list(split.args[1]), index
-    width = static_size(x.shape[-1])
-    if split.args[1] != 2 or width is None or width % 2:
+    width, n = static_size(x.shape[-1]), split.args[1]
+    if width is None or not isinstance(n, int) or n <= 0:
         return None
-    return source, [width // 2] * 2, index
+    size = n if is_op(split, aten.split.Tensor) else -(-width // n)  # chunk(n) is split(ceil(width / n))
+    return source, [size] * (width // size) + ([width % size] if width % size else []), index
 
 
 def match_silu_mul(mul):
@@ -64,6 +68,7 @@ def match_silu_mul(mul):
 @dataclass
 class FuseSiluMulConfig(TransformConfig):
     stage: str = "post_load_fusion"
+    requires_shape_prop: bool = True  # the matcher reads the split input's fake value
 
 
 @register("fuse_silu_mul")
@@ -87,3 +92,30 @@ class FuseSiluMul(BaseTransform):
             editor.erase_unused([mul, silu])
             matches += 1
         return gm, TransformInfo(num_matches=matches, is_clean=False, has_valid_shapes=editor.shapes_valid)
+
+
+def describe_silu_sites(gm) -> str:
+    """One line per ``aten.silu`` node: its input and its users' ops, then the splits they read
+    (op, input op, whether that input has the fake value ``match_silu_mul`` reads, split args)."""
+    def op(n):
+        return str(n.target).removeprefix("aten.") if isinstance(n, torch.fx.Node) else repr(n)
+
+    lines = []
+    for node in gm.graph.nodes:
+        if not is_op(node, (aten.silu.default, aten.silu_.default)):
+            continue
+        splits = {}
+
+        def desc(n):
+            if not (isinstance(n, torch.fx.Node) and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node)):
+                return op(n)
+            split, i = n.args
+            src = split.args[0] if split.args else None
+            val = "" if isinstance(getattr(src, "meta", {}).get("val"), torch.Tensor) else " (no val)"
+            splits[split.name] = f"{op(split)}({op(src)}{val}, {', '.join(map(repr, split.args[1:]))})"
+            return f"{split.name}[{i}]"
+
+        users = "; ".join(f"{op(u)}({', '.join('silu' if a is node else desc(a) for a in u.args)})" for u in node.users)
+        line = f"{node.name}: {op(node)}({desc(node.args[0])}) -> {users or 'no users'}"
+        lines.append("; ".join([line] + [f"{k} = {v}" for k, v in splits.items()]))
+    return "\n".join(lines) or "no aten.silu nodes"
