@@ -28,6 +28,13 @@ dynamo compile again:
   batch dims against them (``torch._check``), which bounds the sizes; a larger step is refused.
 Without ``mark_unbacked`` (an older torch) it falls back to ``torch.compile(dynamic=True)``,
 which compiles again for sizes 0/1 (one warning).
+
+The first call of a one-compile ``CompiledGraph`` is a prefill (``compile_graph``'s ``first_call``;
+``compile_model`` runs one prompt step there when the cache manager holds its tensors): inductor's
+Triton kernels benchmark their configs at their first launch, with that launch's sizes, and keep
+the winner for every size. Were it torch-opt's warm-up of the largest decode batch (32 tokens),
+prefills would run kernels tuned for 32 tokens (H200: the SiLU*mul of a 1024-token prefill took
+36 us per layer, ~20 with ``one_compile=False``, whose one-prompt prefill gets its own compile).
 """
 
 from __future__ import annotations
@@ -54,11 +61,15 @@ GPU_ONLY_BACKENDS = ("torch-cudagraph", "torch-opt")  # CUDA graphs
 _USES_CUDA_GRAPHS = GPU_ONLY_BACKENDS
 
 
+def _on_cuda(device: "torch.device | str") -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
 def resolve_auto(backend: str, device: "torch.device | str") -> str:
     """``auto`` is the backend that fits the device: torch-opt on CUDA, torch-simple elsewhere."""
     if backend != "auto":
         return backend
-    return "torch-opt" if torch.device(device).type == "cuda" and torch.cuda.is_available() else "torch-simple"
+    return "torch-opt" if _on_cuda(device) else "torch-simple"
 
 
 def check_backend(name: str) -> str:
@@ -125,6 +136,11 @@ class CompiledGraph(nn.Module):
             if limit:
                 self.limits[name] = (dim, int(limit))
         self.compiled = _torch_compile(_insert_size_checks(gm, self.limits) if self.limits else gm, num_shapes)
+
+    @property
+    def one_compile(self) -> bool:
+        """False for ``torch.compile(dynamic=True)`` (``one_compile=False`` or no ``mark_unbacked``)."""
+        return self._mark is not None
 
     def forward(self, **kwargs):
         inputs = {n: kwargs[n] for n in self.input_names}
@@ -195,24 +211,31 @@ def compile_graph(
     max_batch_size: Optional[int] = None,
     one_compile: bool = True,
     cublaslt_min_batch: Optional[int] = None,
+    first_call: Optional[Callable[[nn.Module], None]] = None,
 ) -> tuple[nn.Module, str]:
     """Returns (compiled model, backend actually used). With ``example_inputs`` (the cache
     manager's tensors) CUDA graphs are captured now, else on the first decode step.
     ``max_num_tokens`` / ``max_batch_size``: the largest step the compiled graph will get (see
-    ``CompiledGraph``)."""
+    ``CompiledGraph``). ``first_call(compiled_graph)``: run on a one-compile ``CompiledGraph``
+    (torch-compile, torch-opt) before anything else calls it, captures included; it should run a
+    prefill-sized step (module docstring)."""
     backend = resolve_auto(check_backend(backend), device)
-    if backend in _USES_CUDA_GRAPHS and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
+    if backend in _USES_CUDA_GRAPHS and not _on_cuda(device):
         log.warning("compile backend %s needs a CUDA device (device is %s): using torch-simple", backend, device)
         backend = "torch-simple"
     if backend == "torch-simple":
         return gm, backend
-    if backend in ("torch-compile", "torch-opt"):
+    if backend == "torch-cudagraph":
+        model = gm
+    else:  # torch-compile and torch-opt: one CompiledGraph, one first call
         inline_for_inductor(gm)  # norms, RoPE, SiLU*mul visible to inductor, not opaque ops
-    limits = dict(max_num_tokens=max_num_tokens, max_batch_size=max_batch_size, one_compile=one_compile)
+        model = CompiledGraph(gm, len(batch_sizes) if backend == "torch-opt" else 2, max_num_tokens=max_num_tokens,
+                              max_batch_size=max_batch_size, one_compile=one_compile)
+        if first_call is not None and model.one_compile:
+            first_call(model)  # before any capture: inductor tunes its kernels at this call's sizes
     if backend == "torch-compile":
-        return CompiledGraph(gm, **limits), backend
-    inner = CompiledGraph(gm, len(batch_sizes), **limits) if backend == "torch-opt" else gm
-    runner = CudaGraphRunner(inner, placeholder_names(gm), batch_sizes, warmup_iters, prepare_hooks,
+        return model, backend
+    runner = CudaGraphRunner(model, placeholder_names(gm), batch_sizes, warmup_iters, prepare_hooks,
                              cublaslt_min_batch)
     if example_inputs is not None:
         runner.capture(example_inputs)

@@ -24,15 +24,15 @@ def _compiles() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _record_shapes(model, shapes):
-    """Wraps ``model.forward`` (instance attribute) to record (T, B) of each call."""
+def _record_shapes(model, shapes, monkeypatch):
+    """Wraps ``model.forward`` (an instance's, or a class's for all its instances) to record (T, B) of each call."""
     forward = model.forward
 
-    def recording(**kwargs):
+    def recording(*args, **kwargs):
         shapes.append((kwargs["input_ids"].shape[-1], kwargs["seq_len"].shape[0]))
-        return forward(**kwargs)
+        return forward(*args, **kwargs)
 
-    model.forward = recording
+    monkeypatch.setattr(model, "forward", recording)
 
 
 # ---- torch-compile through the real pipeline and engine ----
@@ -55,18 +55,24 @@ def _hf_greedy(hf, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama):
+def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama, monkeypatch):
+    """The first call, at build, is a prefill (inductor tunes its kernels at that call's sizes);
+    then every step of the engine runs the graph it compiled."""
     from autodeploy import LLM, SamplingParams
 
+    shapes: list[tuple[int, int]] = []
+    _record_shapes(CompiledGraph, shapes, monkeypatch)  # every CompiledGraph, from the build on
+    before = _compiles()
     # max_num_tokens=12 chunks the longer prompts, so later prefills share steps with decodes
     llm = LLM("tiny_llama", device="cpu", compile_backend="torch-compile", max_batch_size=4, max_seq_len=64,
               attn_page_size=8, max_num_tokens=12)
     engine = llm.engine
     assert isinstance(engine.model, CompiledGraph)
     assert engine.vocab_size == hf_tiny_llama.config.vocab_size  # found through the compiled wrappers
-    shapes: list[tuple[int, int]] = []
-    _record_shapes(engine.model, shapes)
-    before = _compiles()
+    assert shapes == [(12, 1)]  # at build: one prompt of min(max_num_tokens, prefill_chunk_size) tokens
+    assert _compiles() - before == 1
+    cache = engine.cache  # its pages were freed, the free list is as new: the first request gets page 1
+    assert cache.num_used_pages == 0 and cache._free_pages == list(range(cache.num_pages - 1, 0, -1))
 
     def greedy(n):
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
@@ -156,6 +162,42 @@ def test_torch_opt_calls_compile_once(one_compile):
             assert new.shape == ref.shape and rel(new, ref) < 1e-5, f"step {i}"
     assert runner.num_replays == 7 and runner.num_eager == 2  # eager: the prefill and the mixed step
     assert (_compiles() - before == 1) if one_compile else (_compiles() - before > 1)
+
+
+@pytest.mark.parametrize("one_compile", [True, False])
+def test_torch_opt_first_call_is_a_prefill(monkeypatch, one_compile):
+    """compile_model's torch-opt path, emulated on the CPU (the runner above; compile_graph told it
+    is on CUDA): with the cache manager's tensors, the compiled graph's first call is a prefill,
+    before every capture; the pages it used are free again, and the steps after it still equal
+    eager and compile nothing more. ``one_compile=False``: no prefill, the captures come first."""
+    import autodeploy.compile as compile_pkg
+    from autodeploy.runtime.kv_cache import CacheInterface, CacheSpec
+
+    monkeypatch.setattr(compile_pkg, "CudaGraphRunner", _CpuRunner)
+    monkeypatch.setattr(compile_pkg, "_on_cuda", lambda device: True)
+    cache = CacheInterface(max_batch_size=8, max_seq_len=64, page_size=8)  # 512 tokens, pages of the batcher's width
+    for name, t in toy_caches(1).items():
+        cache.add_cache(CacheSpec(name, tuple(t.shape[1:]), t.dtype, paged=True))
+    cache.initialize()
+    shapes: list[tuple[int, int]] = []
+    _record_shapes(CompiledGraph, shapes, monkeypatch)
+    gm = toy_graph()
+    before = _compiles()
+    runner, info = apply_compile(toy_graph(), "cuda", cache=cache, backend="torch-opt",
+                                 cuda_graph_batch_sizes=[1, 2, 4, 8], one_compile=one_compile)
+    assert isinstance(runner, _CpuRunner) and runner.captured_sizes == [1, 2, 4, 8]
+    prefill = [(512, 8)] if one_compile else []  # 8 prompts of 64 tokens, then the captures
+    assert shapes[:len(prefill)] == prefill and all(t == b for t, b in shapes[len(prefill):]), shapes
+    assert ("first call a 512-token prefill" in info.note) == one_compile
+    assert cache.num_used_pages == 0 and cache._free_pages == list(range(cache.num_pages - 1, 0, -1))
+    caches_ref = toy_caches(cache.num_pages)  # zeros; cache.tensors hold the prefill's K/V in free pages
+    b_ref, b_new = PagedBatcher(), PagedBatcher()
+    with torch.inference_mode():
+        for i, step in enumerate(schedule(torch.Generator().manual_seed(0))):
+            ref = gm(**b_ref.batch(step), **caches_ref)
+            new = runner(**b_new.batch(step), **cache.tensors)
+            assert new.shape == ref.shape and rel(new, ref) < 1e-5, f"step {i}"
+    assert runner.num_replays == 7 and (_compiles() - before == 1) == one_compile
 
 
 def test_engine_views_at_storage_offsets_compile_once():

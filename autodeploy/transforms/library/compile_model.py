@@ -3,17 +3,22 @@
 The result is called like the GraphModule (same keyword inputs), so the engine does not care
 which backend ran. CUDA-graph backends capture decode-only batches (see ``compile/cudagraph.py``
 for the padding rules) when the cache manager (``ctx.cache``) already holds its tensors, else on
-the first decode step. ``auto`` picks torch-opt on CUDA and torch-simple on the CPU. A run that
-chooses a CUDA-graph backend for the CPU stops at config time (``config/preflight.py``); called
-directly on a CPU device, they fall back to torch-simple with one warning.
+the first decode step. With those tensors, the first call of a one-compile graph (torch-compile,
+torch-opt) is a prefill step, run here before any capture, so that inductor tunes its kernels at
+prefill sizes (``compile/__init__.py``). ``auto`` picks torch-opt on CUDA and torch-simple on the
+CPU. A run that chooses a CUDA-graph backend for the CPU stops at config time
+(``config/preflight.py``); called directly on a CPU device, they fall back to torch-simple with
+one warning.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
+import torch
 from torch import fx
 
 from ...compile import (
@@ -24,7 +29,10 @@ from ...compile import (
     default_batch_sizes,
     placeholder_names,
 )
+from ...runtime.kv_cache import CacheInterface
+from ...runtime.scheduler import DEFAULT_PREFILL_CHUNK_SIZE
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
+from .kvcache import run_prompt_forward
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,36 @@ def _example_inputs(ctx: BuildContext, names: list[str]):
     return example if all(n in example for n in names) else None
 
 
+@dataclass
+class _FirstPrefill:
+    """``compile_graph``'s ``first_call``: one prompt step (pages allocated, then freed) of
+    ``prefill_chunk_size`` tokens, at most ``max_num_tokens``: the prompt tokens of a step while
+    others decode, a size most prefill steps have or come near (the benchmarks' prompts: 1024).
+    Not ``max_num_tokens`` itself (8192 in the 8B runs): steps that large are rarer, and each
+    kernel's autotune would run at 4x the tokens."""
+
+    cache: CacheInterface
+    num_tokens: int
+    seconds: Optional[float] = None
+
+    @classmethod
+    def from_context(cls, ctx: BuildContext) -> Optional["_FirstPrefill"]:
+        cache = ctx.cache
+        if not isinstance(cache, CacheInterface) or not cache.tensors:  # as for captures at build
+            return None
+        chunk = _arg(ctx.args, "prefill_chunk_size", DEFAULT_PREFILL_CHUNK_SIZE)  # None: no cap
+        return cls(cache, min(cache.max_num_tokens, chunk or cache.max_num_tokens))
+
+    def __call__(self, model) -> None:
+        start = time.perf_counter()
+        run_prompt_forward(model, self.cache, self.num_tokens)
+        if self.cache.device.type == "cuda":
+            torch.cuda.synchronize(self.cache.device)
+        self.seconds = time.perf_counter() - start
+        log.info("compile_model: first call of the compiled graph, a %d-token prefill (compiles it, tunes its "
+                 "kernels at prefill sizes): %.1f s", self.num_tokens, self.seconds)
+
+
 @register("compile_model")
 class CompileModel(BaseTransform):
     config_class = CompileModelConfig
@@ -109,17 +147,20 @@ class CompileModel(BaseTransform):
         names = placeholder_names(model)
         example = _example_inputs(ctx, names) if cfg.capture_on_build else None
         info = getattr(ctx.cache, "info", None)  # SequenceInfo: the engine never builds a larger step
+        first_call = _FirstPrefill.from_context(ctx)
         compiled, used = compile_graph(
             model, backend, ctx.device, sizes, example_inputs=example,
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
             max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
-            one_compile=cfg.one_compile, cublaslt_min_batch=cfg.cublaslt_min_batch,
+            one_compile=cfg.one_compile, cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call,
         )
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")
             note = "torch-simple: graph runs as is" + (f" ({backend} needs CUDA)" if fell_back else "")
             return compiled, TransformInfo(num_matches=0, is_clean=True, note=note)
         note = used
+        if first_call is not None and first_call.seconds is not None:
+            note += f", first call a {first_call.num_tokens}-token prefill"
         if used in ("torch-cudagraph", "torch-opt"):
             captured = getattr(compiled, "captured_sizes", [])
             note += f", decode graphs {captured}" if captured else f", decode graphs {sizes} on first decode step"

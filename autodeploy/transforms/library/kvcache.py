@@ -472,7 +472,7 @@ class ResizeKVCache(BaseTransform):
 def pages_from_free_memory(gm, cache: CacheInterface, ratio: float) -> int:
     """Pages that fit in ``ratio`` of the memory left free after a max-token forward (min over ranks)."""
     device = cache.device
-    run_max_token_forward(gm, cache)
+    run_prompt_forward(gm, cache)
     torch.cuda.synchronize(device)
     # the forward's activations stay reserved in the caching allocator, so "free" already
     # leaves room for the largest batch the engine will run
@@ -500,9 +500,10 @@ def pages_for_budget(cache: CacheInterface, free_bytes: int, ratio: float) -> in
     return min(num_pages, useful)
 
 
-def run_max_token_forward(gm, cache: CacheInterface) -> None:
-    """One forward over ``max_num_tokens`` prompt tokens (sequences of at most ``max_seq_len``)."""
-    lengths, left = [], cache.max_num_tokens
+def run_prompt_forward(gm, cache: CacheInterface, num_tokens: Optional[int] = None) -> None:
+    """One forward over ``num_tokens`` (None: ``max_num_tokens``) prompt tokens, sequences of at
+    most ``max_seq_len``. Its pages are freed after, in the order that restores the free list."""
+    lengths, left = [], min(num_tokens or cache.max_num_tokens, cache.max_num_tokens)
     while left > 0 and len(lengths) < cache.max_batch_size:
         lengths.append(min(left, cache.max_seq_len))
         left -= lengths[-1]
@@ -514,5 +515,5 @@ def run_max_token_forward(gm, cache: CacheInterface) -> None:
         with torch.inference_mode():
             gm(**args)
     finally:
-        for p in pages:
+        for p in reversed(pages):  # last allocated, first freed: the next request gets page 1 again
             cache.free_pages(p)
