@@ -1,7 +1,7 @@
 """Where a step's time goes on the GPU, and what the engine-level switches change, in one process.
 
     python3 scripts/perf_probe.py --out DIR [--model llama3_8b] [--num 3] [--no-profile] [--overlap both|on|off]
-        [--set transforms.compile_model.one_compile=false ...] [--chunk-sizes 4096,8192]
+        [--set transforms.compile_model.compiles=dynamic ...] [--chunk-sizes 4096,8192]
 
 One build of the model (triton attention, torch-opt, CUDA graphs for decode batches 1 and 32, the
 default pipeline), then:
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--isl", type=int, default=1024)
     parser.add_argument("--overlap", choices=("both", "on", "off"), default="both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="LLM keyword overrides, dotted (transforms.compile_model.one_compile=false)")
+                        help="LLM keyword overrides, dotted (transforms.compile_model.compiles=dynamic)")
     parser.add_argument("--chunk-sizes", default="", help="comma-separated prefill_chunk_size values to time at bs 32")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

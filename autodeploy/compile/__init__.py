@@ -1,7 +1,7 @@
 """Compile backends for the cached graph (used by the ``compile_model`` transform).
 
 - ``torch-simple``: the GraphModule as is (eager FX);
-- ``torch-compile``: ``torch.compile``, compiled once for every batch (``CompiledGraph``);
+- ``torch-compile``: ``torch.compile`` with its batch dims marked (``CompiledGraph``);
 - ``torch-cudagraph``: CUDA graphs per decode batch size, eager otherwise (``cudagraph.py``);
 - ``torch-opt``: ``CompiledGraph`` inside the CUDA-graph runner;
 - ``auto`` (the default): torch-opt on a CUDA device, torch-simple on the CPU.
@@ -9,15 +9,19 @@ The two inductor backends first swap the row-wise canonical ops for their torch 
 (``inline.py``), so inductor fuses them instead of calling them as opaque kernels.
 Every result is called exactly like the GraphModule (same keyword inputs).
 
-One compile serves every batch: torch-opt's warm-ups and captures of every decode size (one
-token included) and its eager prefills and mixed batches, or torch-compile's steps, all run the
-graph dynamo compiled at the first call. ``CompiledGraph`` sees to the four things that made
-dynamo compile again:
+Two compiles serve every batch (``compiles="two"``, the default): one for the steps of one token
+(a batch-1 decode), one for everything else (torch-opt's warm-ups and captures of the other decode
+sizes, its eager prefills and mixed batches, or torch-compile's steps). ``CompiledGraph`` sees to
+the things that made dynamo compile again:
 - sizes 0/1 are specialized and equal sizes tied (``T == B`` in a decode batch): each call marks
   the batch dims (``BATCH_DIMS``: ``T`` of ``input_ids``/``position_ids``, ``B`` of the
-  per-sequence inputs) unbacked. Every other dim stays static (caches, page-table width).
-  ``backed_size_oblivious`` is not enough: inductor still guards ``T != 1`` when it views a
-  non-contiguous tensor (the q/k/v split of a fused projection), and storage offsets keep 0/1;
+  per-sequence inputs): ``B`` unbacked, ``T`` dynamic but backed (``maybe_mark_dynamic``), so one
+  token specializes: that is the second compile. Every other dim stays static (caches, page-table
+  width). With ``T`` unbacked too (``compiles="one"``) a single compile serves every step, but
+  inductor's kernels over the tokens were slower (H200, 8B: a 1024-token prefill forward 25.7 vs
+  23.7 ms, batch-1 decode 4.55 vs 4.43 ms per step: norms split into two kernels, the RoPE table
+  lookup recomputed per layer); ``backed_size_oblivious`` is not enough either: inductor still
+  guards ``T != 1`` when it views a non-contiguous tensor (the q/k/v split of a fused projection);
 - storage offsets 0/1 are specialized too (the engine's inputs are views of one buffer,
   ``position_ids`` at offset ``T``): such batch inputs are passed as copies (metadata, bytes);
 - dispatch keys are guarded, and differ for inference tensors and under inference mode (graphs
@@ -26,15 +30,16 @@ dynamo compile again:
 - unbacked sizes without a bound make inductor index every kernel that spans the tokens in 64
   bits: given the cache manager's ``max_num_tokens`` / ``max_batch_size``, the graph checks the
   batch dims against them (``torch._check``), which bounds the sizes; a larger step is refused.
-Without ``mark_unbacked`` (an older torch) it falls back to ``torch.compile(dynamic=True)``,
-which compiles again for sizes 0/1 (one warning).
+``compiles="dynamic"`` (or a torch without ``mark_unbacked``, with one warning) is
+``torch.compile(dynamic=True)``, which compiles again for sizes 0/1 of every batch dim: a
+one-prompt prefill (``B == 1``) then compiles at the first request (~37 s for the 8B model).
 
-The first call of a one-compile ``CompiledGraph`` is a prefill (``compile_graph``'s ``first_call``;
+The first call of a ``CompiledGraph`` that marks its dims is a prefill (``compile_graph``'s ``first_call``;
 ``compile_model`` runs one prompt step there when the cache manager holds its tensors): inductor's
 Triton kernels benchmark their configs at their first launch, with that launch's sizes, and keep
-the winner for every size. Were it torch-opt's warm-up of the largest decode batch (32 tokens),
-prefills would run kernels tuned for 32 tokens (H200: the SiLU*mul of a 1024-token prefill took
-36 us per layer, ~20 with ``one_compile=False``, whose one-prompt prefill gets its own compile).
+the winner for every size: tuned at a prefill, not at torch-opt's warm-up of the largest decode
+batch (32 tokens). (With ``compiles="one"`` this did not bring its prefill up to the backed
+graph's: 25.7 ms per 1024-token forward with it, 26.4 without, 23.7 with ``T`` backed.)
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from .cudagraph import SEQ_INPUTS, TOKEN_INPUTS, CudaGraphRunner
 from .inline import inline_for_inductor
 
 __all__ = [
-    "BATCH_DIMS", "COMPILE_BACKENDS", "CompiledGraph", "CudaGraphRunner", "check_backend", "compile_graph",
+    "BATCH_DIMS", "COMPILE_BACKENDS", "COMPILES", "CompiledGraph", "CudaGraphRunner", "check_backend", "compile_graph",
     "default_batch_sizes",
 ]
 
@@ -106,28 +111,38 @@ def _mark_unbacked() -> Optional[Callable]:
     return getattr(decorators, "mark_unbacked", None)
 
 
+COMPILES = ("one", "two", "dynamic")
+
+
 class CompiledGraph(nn.Module):
-    """``torch.compile(gm)`` called like the GraphModule, compiled once for every batch (see the
-    module docstring); keyword inputs the graph does not take are ignored (as the CUDA-graph
-    runner does). ``max_num_tokens`` / ``max_batch_size``: the largest step it will get (checked
-    in the graph, a larger one is refused with a ValueError); None: unbounded. ``num_shapes`` only
-    sizes the recompile limit of ``dynamic=True``. ``one_compile=False`` (or a torch without
-    ``mark_unbacked``) is ``torch.compile(dynamic=True)``: sizes 0/1 get their own compile (and
-    their own specialized kernels). Outputs are inference tensors."""
+    """``torch.compile(gm)`` called like the GraphModule (see the module docstring); keyword inputs
+    the graph does not take are ignored (as the CUDA-graph runner does). ``max_num_tokens`` /
+    ``max_batch_size``: the largest step it will get (checked in the graph, a larger one is refused
+    with a ValueError); None: unbounded. ``compiles``:
+    - ``"one"``: every batch dim unbacked, one compile for every batch shape;
+    - ``"two"``: the token dims backed (``maybe_mark_dynamic``), the sequence dims unbacked: steps
+      of one token (a batch-1 decode) get a compile of their own, every other step shares one;
+    - ``"dynamic"`` (also a torch without ``mark_unbacked``): ``torch.compile(dynamic=True)``,
+      which compiles again for sizes 0/1 of every batch dim.
+    ``num_shapes`` only sizes the recompile limit of ``dynamic``. Outputs are inference tensors."""
 
     def __init__(self, gm: fx.GraphModule, num_shapes: int = 2, max_num_tokens: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, one_compile: bool = True):
+                 max_batch_size: Optional[int] = None, compiles: str = "two"):
         super().__init__()
+        if compiles not in COMPILES:
+            raise ValueError(f"compiles must be one of {', '.join(COMPILES)}, got {compiles!r}")
         self.input_names = placeholder_names(gm)
         self.batch_dims = [(n, d) for n, d in BATCH_DIMS.items() if n in self.input_names]
         self.limits: dict[str, tuple[int, int]] = {}  # name -> (dim, largest size)
-        self._mark = _mark_unbacked() if one_compile else None
+        self._mark = _mark_unbacked() if compiles != "dynamic" else None
         if self._mark is None:
-            if one_compile:
+            if compiles != "dynamic":
                 log.warning("torch %s has no torch._dynamo.decorators.mark_unbacked: compiling with dynamic=True, "
                             "which compiles again for batch sizes 0/1", torch.__version__)
+            self.compiles = "dynamic"
             self.compiled = _torch_compile(gm, num_shapes, one_graph=False)
             return
+        self.compiles = compiles
         for name, dim in self.batch_dims:
             if name in TOKEN_INPUTS:
                 limit = max_num_tokens
@@ -138,8 +153,8 @@ class CompiledGraph(nn.Module):
         self.compiled = _torch_compile(_insert_size_checks(gm, self.limits) if self.limits else gm, num_shapes)
 
     @property
-    def one_compile(self) -> bool:
-        """False for ``torch.compile(dynamic=True)`` (``one_compile=False`` or no ``mark_unbacked``)."""
+    def marks_batch_dims(self) -> bool:
+        """False for ``torch.compile(dynamic=True)``."""
         return self._mark is not None
 
     def forward(self, **kwargs):
@@ -160,7 +175,10 @@ class CompiledGraph(nn.Module):
                     inputs[name] = t = t.clone()
                 # on every call: compiling is lazy, and a recompile must see the marks too; a
                 # compiled graph is reused for inputs marked the same or not at all
-                self._mark(t, dim)
+                if self.compiles == "two" and name in TOKEN_INPUTS:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)  # backed: one token specializes (its own compile)
+                else:
+                    self._mark(t, dim)
         with torch.inference_mode():  # whatever the caller's mode: it changes the guarded dispatch keys
             return self.compiled(**inputs)
 
@@ -209,7 +227,7 @@ def compile_graph(
     warmup_iters: int = 2,
     max_num_tokens: Optional[int] = None,
     max_batch_size: Optional[int] = None,
-    one_compile: bool = True,
+    compiles: str = "two",
     cublaslt_min_batch: Optional[int] = None,
     first_call: Optional[Callable[[nn.Module], None]] = None,
 ) -> tuple[nn.Module, str]:
@@ -230,8 +248,8 @@ def compile_graph(
     else:  # torch-compile and torch-opt: one CompiledGraph, one first call
         inline_for_inductor(gm)  # norms, RoPE, SiLU*mul visible to inductor, not opaque ops
         model = CompiledGraph(gm, len(batch_sizes) if backend == "torch-opt" else 2, max_num_tokens=max_num_tokens,
-                              max_batch_size=max_batch_size, one_compile=one_compile)
-        if first_call is not None and model.one_compile:
+                              max_batch_size=max_batch_size, compiles=compiles)
+        if first_call is not None and model.marks_batch_dims:
             first_call(model)  # before any capture: inductor tunes its kernels at this call's sizes
     if backend == "torch-compile":
         return model, backend

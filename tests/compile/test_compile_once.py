@@ -55,9 +55,11 @@ def _hf_greedy(hf, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama, monkeypatch):
+@pytest.mark.parametrize("compiles", ["one", "two"])
+def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama, monkeypatch, compiles):
     """The first call, at build, is a prefill (inductor tunes its kernels at that call's sizes);
-    then every step of the engine runs the graph it compiled."""
+    then every step of the engine runs the graph it compiled ("one"), or that graph and one more
+    for the one-token steps ("two")."""
     from autodeploy import LLM, SamplingParams
 
     shapes: list[tuple[int, int]] = []
@@ -65,7 +67,7 @@ def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama, monkeypatch)
     before = _compiles()
     # max_num_tokens=12 chunks the longer prompts, so later prefills share steps with decodes
     llm = LLM("tiny_llama", device="cpu", compile_backend="torch-compile", max_batch_size=4, max_seq_len=64,
-              attn_page_size=8, max_num_tokens=12)
+              attn_page_size=8, max_num_tokens=12, transforms={"compile_model": {"compiles": compiles}})
     engine = llm.engine
     assert isinstance(engine.model, CompiledGraph)
     assert engine.vocab_size == hf_tiny_llama.config.vocab_size  # found through the compiled wrappers
@@ -106,7 +108,8 @@ def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama, monkeypatch)
     assert {1, 2, 3} <= decodes, shapes
     assert any(t > b > 1 for t, b in shapes), shapes  # a mixed (or multi-prompt) step
     assert (6, 1) in shapes  # the one-prompt prefill
-    assert _compiles() - before == 1, f"{_compiles() - before} compiles for the shapes {sorted(set(shapes))}"
+    expected = {"one": 1, "two": 2}[compiles]  # "two": the one-token decodes compiled apart
+    assert _compiles() - before == expected, f"{_compiles() - before} compiles for the shapes {sorted(set(shapes))}"
 
 
 def _run(engine):
@@ -142,13 +145,13 @@ class _CpuRunner(CudaGraphRunner):
             self.graphs[bs] = g
 
 
-@pytest.mark.parametrize("one_compile", [True, False])
-def test_torch_opt_calls_compile_once(one_compile):
+@pytest.mark.parametrize("compiles", ["one", "two", "dynamic"])
+def test_torch_opt_calls_compile_once(compiles):
     """Captures at build (outside inference mode, as compile_model does), largest first, then the
-    engine's steps under inference mode: replays, eager prefills and a mixed batch. With
-    ``one_compile=False`` (dynamic=True) the same calls compile more than once."""
+    engine's steps under inference mode: replays, eager prefills and a mixed batch. "one" compiles
+    once, "two" twice (the one-token capture apart), "dynamic" (dynamic=True) more often."""
     gm = toy_graph()
-    compiled, _ = apply_compile(toy_graph(), "cpu", backend="torch-compile", one_compile=one_compile)
+    compiled, _ = apply_compile(toy_graph(), "cpu", backend="torch-compile", compiles=compiles)
     runner = _CpuRunner(compiled, placeholder_names(gm), [1, 2, 4, 8])
     caches_ref, caches_new = toy_caches(48), toy_caches(48)
     before = _compiles()
@@ -161,15 +164,17 @@ def test_torch_opt_calls_compile_once(one_compile):
             new = runner(**b_new.batch(step), **caches_new)
             assert new.shape == ref.shape and rel(new, ref) < 1e-5, f"step {i}"
     assert runner.num_replays == 7 and runner.num_eager == 2  # eager: the prefill and the mixed step
-    assert (_compiles() - before == 1) if one_compile else (_compiles() - before > 1)
+    n = _compiles() - before
+    assert {"one": n == 1, "two": n == 2, "dynamic": n > 2}[compiles], n
 
 
-@pytest.mark.parametrize("one_compile", [True, False])
-def test_torch_opt_first_call_is_a_prefill(monkeypatch, one_compile):
+@pytest.mark.parametrize("compiles", ["one", "two", "dynamic"])
+def test_torch_opt_first_call_is_a_prefill(monkeypatch, compiles):
     """compile_model's torch-opt path, emulated on the CPU (the runner above; compile_graph told it
     is on CUDA): with the cache manager's tensors, the compiled graph's first call is a prefill,
     before every capture; the pages it used are free again, and the steps after it still equal
-    eager and compile nothing more. ``one_compile=False``: no prefill, the captures come first."""
+    eager and compile nothing more ("two": the one-token capture compiles apart). "dynamic": no
+    prefill, the captures come first."""
     import autodeploy.compile as compile_pkg
     from autodeploy.runtime.kv_cache import CacheInterface, CacheSpec
 
@@ -184,11 +189,12 @@ def test_torch_opt_first_call_is_a_prefill(monkeypatch, one_compile):
     gm = toy_graph()
     before = _compiles()
     runner, info = apply_compile(toy_graph(), "cuda", cache=cache, backend="torch-opt",
-                                 cuda_graph_batch_sizes=[1, 2, 4, 8], one_compile=one_compile)
+                                 cuda_graph_batch_sizes=[1, 2, 4, 8], compiles=compiles)
     assert isinstance(runner, _CpuRunner) and runner.captured_sizes == [1, 2, 4, 8]
-    prefill = [(512, 8)] if one_compile else []  # 8 prompts of 64 tokens, then the captures
+    marked = compiles != "dynamic"
+    prefill = [(512, 8)] if marked else []  # 8 prompts of 64 tokens, then the captures
     assert shapes[:len(prefill)] == prefill and all(t == b for t, b in shapes[len(prefill):]), shapes
-    assert ("first call a 512-token prefill" in info.note) == one_compile
+    assert ("first call a 512-token prefill" in info.note) == marked
     assert cache.num_used_pages == 0 and cache._free_pages == list(range(cache.num_pages - 1, 0, -1))
     caches_ref = toy_caches(cache.num_pages)  # zeros; cache.tensors hold the prefill's K/V in free pages
     b_ref, b_new = PagedBatcher(), PagedBatcher()
@@ -197,17 +203,19 @@ def test_torch_opt_first_call_is_a_prefill(monkeypatch, one_compile):
             ref = gm(**b_ref.batch(step), **caches_ref)
             new = runner(**b_new.batch(step), **cache.tensors)
             assert new.shape == ref.shape and rel(new, ref) < 1e-5, f"step {i}"
-    assert runner.num_replays == 7 and (_compiles() - before == 1) == one_compile
+    n = _compiles() - before
+    assert runner.num_replays == 7 and {"one": n == 1, "two": n == 2, "dynamic": n > 2}[compiles], n
 
 
-def test_engine_views_at_storage_offsets_compile_once():
+@pytest.mark.parametrize("compiles", ["one", "two"])
+def test_engine_views_at_storage_offsets_compile_once(compiles):
     """The engine's inputs are views of one buffer (``SequenceInfo``): position_ids starts at T,
     which is 1 for a one-token step, the metadata further on. Dynamo specializes storage offsets
-    0 and 1 as it does sizes."""
+    0 and 1 as it does sizes: no compile for those ("two": one more for the one-token steps)."""
     from autodeploy.runtime.sequence_info import SequenceInfo
 
     gm = toy_graph()
-    compiled, _ = apply_compile(toy_graph(), "cpu", backend="torch-compile")
+    compiled, _ = apply_compile(toy_graph(), "cpu", backend="torch-compile", compiles=compiles)
     names = placeholder_names(gm)
     caches_ref, caches_new = toy_caches(48), toy_caches(48)
     batcher, info = PagedBatcher(), SequenceInfo(8, 64, 8)
@@ -221,17 +229,19 @@ def test_engine_views_at_storage_offsets_compile_once():
             ref = gm(**batch, **caches_ref)
             new = compiled(**{n: views[n] for n in names if n in views}, **caches_new)
             assert rel(new, ref) < 1e-5
-    assert _compiles() - before == 1
+    assert _compiles() - before == {"one": 1, "two": 2}[compiles]
 
 
-def test_size_checks_bound_the_batch_dims():
+@pytest.mark.parametrize("compiles", ["one", "two"])
+def test_size_checks_bound_the_batch_dims(compiles):
     """With the cache manager's limits, the graph checks T <= max_num_tokens and B <= max_batch_size
-    (bounded sizes let inductor index in 32 bits); a larger step fails, a smaller one never recompiles."""
+    (bounded sizes let inductor index in 32 bits); a larger step fails, a smaller one never recompiles
+    ("two": the one-token step compiles apart)."""
     from types import SimpleNamespace
 
     gm = toy_graph()
     cache = SimpleNamespace(info=SimpleNamespace(max_num_tokens=16, max_batch_size=4))  # no tensors: no capture
-    compiled, _ = apply_compile(toy_graph(), "cpu", cache=cache, backend="torch-compile")
+    compiled, _ = apply_compile(toy_graph(), "cpu", cache=cache, backend="torch-compile", compiles=compiles)
     code = compiled.compiled._orig_mod.code
     assert "input_ids.size(1)" in code and "<= 16" in code and "seq_len.size(0)" in code and "<= 5" in code
     caches_ref, caches_new = toy_caches(48), toy_caches(48)
@@ -241,6 +251,6 @@ def test_size_checks_bound_the_batch_dims():
         for step in ({0: list(range(10)), 1: [1, 2, 3, 4, 5, 6]}, {0: [7], 1: [8]}, {1: [9]}):
             ref = gm(**b_ref.batch(step), **caches_ref)
             assert rel(compiled(**b_new.batch(step), **caches_new), ref) < 1e-5
-        assert _compiles() - before == 1
+        assert _compiles() - before == {"one": 1, "two": 2}[compiles]
         with pytest.raises(ValueError, match="input_ids has 17 .* at most 16"):
             compiled(**b_new.batch({5: list(range(17))}), **caches_new)

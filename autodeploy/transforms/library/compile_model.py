@@ -23,6 +23,7 @@ from torch import fx
 
 from ...compile import (
     COMPILE_BACKENDS,
+    COMPILES,
     check_backend,
     clamp_batch_sizes,
     compile_graph,
@@ -46,10 +47,11 @@ class CompileModelConfig(TransformConfig):
     max_batch_size: Optional[int] = None  # None = args.max_batch_size
     capture_on_build: bool = True  # False: capture on the first decode step instead
     num_warmup_iters: int = 2  # eager runs before each capture (compile, autotune, planning)
-    # torch-compile/torch-opt: True = one compile serves every batch shape (batch dims unbacked);
-    # False = dynamic=True, which compiles again for sizes 0/1 (a one-token decode, a one-prompt
-    # prefill get their own, specialized kernels) when such a shape first arrives
-    one_compile: bool = True
+    # torch-compile/torch-opt (CompiledGraph): "two" = one-token steps compile apart from the rest
+    # (token dims backed: kernels as fast as static ones); "one" = one compile for every batch shape
+    # (all batch dims unbacked: slower kernels); "dynamic" = dynamic=True, which compiles again for
+    # sizes 0/1 of every batch dim (a one-prompt prefill's compile waits for the first request)
+    compiles: str = "two"
     # CUDA graphs of this many decode sequences or more are captured with cuBLASLt GEMMs (None: cuBLAS)
     cublaslt_min_batch: Optional[int] = 32
     run_graph_cleanup: bool = False  # the result is no longer a plain GraphModule
@@ -63,6 +65,9 @@ class CompileModelConfig(TransformConfig):
         if self.cuda_graph_batch_sizes is not None and any(int(b) < 1 for b in self.cuda_graph_batch_sizes):
             sizes = list(self.cuda_graph_batch_sizes)
             raise ValueError(f"args.transforms.compile_model.cuda_graph_batch_sizes must be >= 1, got {sizes}")
+        if self.compiles not in COMPILES:
+            raise ValueError(f"args.transforms.compile_model.compiles must be one of {', '.join(COMPILES)}, "
+                             f"got {self.compiles!r}")
 
 
 def _arg(args, name, default=None):
@@ -152,7 +157,7 @@ class CompileModel(BaseTransform):
             model, backend, ctx.device, sizes, example_inputs=example,
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
             max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
-            one_compile=cfg.one_compile, cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call,
+            compiles=cfg.compiles, cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call,
         )
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")
