@@ -89,16 +89,27 @@ class _Graph:
 
 @contextlib.contextmanager
 def blas_library(name: Optional[str]):
-    """``torch.backends.cuda.preferred_blas_library(name)`` inside the block (None: unchanged)."""
+    """``torch.backends.cuda.preferred_blas_library(name)`` inside the block (None: unchanged). A
+    torch built without that library keeps its own, with one warning: the capture goes on."""
     if name is None:
         yield
         return
     before = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        torch.backends.cuda.preferred_blas_library(name)
+    except RuntimeError as e:
+        if name not in _BLAS_REFUSED:
+            _BLAS_REFUSED.add(name)
+            log.warning("BLAS library %s not available (%s): GEMMs keep %s", name, str(e).splitlines()[0], before)
+        yield
+        return
     try:
         yield
     finally:
         torch.backends.cuda.preferred_blas_library(before)
+
+
+_BLAS_REFUSED: set[str] = set()
 
 
 class CudaGraphRunner(nn.Module):

@@ -254,3 +254,24 @@ def test_size_checks_bound_the_batch_dims(compiles):
         assert _compiles() - before == {"one": 1, "two": 2}[compiles]
         with pytest.raises(ValueError, match="input_ids has 17 .* at most 16"):
             compiled(**b_new.batch({5: list(range(17))}), **caches_new)
+
+
+def test_blas_library_this_torch_lacks_is_skipped_with_one_warning(caplog, monkeypatch):
+    """cuBLASLt for the large decode captures: a torch built without it (this CPU wheel refuses it)
+    keeps its library, warns once, and the block still runs."""
+    import logging
+
+    from autodeploy.compile import cudagraph
+
+    monkeypatch.setattr(cudagraph, "_BLAS_REFUSED", set())
+    before = torch.backends.cuda.preferred_blas_library()
+    ran = 0
+    with caplog.at_level(logging.WARNING, logger="autodeploy.compile.cudagraph"):
+        for _ in range(2):
+            with cudagraph.blas_library("cublaslt"):
+                ran += 1
+                if "cublaslt" not in cudagraph._BLAS_REFUSED:  # this torch has it: it is in effect here
+                    assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
+    assert ran == 2 and torch.backends.cuda.preferred_blas_library() == before
+    warned = [r for r in caplog.records if "not available" in r.getMessage()]
+    assert len(warned) == ("cublaslt" in cudagraph._BLAS_REFUSED)
