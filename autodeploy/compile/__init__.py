@@ -140,7 +140,7 @@ class CompiledGraph(nn.Module):
                 log.warning("torch %s has no torch._dynamo.decorators.mark_unbacked: compiling with dynamic=True, "
                             "which compiles again for batch sizes 0/1", torch.__version__)
             self.compiles = "dynamic"
-            self.compiled = _torch_compile(gm, num_shapes, one_graph=False)
+            self.compiled = _torch_compile(gm, num_shapes, dynamic=True)
             return
         self.compiles = compiles
         for name, dim in self.batch_dims:
@@ -202,8 +202,8 @@ def _insert_size_checks(gm: fx.GraphModule, limits: Mapping[str, tuple[int, int]
     return gm
 
 
-def _torch_compile(model: nn.Module, num_shapes: int, one_graph: bool = True) -> nn.Module:
-    if one_graph:  # batch dims unbacked, the rest static: the default recompile limit is plenty, untouched
+def _torch_compile(model: nn.Module, num_shapes: int, dynamic: bool = False) -> nn.Module:
+    if not dynamic:  # batch dims marked, the rest static: the default recompile limit is plenty, untouched
         return torch.compile(model)
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"

@@ -168,9 +168,10 @@ class CudaGraphRunner(nn.Module):
             g = _Graph(bs, {**decode_pad_inputs(bs, example), **static})
             # the graph keeps the GEMM kernels of the BLAS library chosen while it is captured
             lt = self.cublaslt_min_batch is not None and bs >= self.cublaslt_min_batch
+            blas = "cublaslt" if lt else None
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), blas_library("cublaslt" if lt else None):
+            with torch.cuda.stream(stream), blas_library(blas):
                 for _ in range(self.warmup_iters):
                     self._prepare(g.inputs)
                     self.model(**g.inputs)
@@ -178,7 +179,7 @@ class CudaGraphRunner(nn.Module):
             self._prepare(g.inputs)
             g.graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(g.graph, pool=pool), blas_library("cublaslt" if lt else None):
+                with torch.cuda.graph(g.graph, pool=pool), blas_library(blas):
                     g.output = self.model(**g.inputs)
             except RuntimeError as e:
                 # graph code the pipeline left uncaptured (e.g. an MoE it did not match, which reads

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-import autodeploy.custom_ops.linear  # noqa: F401  registers torch.ops.autodeploy.linear
+from autodeploy.custom_ops.linear import GEMV_DTYPES  # also registers torch.ops.autodeploy.linear
 
 from ..graph_utils import get_attr_value
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
@@ -41,7 +41,7 @@ class OneTokenGemv(BaseTransform):
                 continue
             weight = node.args[1]
             w = get_attr_value(gm, weight.target) if getattr(weight, "op", None) == "get_attr" else None
-            if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype not in (torch.bfloat16, torch.float16):
+            if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype not in GEMV_DTYPES:
                 continue
             node.target = op
             node.args = (node.args[0], weight, node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
