@@ -201,14 +201,17 @@ if [[ " $STEPS " == *" diag "* ]]; then
    echo "gpu tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/diag/pytest_gpu.log" | tail -8) &
   side_pid=$!
   t0=$SECONDS
-  CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_TIMEOUT:-200} python3 scripts/perf_probe.py --out "$OUT/diag/a" \
+  # each probe with compile caches of its own: both builds are cold on a fresh machine
+  CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_a TRITON_CACHE_DIR=/tmp/triton_a \
+    timeout ${PROBE_TIMEOUT:-200} python3 scripts/perf_probe.py --out "$OUT/diag/a" \
     --chunk-sizes ${CHUNK_SIZES:-4096,8192} > "$OUT/diag/a/probe.log" 2>&1
-  echo "probe A rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT|steps, device" "$OUT/diag/a/probe.log" || tail -5 "$OUT/diag/a/probe.log"
+  echo "probe A rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT|steps, device|regional" "$OUT/diag/a/probe.log" || tail -5 "$OUT/diag/a/probe.log"
   if [[ -n ${PROBE_B_ARGS:-} ]]; then
     t0=$SECONDS
-    CUDA_VISIBLE_DEVICES=0 timeout ${PROBE_B_TIMEOUT:-210} python3 scripts/perf_probe.py --out "$OUT/diag/b" \
+    CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_b TRITON_CACHE_DIR=/tmp/triton_b \
+      timeout ${PROBE_B_TIMEOUT:-210} python3 scripts/perf_probe.py --out "$OUT/diag/b" \
       $PROBE_B_ARGS > "$OUT/diag/b/probe.log" 2>&1
-    echo "probe B rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT|steps, device" "$OUT/diag/b/probe.log" || tail -5 "$OUT/diag/b/probe.log"
+    echo "probe B rc=$? in $((SECONDS - t0)) s"; grep -E "RESULT|steps, device|regional" "$OUT/diag/b/probe.log" || tail -5 "$OUT/diag/b/probe.log"
   fi
   left=$(( ${DIAG_BUDGET:-580} - (SECONDS - start) ))
   if [[ $left -gt 60 ]]; then

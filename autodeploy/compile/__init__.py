@@ -53,6 +53,7 @@ from torch import fx, nn
 
 from .cudagraph import SEQ_INPUTS, TOKEN_INPUTS, CudaGraphRunner
 from .inline import inline_for_inductor
+from .regions import CompiledRegion, Mark, cut_regions
 
 __all__ = [
     "BATCH_DIMS", "COMPILE_BACKENDS", "COMPILES", "CompiledGraph", "CudaGraphRunner", "check_backend", "compile_graph",
@@ -124,16 +125,20 @@ class CompiledGraph(nn.Module):
       of one token (a batch-1 decode) get a compile of their own, every other step shares one;
     - ``"dynamic"`` (also a torch without ``mark_unbacked``): ``torch.compile(dynamic=True)``,
       which compiles again for sizes 0/1 of every batch dim.
-    ``num_shapes`` only sizes the recompile limit of ``dynamic``. Outputs are inference tensors."""
+    ``num_shapes`` only sizes the recompile limit of ``dynamic``. ``regional`` (not with
+    ``dynamic``): the graph is cut at its cache ops and every distinct region compiled once
+    (``regions.py``), when it has regions that repeat; ``self.regions`` then says how it was cut
+    (else None). Outputs are inference tensors."""
 
     def __init__(self, gm: fx.GraphModule, num_shapes: int = 2, max_num_tokens: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, compiles: str = "two"):
+                 max_batch_size: Optional[int] = None, compiles: str = "two", regional: bool = False):
         super().__init__()
         if compiles not in COMPILES:
             raise ValueError(f"compiles must be one of {', '.join(COMPILES)}, got {compiles!r}")
         self.input_names = placeholder_names(gm)
         self.batch_dims = [(n, d) for n, d in BATCH_DIMS.items() if n in self.input_names]
         self.limits: dict[str, tuple[int, int]] = {}  # name -> (dim, largest size)
+        self.regions: Optional[str] = None
         self._mark = _mark_unbacked() if compiles != "dynamic" else None
         if self._mark is None:
             if compiles != "dynamic":
@@ -150,7 +155,35 @@ class CompiledGraph(nn.Module):
                 limit = max_batch_size + (name == "cu_seqlen") if max_batch_size else None
             if limit:
                 self.limits[name] = (dim, int(limit))
-        self.compiled = _torch_compile(_insert_size_checks(gm, self.limits) if self.limits else gm, num_shapes)
+        self.max_num_tokens = max_num_tokens
+        if regional:
+            self.regions = cut_regions(gm, self._region)
+        if self.regions is not None:  # the outer graph runs as FX, its regions compiled
+            self.compiled = gm
+            return
+        checks = [(name, dim, limit) for name, (dim, limit) in self.limits.items()]
+        self.compiled = _torch_compile(_insert_size_checks(gm, checks) if checks else gm, num_shapes)
+
+    def _region(self, template: fx.GraphModule, marks: list[Mark]) -> CompiledRegion:
+        """A region's compiled template: its batch dims bounded like the graph's (``limits``)."""
+        names = placeholder_names(template)
+        checks = []
+        for index, dim, source in marks:
+            limit = self.max_num_tokens if source == "tokens" else self.limits.get(source, (dim, None))[1]
+            if limit:
+                checks.append((names[index], dim, int(limit)))
+        if checks:
+            _insert_size_checks(template, checks)
+        # unbacked sizes of different inputs are different symbols: the token dims are one size
+        tokens = [(names[i], d) for i, d, source in marks if source not in SEQ_INPUTS]
+        _insert_equal_sizes(template, tokens)
+        return CompiledRegion(template, marks, self._mark_dim)
+
+    def _mark_dim(self, source: str, t: torch.Tensor, dim: int) -> None:
+        if self.compiles == "two" and source not in SEQ_INPUTS:
+            torch._dynamo.maybe_mark_dynamic(t, dim)  # backed: one token specializes (its own compile)
+        else:
+            self._mark(t, dim)
 
     @property
     def marks_batch_dims(self) -> bool:
@@ -174,17 +207,16 @@ class CompiledGraph(nn.Module):
                 if t.storage_offset() or t.is_inference():
                     inputs[name] = t = t.clone()
                 # on every call: compiling is lazy, and a recompile must see the marks too; a
-                # compiled graph is reused for inputs marked the same or not at all
-                if self.compiles == "two" and name in TOKEN_INPUTS:
-                    torch._dynamo.maybe_mark_dynamic(t, dim)  # backed: one token specializes (its own compile)
-                else:
-                    self._mark(t, dim)
+                # compiled graph is reused for inputs marked the same or not at all (the regions
+                # mark their own inputs)
+                if self.regions is None:
+                    self._mark_dim(name, t, dim)
         with torch.inference_mode():  # whatever the caller's mode: it changes the guarded dispatch keys
             return self.compiled(**inputs)
 
 
-def _insert_size_checks(gm: fx.GraphModule, limits: Mapping[str, tuple[int, int]]) -> fx.GraphModule:
-    """Puts ``torch._check(input.size(dim) <= limit)`` for ``limits`` (name -> (dim, limit)) at the
+def _insert_size_checks(gm: fx.GraphModule, checks: Iterable[tuple[str, int, int]]) -> fx.GraphModule:
+    """Puts ``torch._check(input.size(dim) <= limit)`` for ``checks`` ((name, dim, limit)) at the
     top of ``gm``. Traced by dynamo, the checks bound the unbacked sizes: inductor indexes in 32 bits
     only where it can prove that safe, so unbounded sizes make every kernel that spans the tokens
     index in 64 bits. (In ``gm`` itself, not a wrapper GraphModule: the engine and the roofline look
@@ -192,12 +224,33 @@ def _insert_size_checks(gm: fx.GraphModule, limits: Mapping[str, tuple[int, int]
     placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
     last = list(placeholders.values())[-1]
     with gm.graph.inserting_after(last):
-        for name, (dim, limit) in reversed(list(limits.items())):  # each goes right after the placeholders
+        for name, dim, limit in reversed(list(checks)):  # each goes right after the placeholders
             size = gm.graph.call_method("size", (placeholders[name], dim))
             with gm.graph.inserting_after(size):
                 fits = gm.graph.call_function(operator.le, (size, limit))
             with gm.graph.inserting_after(fits):
                 gm.graph.call_function(torch._check, (fits,))
+    gm.recompile()
+    return gm
+
+
+def _insert_equal_sizes(gm: fx.GraphModule, dims: list[tuple[str, int]]) -> fx.GraphModule:
+    """Puts ``torch._check(a.size(da) == b.size(db))`` for every (name, dim) in ``dims`` after the
+    first at the top of ``gm``: dynamo then knows that unbacked sizes of different inputs agree."""
+    if len(dims) < 2:
+        return gm
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    graph = gm.graph
+    with graph.inserting_after(list(placeholders.values())[-1]):
+        first = graph.call_method("size", (placeholders[dims[0][0]], dims[0][1]))
+    last = first
+    for name, dim in dims[1:]:
+        with graph.inserting_after(last):
+            size = graph.call_method("size", (placeholders[name], dim))
+        with graph.inserting_after(size):
+            same = graph.call_function(operator.eq, (size, first))
+        with graph.inserting_after(same):
+            last = graph.call_function(torch._check, (same,))
     gm.recompile()
     return gm
 
@@ -230,13 +283,14 @@ def compile_graph(
     compiles: str = "two",
     cublaslt_min_batch: Optional[int] = None,
     first_call: Optional[Callable[[nn.Module], None]] = None,
+    regional: bool = False,
 ) -> tuple[nn.Module, str]:
     """Returns (compiled model, backend actually used). With ``example_inputs`` (the cache
     manager's tensors) CUDA graphs are captured now, else on the first decode step.
     ``max_num_tokens`` / ``max_batch_size``: the largest step the compiled graph will get (see
     ``CompiledGraph``). ``first_call(compiled_graph)``: run on a one-compile ``CompiledGraph``
     (torch-compile, torch-opt) before anything else calls it, captures included; it should run a
-    prefill-sized step (module docstring)."""
+    prefill-sized step (module docstring). ``regional``: see ``CompiledGraph``."""
     backend = resolve_auto(check_backend(backend), device)
     if backend in _USES_CUDA_GRAPHS and not _on_cuda(device):
         log.warning("compile backend %s needs a CUDA device (device is %s): using torch-simple", backend, device)
@@ -248,7 +302,9 @@ def compile_graph(
     else:  # torch-compile and torch-opt: one CompiledGraph, one first call
         inline_for_inductor(gm)  # norms, RoPE, SiLU*mul visible to inductor, not opaque ops
         model = CompiledGraph(gm, len(batch_sizes) if backend == "torch-opt" else 2, max_num_tokens=max_num_tokens,
-                              max_batch_size=max_batch_size, compiles=compiles)
+                              max_batch_size=max_batch_size, compiles=compiles, regional=regional)
+        if model.regions:
+            log.info("compile_model: regional compile, %s", model.regions)
         if first_call is not None and model.marks_batch_dims:
             first_call(model)  # before any capture: inductor tunes its kernels at this call's sizes
     if backend == "torch-compile":

@@ -29,6 +29,7 @@ from ...compile import (
     compile_graph,
     default_batch_sizes,
     placeholder_names,
+    resolve_auto,
 )
 from ...runtime.kv_cache import CacheInterface
 from ...runtime.scheduler import DEFAULT_PREFILL_CHUNK_SIZE
@@ -52,6 +53,9 @@ class CompileModelConfig(TransformConfig):
     # (all batch dims unbacked: slower kernels); "dynamic" = dynamic=True, which compiles again for
     # sizes 0/1 of every batch dim (a one-prompt prefill's compile waits for the first request)
     compiles: str = "two"
+    # torch-compile/torch-opt with compiles one/two: cut the graph at its cache ops and compile every
+    # distinct region once (a decoder's layers share one compile); False: the whole graph at once
+    regional: bool = True
     # CUDA graphs of this many decode sequences or more are captured with cuBLASLt GEMMs (None: cuBLAS)
     cublaslt_min_batch: Optional[int] = 32
     run_graph_cleanup: bool = False  # the result is no longer a plain GraphModule
@@ -132,6 +136,19 @@ class _FirstPrefill:
                  "kernels at prefill sizes): %.1f s", self.num_tokens, self.seconds)
 
 
+def _shapes_known(gm: fx.GraphModule) -> bool:
+    """Fresh ``meta["val"]`` on every node, which the regional cut reads (sizes, token dims)."""
+    from ..graph_utils import run_shape_prop
+
+    try:
+        run_shape_prop(gm)
+    except Exception as e:  # noqa: BLE001 - the whole-graph compile does not need it
+        log.warning("compile_model: shape propagation failed (%s: %s); compiling the graph whole",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return False
+    return True
+
+
 @register("compile_model")
 class CompileModel(BaseTransform):
     config_class = CompileModelConfig
@@ -153,17 +170,23 @@ class CompileModel(BaseTransform):
         example = _example_inputs(ctx, names) if cfg.capture_on_build else None
         info = getattr(ctx.cache, "info", None)  # SequenceInfo: the engine never builds a larger step
         first_call = _FirstPrefill.from_context(ctx)
+        compiles_graph = resolve_auto(backend, ctx.device) in ("torch-compile", "torch-opt")
+        regional = cfg.regional and compiles_graph and cfg.compiles != "dynamic" and _shapes_known(model)
         compiled, used = compile_graph(
             model, backend, ctx.device, sizes, example_inputs=example,
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
             max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
             compiles=cfg.compiles, cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call,
+            regional=regional,
         )
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")
             note = "torch-simple: graph runs as is" + (f" ({backend} needs CUDA)" if fell_back else "")
             return compiled, TransformInfo(num_matches=0, is_clean=True, note=note)
         note = used
+        regions = getattr(getattr(compiled, "model", compiled), "regions", None)  # CompiledGraph, maybe in the runner
+        if regions:
+            note += f", regional: {regions}"
         if first_call is not None and first_call.seconds is not None:
             note += f", first call a {first_call.num_tokens}-token prefill"
         if used in ("torch-cudagraph", "torch-opt"):
