@@ -242,12 +242,45 @@ def host_overhead(ops, calls=300):
     return res
 
 
+def time_mixed(prompts=2, decodes=30):
+    """A mixed step of the batch-32 benchmark: ``prompts`` fresh 1024-token prompts, then
+    ``decodes`` one-token sequences at context 1024, through ``varlen_attention`` with the decode
+    rows' key block at 32/64/128; beside it the two parts alone (the prompts in varlen, the
+    decodes in the decode kernel) as the cost of two launches. ms per layer, median."""
+    import triton
+
+    b = make_batch([(0, CTX)] * prompts + [(CTX, 1)] * decodes, H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
+    args = (b.q[0], b.k[0], b.v[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen, b.page_table, D**-0.5, 0, 0.0)
+    res = {}
+    ref = tp.varlen_attention(*args, block_n_one=32)
+    for bn1 in (32, 64, 128):
+        def fn(bn1=bn1):
+            return tp.varlen_attention(*args, block_n_one=bn1)
+        try:
+            err = rel_err(fn(), ref)
+            res[f"varlen_n_one{bn1}"] = {"ms": triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"),
+                                         "rel_err_vs_n_one32": err}
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+            res[f"varlen_n_one{bn1}"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    p = make_batch([(0, CTX)] * prompts, H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
+    pargs = (p.q[0], p.k[0], p.v[0], p.k_cache, p.v_cache, p.input_pos, p.cu_seqlen, p.page_table, D**-0.5, 0, 0.0)
+    res["prompts_only_varlen"] = {"ms": triton.testing.do_bench(lambda: tp.varlen_attention(*pargs), warmup=25,
+                                                                rep=100, return_mode="median")}
+    d = make_batch([(CTX, 1)] * decodes, H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
+    dargs = (d.q[0], d.k[0], d.v[0], d.k_cache, d.v_cache, d.input_pos, d.page_table, D**-0.5, 0, 0.0)
+    res["decodes_only_decode_kernel"] = {"ms": triton.testing.do_bench(lambda: tk.decode_attention(*dargs), warmup=25,
+                                                                       rep=100, return_mode="median")}
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="bf16 only, no sweeps")
     ap.add_argument("--decode-merge", action="store_true",
                     help="only the decode split x merge table (bs 1, 8, 32), then exit")
+    ap.add_argument("--mixed", action="store_true",
+                    help="only the mixed-step table (2 prompts + 30 decodes, decode-row key blocks), then exit")
     args = ap.parse_args()
     import triton
 
@@ -273,6 +306,9 @@ def main():
             report["errors"][name] = f"{type(e).__name__}: {e}"
             return None
 
+    if args.mixed:
+        print(f"RESULT mixed {section('mixed step', time_mixed)}", flush=True)
+        return
     if args.decode_merge:
         for batch in (1, 8, 32):
             r = section(f"decode merge batch {batch}", lambda: time_decode_merge(batch))

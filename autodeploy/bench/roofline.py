@@ -17,6 +17,8 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
+from ..compile.regions import users_through_regions
+
 
 def _median_ms(fn, reps: int = 10) -> float:
     fn()  # warm-up (allocation, library handles)
@@ -72,7 +74,8 @@ def streamed_weights(model: nn.Module) -> tuple[int, int]:
             t = getattr(t, part, None)
         if not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
             continue
-        if node.users and all(u.target in lookups and u.args[0] is node for u in node.users):
+        uses = users_through_regions(gm, node)  # in a compiled region too
+        if uses and all(u.target in lookups and u.args[0] is table for u, table in uses):
             continue
         seen.add(t.data_ptr())
         nbytes += t.numel() * t.element_size()

@@ -201,4 +201,21 @@ def cut_regions(gm: fx.GraphModule, make_region: Callable[[fx.GraphModule, list[
     return f"{len(cuts)} regions, {len(regions)} distinct ({uses})"
 
 
-__all__ = ["CompiledRegion", "Mark", "cut_regions"]
+def users_through_regions(gm: fx.GraphModule, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+    """(user, what stands for ``node`` in the user's graph) for every use of ``node``: its users
+    in ``gm`` and, for a region call among them, the nodes of the region's template that use the
+    matching input instead of the call."""
+    uses = []
+    for user in node.users:
+        template = getattr(gm.get_submodule(user.target), "template", None) if user.op == "call_module" else None
+        if not isinstance(template, fx.GraphModule):
+            uses.append((user, node))
+            continue
+        inputs = [n for n in template.graph.nodes if n.op == "placeholder"]
+        for i, arg in enumerate(user.args):
+            if arg is node:
+                uses += [(inner, inputs[i]) for inner in inputs[i].users]
+    return uses
+
+
+__all__ = ["CompiledRegion", "Mark", "cut_regions", "users_through_regions"]

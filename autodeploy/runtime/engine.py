@@ -391,16 +391,32 @@ def _graph_input_names(model: nn.Module) -> Optional[list[str]]:
 
 
 def _embedding_rows(model: nn.Module) -> Optional[int]:
-    """Vocabulary size from the embedding that reads ``input_ids`` (to reject out-of-range ids)."""
+    """Vocabulary size from the embedding that reads ``input_ids`` (to reject out-of-range ids),
+    in the graph or in a compiled region it calls (``compile/regions.py``)."""
     model = _graph(model)
     if model is None:
         return None
     for node in model.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
-            weight, ids = node.args[0], node.args[1]
-            if getattr(ids, "op", None) == "placeholder" and getattr(weight, "op", None) == "get_attr":
-                try:
-                    return int(get_attr_value(model, weight.target).shape[0])
-                except AttributeError:
-                    return None
+        weight, ids = _embedding_args(model, node)
+        if getattr(ids, "op", None) == "placeholder" and getattr(weight, "op", None) == "get_attr":
+            try:
+                return int(get_attr_value(model, weight.target).shape[0])
+            except AttributeError:
+                return None
     return None
+
+
+def _embedding_args(gm: fx.GraphModule, node: fx.Node) -> tuple[object, object]:
+    """(weight, ids) of an embedding ``node``, or of the one inside the region ``node`` calls, as
+    nodes of ``gm``; (None, None) otherwise."""
+    if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+        return node.args[0], node.args[1]
+    template = getattr(gm.get_submodule(node.target), "template", None) if node.op == "call_module" else None
+    if isinstance(template, fx.GraphModule):
+        inputs = {n: i for i, n in enumerate(n for n in template.graph.nodes if n.op == "placeholder")}
+        for inner in template.graph.nodes:
+            if inner.op == "call_function" and inner.target is torch.ops.aten.embedding.default:
+                weight, ids = (inputs.get(a) for a in inner.args[:2])
+                if weight is not None and ids is not None:
+                    return node.args[weight], node.args[ids]
+    return None, None

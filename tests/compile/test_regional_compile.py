@@ -71,6 +71,7 @@ def test_regional_llama_matches_hf_and_compiles_each_region_once(deep_models, co
     llm = LLM(str(path), transforms={"compile_model": {"compiles": compiles}}, **BUILD)
     model = llm.engine.model
     assert isinstance(model, CompiledGraph)
+    assert llm.engine.vocab_size == hf.config.vocab_size  # found inside the first region
     assert re.fullmatch(r"5 regions, 3 distinct \(\d+ nodes x1, \d+ nodes x3, \d+ nodes x1\)", model.regions)
     assert "regional: 5 regions, 3 distinct" in _note(llm)
     regions = _regions(model)
@@ -116,8 +117,10 @@ def test_regional_hybrid_matches_hf(deep_models):
 
 def test_graphs_without_repeats_or_with_regional_off_compile_whole(deep_models):
     """The two-layer tiny Llama has no region that repeats, and ``regional=false`` turns the cut
-    off: both compile the whole graph, once."""
+    off: both compile the whole graph, once. The roofline's weight bytes see through the regions
+    (tables only looked up, like the embedding, are not streamed)."""
     from autodeploy import LLM
+    from autodeploy.bench.roofline import streamed_weights
 
     before = _compiles()
     llm = LLM("tiny_llama", **BUILD)
@@ -126,3 +129,6 @@ def test_graphs_without_repeats_or_with_regional_off_compile_whole(deep_models):
     assert off.engine.model.regions is None and not _regions(off.engine.model)
     assert "regional" not in _note(off)
     assert _compiles() - before == 2
+    regional = LLM(str(deep_models["tiny_llama"]), **BUILD)
+    assert regional.engine.model.regions is not None
+    assert streamed_weights(regional.engine.model) == streamed_weights(off.engine.model)

@@ -48,6 +48,18 @@ def test_small_tiles_against_float64(case, window, cap):
     assert torch.equal(batch.k_cache, cache_before)  # reads only
 
 
+@pytest.mark.parametrize("block_n_one", [16, 32, 64])
+def test_decode_rows_key_blocks(block_n_one):
+    """The decodes of a mixed batch with key blocks of their own size (contexts across several)."""
+    seqs, H, KV = [(0, 37), (12, 20), (7, 1), (0, 1), (64, 1), (130, 1)], 8, 2
+    batch = make_batch(seqs, H, KV, 16, 8, generator=torch.Generator().manual_seed(3))
+    ref, _, _ = reference(batch, 0.25)
+    out = varlen_attention(batch.q[0], batch.k[0], batch.v[0], batch.k_cache, batch.v_cache, batch.input_pos,
+                           batch.cu_seqlen, batch.page_table, 0.25, 0, 0.0, block_m=16, block_n=64,
+                           block_n_one=block_n_one)
+    assert rel_err(out.unsqueeze(0), ref) < 1e-5
+
+
 def test_16bit_tiles():
     # fp16: the interpreter computes bf16 wrongly (the old kernels too); the GPU tests run bf16
     batch = make_batch([(0, 150), (20, 70), (90, 1)], 8, 2, 64, 16, dtype=torch.float16)

@@ -197,6 +197,10 @@ def _varlen_attn(
                      PREC)
 
 
+def _block_n_one(block_n: int) -> int:
+    return min(block_n, 32)
+
+
 # tile configurations, largest first: 128 query rows x 64 keys with 3 pipeline stages keep K/V
 # tiles of 16 KiB each in flight per stage for 16-bit heads up to 128 wide; a config that does not
 # fit the GPU's shared memory (both branches of the kernel count) falls through to the next
@@ -219,11 +223,12 @@ def _out_of_resources() -> tuple[type, ...]:
 
 def varlen_attention(q, k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
                      block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None):
+                     num_stages: int | None = None, block_n_one: int | None = None):
     """Causal attention of q[T, H, D] over each sequence's cached prefix (pages) and its new
     tokens (k[T, KV, D], v[T, KV, Dv]); -> [T, H, Dv]. Every sequence may bring any number of
     tokens (prefills, later chunks, decodes). Tiles: the arguments, else the first of ``CONFIGS``
-    that fits (16-bit heads up to 128 wide start at the largest, others at the smallest)."""
+    that fits (16-bit heads up to 128 wide start at the largest, others at the smallest).
+    ``block_n_one``: keys per block of the one-token sequences (decodes in a mixed batch)."""
     T, H, D = q.shape
     KV, DV = k.shape[1], v.shape[-1]
     B = input_pos.shape[0]
@@ -232,10 +237,12 @@ def varlen_attention(q, k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table
         return out
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     args = (q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
-    if block_m or block_n or num_warps or num_stages:
+    if block_m or block_n or num_warps or num_stages or block_n_one:
         base = CONFIGS[0] if max(D, DV) <= 128 and q.element_size() <= 2 else CONFIGS[-1]
-        _launch(*args, {"block_m": block_m or base["block_m"], "block_n": block_n or base["block_n"],
-                        "num_warps": num_warps or base["num_warps"], "num_stages": num_stages or base["num_stages"]})
+        bn = block_n or base["block_n"]
+        _launch(*args, {"block_m": block_m or base["block_m"], "block_n": bn,
+                        "num_warps": num_warps or base["num_warps"], "num_stages": num_stages or base["num_stages"],
+                        "block_n_one": block_n_one or _block_n_one(bn)})
         return out
     key = (q.device, q.dtype, D, DV, H // KV)
     start = _first_fit.get(key, 0 if max(D, DV) <= 128 and q.element_size() <= 2 else len(CONFIGS) - 1)
@@ -264,7 +271,7 @@ def _launch(q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, sc
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache), *_cache_strides(v_cache), page_table.stride(0),
         G=G, G_PAD=G_PAD, G_ONE=max(16, G_PAD), BLOCK_Q=block_q, BLOCK_M=block_q * G_PAD, BLOCK_N=cfg["block_n"],
-        BLOCK_N_ONE=min(cfg["block_n"], 32), PAGE_SIZE=k_cache.shape[1],
+        BLOCK_N_ONE=cfg.get("block_n_one") or _block_n_one(cfg["block_n"]), PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=max(16, _p2(D)), BLOCK_DV=max(16, _p2(DV)),
         HAS_WINDOW=bool(window), HAS_CAP=bool(cap), PREC=_dot_precision(q),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
