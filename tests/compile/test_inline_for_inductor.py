@@ -55,4 +55,32 @@ def test_inlined_graph_compiles_without_opaque_row_ops():
 
 def test_every_inlined_op_has_its_reference():
     impls = reference_impls()
-    assert {str(op).rsplit(".", 1)[0] for op in impls} == set(ROW_WISE)
+    assert {str(op).rsplit(".", 1)[0] for op in impls} == {*ROW_WISE, "autodeploy.linear"}
+
+
+def test_linear_op_is_a_plain_linear_where_the_trace_has_more_than_one_token():
+    """``autodeploy::linear`` inlined: ``F.linear`` in a graph traced for T >= 2 tokens (T backed:
+    ``compiles=two``), the op itself where T is 1 or unknown (unbacked: ``compiles=one``)."""
+    import torch.nn.functional as F
+
+    import autodeploy.custom_ops.linear  # noqa: F401 - registers the op
+
+    impls = reference_impls()
+    fn = impls[torch.ops.autodeploy.linear.default]
+    w = torch.randn(6, 8)
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append([n.target for n in graph.graph.nodes if n.op == "call_function"])
+        return graph.forward
+
+    for tokens, mark in ((5, torch._dynamo.maybe_mark_dynamic), (1, torch._dynamo.maybe_mark_dynamic),
+                         (3, torch._dynamo.decorators.mark_unbacked)):
+        torch._dynamo.reset()
+        x = torch.randn(1, tokens, 8)
+        mark(x, 1)
+        out = torch.compile(fn, backend=record, fullgraph=True)(x, w)
+        torch.testing.assert_close(out, F.linear(x, w))
+    op = torch.ops.autodeploy.linear.default
+    assert op not in graphs[0] and F.linear in graphs[0]
+    assert op in graphs[1] and op in graphs[2]
