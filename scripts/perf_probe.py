@@ -43,7 +43,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _profile(engine, name: str, out: Path, run, setup=None) -> None:
+def _profile(engine, name: str, out: Path, run, setup=None, trace: bool = False) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -57,6 +57,15 @@ def _profile(engine, name: str, out: Path, run, setup=None) -> None:
     total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
     header = f"{name}: {steps} steps, device kernel time {total_us / 1e3:.2f} ms in all\n"
     (out / f"profile_{name}.txt").write_text(header + table)
+    if trace:  # the timeline (chrome://tracing, or scripts/perf_summary.py-style analysis), gzipped
+        import gzip
+        import os
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+            with open(os.path.join(tmp, "trace.json"), "rb") as f, gzip.open(out / f"trace_{name}.json.gz", "wb") as g:
+                g.write(f.read())
     print(header + "\n".join(table.splitlines()[:28]), flush=True)
 
 
@@ -115,6 +124,7 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--profiles", default="prefill,decode_bs1,prefill_bs32",
                         help="which kernel tables to write (comma-separated)")
+    parser.add_argument("--trace", action="store_true", help="also write each profile's timeline (trace_*.json.gz)")
     parser.add_argument("--isl", type=int, default=1024)
     parser.add_argument("--overlap", choices=("both", "on", "off"), default="both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -192,11 +202,11 @@ def main() -> None:
 
         wanted = set(args.profiles.split(","))
         if "prefill" in wanted:
-            _profile(engine, f"prefill_{args.isl}", args.out, prefill)
+            _profile(engine, f"prefill_{args.isl}", args.out, prefill, trace=args.trace)
         if "decode_bs1" in wanted:
-            _profile(engine, "decode_bs1", args.out, decode_bs1, setup=start_bs1)
+            _profile(engine, "decode_bs1", args.out, decode_bs1, setup=start_bs1, trace=args.trace)
         if "prefill_bs32" in wanted:
-            _profile(engine, "prefill_bs32", args.out, bs32_prefill_steps)
+            _profile(engine, "prefill_bs32", args.out, bs32_prefill_steps, trace=args.trace)
     (args.out / "probe.json").write_text(json.dumps(record, indent=1, default=str))
     llm.shutdown()
 

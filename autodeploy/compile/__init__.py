@@ -125,8 +125,8 @@ class CompiledGraph(nn.Module):
       of one token (a batch-1 decode) get a compile of their own, every other step shares one;
     - ``"dynamic"`` (also a torch without ``mark_unbacked``): ``torch.compile(dynamic=True)``,
       which compiles again for sizes 0/1 of every batch dim.
-    ``num_shapes`` only sizes the recompile limit of ``dynamic``. ``regional`` (not with
-    ``dynamic``): the graph is cut at its cache ops and every distinct region compiled once
+    ``num_shapes`` only sizes the recompile limit of ``dynamic``. ``regional`` (with ``two``
+    only): the graph is cut at its cache ops and every distinct region compiled once
     (``regions.py``), when it has regions that repeat; ``self.regions`` then says how it was cut
     (else None). Outputs are inference tensors."""
 
@@ -156,8 +156,10 @@ class CompiledGraph(nn.Module):
             if limit:
                 self.limits[name] = (dim, int(limit))
         self.max_num_tokens = max_num_tokens
-        if regional:
+        if regional and compiles == "two":
             self.regions = cut_regions(gm, self._region)
+        elif regional:  # its regions' launches made a 1024-token prefill host-bound (H200: TTFT 44 ms vs 25)
+            log.info("regional compile needs compiles=two (got %s): compiling the graph whole", compiles)
         if self.regions is not None:  # the outer graph runs as FX, its regions compiled
             self.compiled = gm
             return
@@ -172,12 +174,7 @@ class CompiledGraph(nn.Module):
             limit = self.max_num_tokens if source == "tokens" else self.limits.get(source, (dim, None))[1]
             if limit:
                 checks.append((names[index], dim, int(limit)))
-        if checks:
-            _insert_size_checks(template, checks)
-        # unbacked sizes of different inputs are different symbols: the token dims are one size
-        tokens = [(names[i], d) for i, d, source in marks if source not in SEQ_INPUTS]
-        _insert_equal_sizes(template, tokens)
-        return CompiledRegion(template, marks, self._mark_dim)
+        return CompiledRegion(_insert_size_checks(template, checks) if checks else template, marks, self._mark_dim)
 
     def _mark_dim(self, source: str, t: torch.Tensor, dim: int) -> None:
         if self.compiles == "two" and source not in SEQ_INPUTS:
@@ -230,27 +227,6 @@ def _insert_size_checks(gm: fx.GraphModule, checks: Iterable[tuple[str, int, int
                 fits = gm.graph.call_function(operator.le, (size, limit))
             with gm.graph.inserting_after(fits):
                 gm.graph.call_function(torch._check, (fits,))
-    gm.recompile()
-    return gm
-
-
-def _insert_equal_sizes(gm: fx.GraphModule, dims: list[tuple[str, int]]) -> fx.GraphModule:
-    """Puts ``torch._check(a.size(da) == b.size(db))`` for every (name, dim) in ``dims`` after the
-    first at the top of ``gm``: dynamo then knows that unbacked sizes of different inputs agree."""
-    if len(dims) < 2:
-        return gm
-    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
-    graph = gm.graph
-    with graph.inserting_after(list(placeholders.values())[-1]):
-        first = graph.call_method("size", (placeholders[dims[0][0]], dims[0][1]))
-    last = first
-    for name, dim in dims[1:]:
-        with graph.inserting_after(last):
-            size = graph.call_method("size", (placeholders[name], dim))
-        with graph.inserting_after(size):
-            same = graph.call_function(operator.eq, (size, first))
-        with graph.inserting_after(same):
-            last = graph.call_function(torch._check, (same,))
     gm.recompile()
     return gm
 

@@ -1,7 +1,7 @@
 """Regional compile (``compile_model.regional``, the default): the graph cut at its cache ops,
 each distinct region compiled once. Run as a user would, through ``LLM`` with torch-compile on
-the CPU: greedy generation equals HF ``generate``, and dynamo compiles once (``compiles=one``) or
-twice (``two``) per distinct region, however many layers share it."""
+the CPU: greedy generation equals HF ``generate``, and dynamo compiles twice per distinct region
+(the one-token steps apart: ``compiles=two``), however many layers share it."""
 
 import re
 import sys
@@ -55,12 +55,11 @@ def _regions(model: CompiledGraph) -> list[CompiledRegion]:
     return [m for m in model.compiled.modules() if isinstance(m, CompiledRegion)]
 
 
-@pytest.mark.parametrize("compiles", ["two", "one"])
-def test_regional_llama_matches_hf_and_compiles_each_region_once(deep_models, compiles):
+def test_regional_llama_matches_hf_and_compiles_each_region_twice(deep_models):
     """Four Llama layers: 5 regions (embedding to the first attention, 3 between attentions, the
     last to the logits), 3 distinct. Steps of every kind (one prompt, prompts of several lengths,
     decode batches of 4..1, prompts arriving while others decode) run the regions compiled at the
-    build's first prefill, plus the one-token compiles of ``two``."""
+    build's first prefill, plus their one-token compiles (``compiles=two``)."""
     from transformers import AutoModelForCausalLM
 
     from autodeploy import LLM
@@ -68,7 +67,7 @@ def test_regional_llama_matches_hf_and_compiles_each_region_once(deep_models, co
     path = deep_models["tiny_llama"]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     before = _compiles()
-    llm = LLM(str(path), transforms={"compile_model": {"compiles": compiles}}, **BUILD)
+    llm = LLM(str(path), **BUILD)
     model = llm.engine.model
     assert isinstance(model, CompiledGraph)
     assert llm.engine.vocab_size == hf.config.vocab_size  # found inside the first region
@@ -95,7 +94,7 @@ def test_regional_llama_matches_hf_and_compiles_each_region_once(deep_models, co
     while engine.has_unfinished_requests:
         engine.step()
     assert engine.output(req).token_ids == _hf_greedy(hf, one[0], 4)
-    assert _compiles() - before == {"two": 6, "one": 3}[compiles]
+    assert _compiles() - before == 6
 
 
 def test_regional_hybrid_matches_hf(deep_models):
@@ -116,8 +115,8 @@ def test_regional_hybrid_matches_hf(deep_models):
 
 
 def test_graphs_without_repeats_or_with_regional_off_compile_whole(deep_models):
-    """The two-layer tiny Llama has no region that repeats, and ``regional=false`` turns the cut
-    off: both compile the whole graph, once. The roofline's weight bytes see through the regions
+    """The two-layer tiny Llama has no region that repeats, ``regional=false`` turns the cut off,
+    and ``compiles=one`` does not cut: all compile the whole graph, once. The roofline's weight bytes see through the regions
     (tables only looked up, like the embedding, are not streamed)."""
     from autodeploy import LLM
     from autodeploy.bench.roofline import streamed_weights
@@ -128,7 +127,23 @@ def test_graphs_without_repeats_or_with_regional_off_compile_whole(deep_models):
     off = LLM(str(deep_models["tiny_llama"]), transforms={"compile_model": {"regional": False}}, **BUILD)
     assert off.engine.model.regions is None and not _regions(off.engine.model)
     assert "regional" not in _note(off)
-    assert _compiles() - before == 2
+    one = LLM(str(deep_models["tiny_llama"]), transforms={"compile_model": {"compiles": "one"}}, **BUILD)
+    assert one.engine.model.regions is None
+    assert _compiles() - before == 3
     regional = LLM(str(deep_models["tiny_llama"]), **BUILD)
     assert regional.engine.model.regions is not None
     assert streamed_weights(regional.engine.model) == streamed_weights(off.engine.model)
+
+
+def test_regional_with_tensor_parallel_matches_hf(deep_models):
+    """Two ranks (gloo): the regions hold the all-reduces of the sharded layers."""
+    from transformers import AutoModelForCausalLM
+
+    from autodeploy import LLM
+
+    path = deep_models["tiny_llama"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with LLM(str(path), world_size=2, **{**BUILD, "max_num_tokens": 64}) as llm:
+        assert llm.engine.model.regions.startswith("5 regions, 3 distinct")
+        outs = llm.generate(PROMPTS, _greedy(6), use_tqdm=False)
+    assert [o.token_ids for o in outs] == [_hf_greedy(hf, p, 6) for p in PROMPTS]

@@ -53,7 +53,7 @@ class CompileModelConfig(TransformConfig):
     # (all batch dims unbacked: slower kernels); "dynamic" = dynamic=True, which compiles again for
     # sizes 0/1 of every batch dim (a one-prompt prefill's compile waits for the first request)
     compiles: str = "two"
-    # torch-compile/torch-opt with compiles one/two: cut the graph at its cache ops and compile every
+    # torch-compile/torch-opt with compiles=two: cut the graph at its cache ops and compile every
     # distinct region once (a decoder's layers share one compile); False: the whole graph at once
     regional: bool = True
     # CUDA graphs of this many decode sequences or more are captured with cuBLASLt GEMMs (None: cuBLAS)
@@ -171,7 +171,7 @@ class CompileModel(BaseTransform):
         info = getattr(ctx.cache, "info", None)  # SequenceInfo: the engine never builds a larger step
         first_call = _FirstPrefill.from_context(ctx)
         compiles_graph = resolve_auto(backend, ctx.device) in ("torch-compile", "torch-opt")
-        regional = cfg.regional and compiles_graph and cfg.compiles != "dynamic" and _shapes_known(model)
+        regional = cfg.regional and compiles_graph and cfg.compiles == "two" and _shapes_known(model)
         compiled, used = compile_graph(
             model, backend, ctx.device, sizes, example_inputs=example,
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
