@@ -77,6 +77,11 @@ def test_regional_llama_matches_hf_and_compiles_each_region_twice(deep_models):
     assert sorted(r.num_uses for r in regions) == [1, 1, 3]
     outer = [n for n in model.compiled.graph.nodes if n.op == "call_module"]
     assert len(outer) == 5 and len({n.target for n in outer}) == 3
+    # the outer graph reads its weights as attributes of its own (not through the module tree),
+    # the very tensors the model holds
+    held = {t.data_ptr() for t in [*model.compiled.parameters(), *model.compiled.buffers()]}
+    weights = [n.target for n in model.compiled.graph.nodes if n.op == "get_attr"]
+    assert weights and all("." not in t and getattr(model.compiled, t).data_ptr() in held for t in weights)
     assert _compiles() - before == 3  # the first prefill at build: each distinct region once
 
     engine = llm.engine
