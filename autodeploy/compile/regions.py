@@ -6,14 +6,13 @@ runs on other weights. ``torch.compile`` of the whole graph traces and lowers ev
 after every op that takes a cache tensor; each run of nodes between two cuts becomes a region,
 a GraphModule in a canonical form: its inputs (weights included) are placeholders in order of
 first use, its nodes named by position. Regions that compute the same thing then have the same
-code, and one ``CompiledRegion`` serves all of them (the 8B model: three distinct regions for 33
-cuts). The cache ops stay in the outer graph, which runs as plain FX: inductor calls them as
+code, and one ``CompiledRegion`` serves all of them (the 8B model: 33 regions, 3 distinct). The cache ops stay in the outer graph, which runs as plain FX: inductor calls them as
 opaque kernels anyway, so no fusion is lost at a cut.
 
 A region's inputs are tensors only: a size it reads from outside (``sym_size`` of the graph's
 inputs, at the top of the exported graph) is read again inside the region from a tensor input
-that has it (``meta["val"]``). Its batch dims are marked like ``CompiledGraph``'s (tokens backed
-or unbacked, sequences unbacked): the graph's batch inputs by name, other tensors at every dim
+that has it (``meta["val"]``). Its batch dims are marked like ``CompiledGraph``'s (``compiles=two``:
+tokens backed, sequences unbacked): the graph's batch inputs by name, other tensors at every dim
 whose symbolic size is the token count of ``input_ids``. A graph without that shape information,
 or one with no region that repeats, is left whole (``cut_regions`` returns None).
 """
