@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
-from ..compile.regions import users_through_regions
+from ..compile.regions import nodes_through_regions
 
 
 def _median_ms(fn, reps: int = 10) -> float:
@@ -65,6 +65,12 @@ def streamed_weights(model: nn.Module) -> tuple[int, int]:
     if gm is None:
         return 0, 0
     lookups = (torch.ops.aten.embedding.default, torch.ops.aten.index.Tensor)
+    only_looked_up: dict[object, bool] = {}  # graph node -> every use (in a compiled region too) a lookup in it
+    for user, outer in nodes_through_regions(gm):
+        for arg in user.all_input_nodes:
+            table = outer(arg)
+            lookup = user.target in lookups and outer(user.args[0]) is table
+            only_looked_up[table] = only_looked_up.get(table, True) and lookup
     seen, nbytes, numel = set(), 0, 0
     for node in gm.graph.nodes:
         if node.op != "get_attr":
@@ -74,8 +80,7 @@ def streamed_weights(model: nn.Module) -> tuple[int, int]:
             t = getattr(t, part, None)
         if not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
             continue
-        uses = users_through_regions(gm, node)  # in a compiled region too
-        if uses and all(u.target in lookups and u.args[0] is table for u, table in uses):
+        if only_looked_up.get(node):
             continue
         seen.add(t.data_ptr())
         nbytes += t.numel() * t.element_size()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import fx, nn
@@ -210,29 +210,28 @@ def _flatten_weights(gm: fx.GraphModule) -> None:
     ``parameters()``); the attributes are references to the same tensors, outside it."""
     for node in gm.graph.nodes:
         if node.op == "get_attr" and "." in node.target:
-            value = gm
-            for part in node.target.split("."):
-                value = getattr(value, part)
             name = f"_flat_{node.name}"
-            object.__setattr__(gm, name, value)  # not nn.Module.__setattr__: no second registration
+            object.__setattr__(gm, name, operator.attrgetter(node.target)(gm))  # not nn.Module.__setattr__: no second registration
             node.target = name
 
 
-def users_through_regions(gm: fx.GraphModule, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
-    """(user, what stands for ``node`` in the user's graph) for every use of ``node``: its users
-    in ``gm`` and, for a region call among them, the nodes of the region's template that use the
-    matching input instead of the call."""
-    uses = []
-    for user in node.users:
-        template = getattr(gm.get_submodule(user.target), "template", None) if user.op == "call_module" else None
+def nodes_through_regions(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, Callable[[object], object]]]:
+    """Every node of ``gm``'s graph, a region call replaced by the nodes of its template, each
+    with ``outer(arg)``: the node of ``gm`` an argument stands for (a template input: the call's
+    argument; anything else: itself)."""
+    for node in gm.graph.nodes:
+        template = getattr(gm.get_submodule(node.target), "template", None) if node.op == "call_module" else None
         if not isinstance(template, fx.GraphModule):
-            uses.append((user, node))
+            yield node, _same
             continue
-        inputs = [n for n in template.graph.nodes if n.op == "placeholder"]
-        for i, arg in enumerate(user.args):
-            if arg is node:
-                uses += [(inner, inputs[i]) for inner in inputs[i].users]
-    return uses
+        inputs = dict(zip((n for n in template.graph.nodes if n.op == "placeholder"), node.args))
+        for inner in template.graph.nodes:
+            if inner.op not in ("placeholder", "output"):
+                yield inner, lambda arg, inputs=inputs: inputs.get(arg, arg)
 
 
-__all__ = ["CompiledRegion", "Mark", "cut_regions", "users_through_regions"]
+def _same(arg: object) -> object:
+    return arg
+
+
+__all__ = ["CompiledRegion", "Mark", "cut_regions", "nodes_through_regions"]

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import fx, nn
 
+from ..compile.regions import nodes_through_regions
 from ..transforms.graph_utils import get_attr_value
 from .kv_cache import CacheInterface
 from .outputs import RequestOutput, StepTiming
@@ -396,27 +397,12 @@ def _embedding_rows(model: nn.Module) -> Optional[int]:
     model = _graph(model)
     if model is None:
         return None
-    for node in model.graph.nodes:
-        weight, ids = _embedding_args(model, node)
-        if getattr(ids, "op", None) == "placeholder" and getattr(weight, "op", None) == "get_attr":
-            try:
-                return int(get_attr_value(model, weight.target).shape[0])
-            except AttributeError:
-                return None
+    for node, outer in nodes_through_regions(model):
+        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+            weight, ids = outer(node.args[0]), outer(node.args[1])
+            if getattr(ids, "op", None) == "placeholder" and getattr(weight, "op", None) == "get_attr":
+                try:
+                    return int(get_attr_value(model, weight.target).shape[0])
+                except AttributeError:
+                    return None
     return None
-
-
-def _embedding_args(gm: fx.GraphModule, node: fx.Node) -> tuple[object, object]:
-    """(weight, ids) of an embedding ``node``, or of the one inside the region ``node`` calls, as
-    nodes of ``gm``; (None, None) otherwise."""
-    if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
-        return node.args[0], node.args[1]
-    template = getattr(gm.get_submodule(node.target), "template", None) if node.op == "call_module" else None
-    if isinstance(template, fx.GraphModule):
-        inputs = {n: i for i, n in enumerate(n for n in template.graph.nodes if n.op == "placeholder")}
-        for inner in template.graph.nodes:
-            if inner.op == "call_function" and inner.target is torch.ops.aten.embedding.default:
-                weight, ids = (inputs.get(a) for a in inner.args[:2])
-                if weight is not None and ids is not None:
-                    return node.args[weight], node.args[ids]
-    return None, None

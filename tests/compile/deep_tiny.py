@@ -1,5 +1,6 @@
 """Tiny models with more layers (random weights, the tiny tokenizer): graphs whose layers repeat,
-for the regional compile (a two-layer tiny model has no middle region that repeats)."""
+for the regional compile (a two-layer tiny model has no middle region that repeats); and HF's
+greedy tokens, the reference the compile tests compare with."""
 
 from __future__ import annotations
 
@@ -30,3 +31,12 @@ def deep_tiny_model(name: str, out_dir: Path, repeat: int = 2) -> Path:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
     return out_dir
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """The ``n`` tokens HF ``generate`` picks greedily after ``prompt`` (on ``hf``'s device)."""
+    ids = torch.tensor([prompt], device=hf.device)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

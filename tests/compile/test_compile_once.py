@@ -14,6 +14,8 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deep_tiny import hf_greedy  # noqa: E402
 from toy_lm import PagedBatcher, apply_compile, rel, schedule, toy_caches, toy_graph  # noqa: E402
 
 from autodeploy.compile import CompiledGraph, CudaGraphRunner, placeholder_names  # noqa: E402
@@ -47,14 +49,6 @@ def hf_tiny_llama():
     return AutoModelForCausalLM.from_pretrained(ensure_tiny_model("tiny_llama"), dtype=torch.float32).eval()
 
 
-def _hf_greedy(hf, prompt, n):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("compiles", ["one", "two"])
 def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama, monkeypatch, compiles):
     """The first call, at build, is a prefill (inductor tunes its kernels at that call's sizes);
@@ -81,7 +75,7 @@ def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama, monkeypatch,
 
     def check(prompts, lengths, requests):
         for p, n, r in zip(prompts, lengths, requests):
-            assert engine.output(r).token_ids == _hf_greedy(hf_tiny_llama, p, n), (p, n)
+            assert engine.output(r).token_ids == hf_greedy(hf_tiny_llama, p, n), (p, n)
 
     # one prompt: a one-prompt prefill, then one-token decodes
     one = [[1, 5, 9, 22, 41, 7]]

@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deep_tiny import deep_tiny_model  # noqa: E402
+from deep_tiny import deep_tiny_model, hf_greedy  # noqa: E402
 
 from autodeploy.compile import CompiledGraph  # noqa: E402
 from autodeploy.compile.regions import CompiledRegion  # noqa: E402
@@ -25,14 +25,6 @@ BUILD = dict(device="cpu", compile_backend="torch-compile", max_batch_size=4, ma
 
 def _compiles() -> int:
     return counters["stats"]["unique_graphs"]
-
-
-def _hf_greedy(hf, prompt, n):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def _greedy(n):
@@ -93,12 +85,12 @@ def test_regional_llama_matches_hf_and_compiles_each_region_twice(deep_models):
         engine.step()
     for prompt, r in zip(PROMPTS + LATE, reqs):
         n = 6 if prompt in PROMPTS else 5
-        assert engine.output(r).token_ids == _hf_greedy(hf, prompt, n), prompt
+        assert engine.output(r).token_ids == hf_greedy(hf, prompt, n), prompt
     one = [[1, 40, 41, 42]]
     (req,) = engine.add_requests(one, _greedy(4))  # a one-prompt prefill, then batch-1 decodes
     while engine.has_unfinished_requests:
         engine.step()
-    assert engine.output(req).token_ids == _hf_greedy(hf, one[0], 4)
+    assert engine.output(req).token_ids == hf_greedy(hf, one[0], 4)
     assert _compiles() - before == 6
 
 
@@ -116,7 +108,7 @@ def test_regional_hybrid_matches_hf(deep_models):
     assert model.regions is not None and model.regions.startswith("11 regions, 6 distinct")
     assert max(r.num_uses for r in _regions(model)) > 1
     outs = llm.generate(PROMPTS, _greedy(6))
-    assert [o.token_ids for o in outs] == [_hf_greedy(hf, p, 6) for p in PROMPTS]
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 6) for p in PROMPTS]
 
 
 def test_graphs_without_repeats_or_with_regional_off_compile_whole(deep_models):
@@ -151,4 +143,4 @@ def test_regional_with_tensor_parallel_matches_hf(deep_models):
     with LLM(str(path), world_size=2, **{**BUILD, "max_num_tokens": 64}) as llm:
         assert llm.engine.model.regions.startswith("5 regions, 3 distinct")
         outs = llm.generate(PROMPTS, _greedy(6), use_tqdm=False)
-    assert [o.token_ids for o in outs] == [_hf_greedy(hf, p, 6) for p in PROMPTS]
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 6) for p in PROMPTS]

@@ -10,6 +10,8 @@ import torch
 from autodeploy.models.materialize import move_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compile"))
+from deep_tiny import hf_greedy  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -49,12 +51,8 @@ def test_triton_backend_with_cuda_graphs_matches_hf(compile_backend):
 
     engine = Engine(model, cache, AutoTokenizer.from_pretrained(path), eos_token_id=hf.config.eos_token_id)
     outs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
-    with torch.no_grad():
-        for prompt, out in zip(PROMPTS, outs):
-            ids = torch.tensor([prompt], device="cuda")
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-            assert out.token_ids == ref
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, 10)
     assert model.num_replays > 0 and model.num_eager > 0  # decode steps replayed, prefills eager
 
 
@@ -79,7 +77,6 @@ def test_attention_variants_with_triton_match_hf(name, compile_backend, tmp_path
 def test_regional_torch_opt_matches_hf(tmp_path):
     """torch-opt with the regional compile (the default) on a four-layer tiny Llama (its middle
     regions repeat), triton attention, fp32: greedy equals HF generate, decode steps replayed."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compile"))
     from deep_tiny import deep_tiny_model
     from transformers import AutoModelForCausalLM
 
@@ -93,10 +90,6 @@ def test_regional_torch_opt_matches_hf(tmp_path):
     model = llm.engine.model
     assert isinstance(model, CudaGraphRunner) and model.model.regions.startswith("5 regions, 3 distinct")
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
-    with torch.no_grad():
-        for prompt, out in zip(PROMPTS, outs):
-            ids = torch.tensor([prompt], device="cuda")
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-            assert out.token_ids == ref
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, 10)
     assert model.num_replays > 0 and model.num_eager > 0

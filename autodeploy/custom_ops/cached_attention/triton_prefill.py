@@ -243,10 +243,9 @@ def varlen_attention(q, k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table
     args = (q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
     if block_m or block_n or num_warps or num_stages or block_n_one:
         base = CONFIGS[0] if max(D, DV) <= 128 and q.element_size() <= 2 else CONFIGS[-1]
-        bn = block_n or base["block_n"]
-        _launch(*args, {"block_m": block_m or base["block_m"], "block_n": bn,
+        _launch(*args, {"block_m": block_m or base["block_m"], "block_n": block_n or base["block_n"],
                         "num_warps": num_warps or base["num_warps"], "num_stages": num_stages or base["num_stages"],
-                        "block_n_one": block_n_one or _block_n_one(bn)})
+                        "block_n_one": block_n_one})
         return out
     key = (q.device, q.dtype, D, DV, H // KV)
     start = _first_fit.get(key, 0 if max(D, DV) <= 128 and q.element_size() <= 2 else len(CONFIGS) - 1)
