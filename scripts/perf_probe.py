@@ -56,7 +56,6 @@ def _profile(engine, name: str, out: Path, run, setup=None, trace: bool = False)
     table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
     total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
     header = f"{name}: {steps} steps, device kernel time {total_us / 1e3:.2f} ms in all\n"
-    (out / f"profile_{name}.txt").write_text(header + table)
     if trace:  # the timeline (chrome://tracing, or scripts/perf_summary.py-style analysis), gzipped
         import gzip
         import os
@@ -64,9 +63,36 @@ def _profile(engine, name: str, out: Path, run, setup=None, trace: bool = False)
 
         with tempfile.TemporaryDirectory() as tmp:
             prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
-            with open(os.path.join(tmp, "trace.json"), "rb") as f, gzip.open(out / f"trace_{name}.json.gz", "wb") as g:
-                g.write(f.read())
+            with open(os.path.join(tmp, "trace.json"), "rb") as f:
+                raw = f.read()
+        header += _idle_gaps(json.loads(raw))
+        packed = gzip.compress(raw)
+        if len(packed) < 6 * 2**20:  # the device tool brings back up to 16 MiB per file (diag tars them)
+            (out / f"trace_{name}.json.gz").write_bytes(packed)
+    (out / f"profile_{name}.txt").write_text(header + table)
     print(header + "\n".join(table.splitlines()[:28]), flush=True)
+
+
+def _idle_gaps(trace: dict, top: int = 12) -> str:
+    """Where the GPU sat idle between the first and the last kernel (or memcpy/memset) of a
+    chrome trace: busy time, idle time, and the longest gaps with the device work on either side."""
+    work = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?")) for e in trace.get("traceEvents", [])
+                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not work:
+        return ""
+    gaps, busy, end, prev = [], 0.0, work[0][0], work[0][2]
+    for start, stop, name in work:
+        if start > end:
+            gaps.append((start - end, start - work[0][0], prev, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, prev = stop, name
+    span = end - work[0][0]
+    lines = [f"GPU span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms "
+             f"in {len(gaps)} gaps (those over 50 us: {sum(g for g, *_ in gaps if g > 50) / 1e3:.2f} ms)"]
+    for gap, at, before, after in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  gap {gap:8.1f} us at {at / 1e3:8.2f} ms: {before[:50]} -> {after[:50]}")
+    return "\n".join(lines) + "\n"
 
 
 def _prefill_parts(engine, prompt, greedy, reps: int = 5) -> dict:
