@@ -88,8 +88,9 @@ def _idle_gaps(trace: dict, top: int = 12) -> str:
         if stop > end:
             end, prev = stop, name
     span = end - work[0][0]
-    lines = [f"GPU span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms "
-             f"in {len(gaps)} gaps (those over 50 us: {sum(g for g, *_ in gaps if g > 50) / 1e3:.2f} ms)"]
+    over_50 = sum(g for g, *_ in gaps if g > 50)
+    lines = [(f"GPU span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms "
+              f"in {len(gaps)} gaps (those over 50 us: {over_50 / 1e3:.2f} ms)")]
     for gap, at, before, after in sorted(gaps, reverse=True)[:top]:
         lines.append(f"  gap {gap:8.1f} us at {at / 1e3:8.2f} ms: {before[:50]} -> {after[:50]}")
     return "\n".join(lines) + "\n"
