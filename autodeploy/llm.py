@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import time
 from dataclasses import fields
 from typing import Any
 
@@ -48,8 +49,9 @@ class LLM:
     """Builds the optimized model and its engine once; ``generate`` runs requests through it."""
 
     def __init__(self, model: str | None = None, **kwargs: Any):
+        start = time.perf_counter()
         self.config = config_from_kwargs(model, **kwargs)
-        self._build()
+        self._build(config_s=time.perf_counter() - start)
 
     @classmethod
     def from_config(cls, config: DictConfig) -> "LLM":
@@ -63,11 +65,14 @@ class LLM:
     def args(self) -> DictConfig:
         return self.config.args
 
-    def _build(self) -> None:
+    def _build(self, config_s: float = 0.0) -> None:
+        start = time.perf_counter()
         from .build import build_engine
         from .config import preflight
 
         preflight(self.config)  # device choices, model, model_kwargs, checkpoint: before any model work
+        # seconds before build_engine's own phases: composing the config, imports and preflight
+        before = {"config": config_s, "preflight": time.perf_counter() - start}
         self.ranks = None
         world_size = int(self.args.world_size)
         if world_size > 1:
@@ -83,7 +88,7 @@ class LLM:
                 raise failure from e
             raise
         self.engine, self.factory, self.build_report = built.engine, built.factory, built.report
-        self.build_phases = built.phases
+        self.build_phases = {**before, **(built.phases or {})}
         self.sharding_plan = built.sharding
         self.engine.ranks = self.ranks
         self.tokenizer = self.engine.tokenizer

@@ -192,7 +192,7 @@ if [[ " $STEPS " == *" diag "* ]]; then
   mkdir -p "$OUT/diag/a" "$OUT/diag/b"
   start=$SECONDS
   (export CUDA_VISIBLE_DEVICES=1
-   for bs in 1 32; do
+   for bs in $([[ ${DIAG_ANCHOR:-1} == 1 ]] && echo 1 32); do
      BS=$bs timeout ${ANCHOR_BS_TIMEOUT:-110} python3 .anchors/hand_decode.py > "$OUT/diag/anchor_bs$bs.txt" 2>&1
      echo "anchor bs=$bs rc=$?: $(grep RESULT "$OUT/diag/anchor_bs$bs.txt")"
    done
