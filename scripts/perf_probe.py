@@ -7,7 +7,7 @@ One build of the model (triton attention, torch-opt, CUDA graphs for decode batc
 default pipeline), then:
 1. the first request's prefill, timed alone (it includes any compile torch.compile defers to it);
 2. the benchmark (isl 1024, osl 128) at batch 1 and 32 with the overlap scheduler off, then on;
-3. with --chunk-sizes: batch 32 again (overlap on) with each chunk rule (``_chunk_rule``), same engine;
+3. with --chunk-sizes: batch 32 again (overlap on) with each prefill_chunk_size, on the same engine;
 4. the one-prompt prefill taken apart: the step's host time, the forward's device time (CUDA events
    around the model call) and what the host waits for after it;
 5. with --profile (default on): torch.profiler kernel tables of a 1024-token prefill, 32 decode
@@ -18,7 +18,6 @@ Writes ``DIR/probe.json`` (figures) and ``DIR/profile_*.txt`` (tables); prints R
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import time
@@ -37,32 +36,6 @@ def _bench(engine, bs: int, num: int, isl: int) -> dict:
     out = {k: (v["p50"] if isinstance(v, dict) and "p50" in v else v) for k, v in r.items() if k != "itl_trace"}
     out["ttft_max_ms"], out["itl_p99_ms"] = r["ttft_ms"].get("max"), r["itl_ms"].get("p99")
     return out
-
-
-@contextlib.contextmanager
-def _chunk_rule(scheduler, spec: str):
-    """``--chunk-sizes`` entry ``C``: prefill_chunk_size C; ``C+``: C prompt tokens with the decodes on
-    top (the rule before 2026-11-30 night, for A/Bs); ``C/S``: chunk C and at most S tokens in any
-    step, also with nothing decoding (``max_num_tokens`` otherwise)."""
-    chunk, _, cap = spec.partition("/")
-    on_top = chunk.endswith("+")
-    saved = scheduler.prefill_chunk_size, scheduler.max_num_tokens
-    scheduler.prefill_chunk_size = int(chunk.rstrip("+"))
-    if cap:
-        scheduler.max_num_tokens = int(cap)
-    if on_top:
-        def budget(used: int, decodes: int, prompt: bool) -> int:
-            left = scheduler.max_num_tokens - used
-            if prompt and decodes:
-                left = min(left, scheduler.prefill_chunk_size - (used - decodes))
-            return max(left, 0)
-
-        scheduler._budget = budget
-    try:
-        yield
-    finally:
-        scheduler.prefill_chunk_size, scheduler.max_num_tokens = saved
-        scheduler.__dict__.pop("_budget", None)
 
 
 def _sync() -> None:
@@ -183,8 +156,7 @@ def main() -> None:
     parser.add_argument("--overlap", choices=("both", "on", "off"), default="both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="LLM keyword overrides, dotted (transforms.compile_model.compiles=dynamic)")
-    parser.add_argument("--chunk-sizes", default="",
-                        help="comma-separated prefill_chunk_size values to time at bs 32 (C, C+ or C/S: _chunk_rule)")
+    parser.add_argument("--chunk-sizes", default="", help="comma-separated prefill_chunk_size values to time at bs 32")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -209,22 +181,22 @@ def main() -> None:
     print(f"RESULT build_s={record['build_s']:.1f} first_prefill_s={record['first_prefill_s']:.1f} "
           f"phases={record['build_phases_s']} stages={record['build_stage_s']}", flush=True)
 
-    scheduler = engine.scheduler
-    default_chunk = scheduler.prefill_chunk_size
-    runs = [(o, bs, str(default_chunk)) for o in {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
+    default_chunk = engine.scheduler.prefill_chunk_size
+    runs = [(o, bs, default_chunk) for o in {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
             for bs in (1, 32)]
-    runs += [(True, 32, c) for c in args.chunk_sizes.split(",") if c]
+    runs += [(True, 32, int(c)) for c in args.chunk_sizes.split(",") if c]
     for overlap, bs, chunk in runs:
         engine.overlap = overlap
-        with _chunk_rule(scheduler, chunk):
-            r = _bench(engine, bs, args.num, args.isl)
-        tag = f"overlap={overlap} bs={bs}" + (f" chunk={chunk}" if chunk != str(default_chunk) else "")
+        engine.scheduler.prefill_chunk_size = chunk
+        r = _bench(engine, bs, args.num, args.isl)
+        tag = f"overlap={overlap} bs={bs}" + (f" chunk={chunk}" if chunk != default_chunk else "")
         record[tag] = r
         print(f"RESULT {tag} decode_tok_s={r['decode_tok_s']:.1f} itl_ms={r['itl_ms']:.3f} "
               f"tpot_ms={r['tpot_ms']:.3f} ttft_ms={r['ttft_ms']:.2f} ttft_max_ms={r['ttft_max_ms']:.1f} "
               f"output_tok_s={r['output_tok_s']:.1f} "
               f"host_ms={r['decode_host_ms_per_step']:.3f} wait_ms={r['decode_wait_ms_per_step']:.3f} "
               f"steps={r['num_steps']}", flush=True)
+    engine.scheduler.prefill_chunk_size = default_chunk
     record["prefill_parts"] = _prefill_parts(engine, prompt, greedy)
     print(f"RESULT prefill_parts {record['prefill_parts']}", flush=True)
 

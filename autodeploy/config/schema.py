@@ -85,7 +85,7 @@ class AutoDeployArgs:
     max_seq_len: int = 512
     max_batch_size: int = 8
     max_num_tokens: Optional[int] = None  # None = max_batch_size * max_seq_len, capped at 8192
-    # tokens per step, decodes included, while requests decode (bounds their inter-token latency); None = no cap
+    # prompt tokens per step while other requests decode (bounds their inter-token latency); None = no cap
     prefill_chunk_size: Optional[int] = 2048
     # launch each step before the previous one's sampled ids reach the host (hides the host's time
     # per step); None = on with a CUDA device (on the CPU the forward itself runs on the host)

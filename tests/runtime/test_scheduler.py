@@ -91,25 +91,11 @@ def test_prompt_tokens_are_capped_while_requests_decode():
     assert batch.num_new_tokens == [12]
     run(s, batch)
     s.add(b), s.add(c)
-    batch = s.schedule()  # a decodes: 5 tokens in this step, a's decode included
-    assert list(zip(batch.requests, batch.num_new_tokens)) == [(b, 4), (a, 1)]
+    batch = s.schedule()  # a decodes: at most 5 prompt tokens in this step
+    assert list(zip(batch.requests, batch.num_new_tokens)) == [(b, 5), (a, 1)]
     run(s, batch)
-    batch = s.schedule()  # b's next chunk (4) leaves nothing for c, which waits
-    assert list(zip(batch.requests, batch.num_new_tokens)) == [(b, 4), (a, 1)] and s.waiting[0] is c
-
-
-def test_prompts_wait_while_decodes_fill_the_chunk():
-    s = Scheduler(CacheInterface(4, 64, max_num_tokens=20, page_size=4), prefill_chunk_size=2)
-    a, b, c = request(3), request(3), request(6)
-    s.add(a), s.add(b)
-    run(s, s.schedule())  # nothing decodes yet: both prompts whole
-    s.add(c)
-    batch = s.schedule()  # two decodes fill the 2-token chunk: c waits, nothing is cut
-    assert list(zip(batch.requests, batch.num_new_tokens)) == [(a, 1), (b, 1)] and s.waiting[0] is c
-    run(s, batch)
-    s.release(a)
-    batch = s.schedule()  # a left: one token of room for c's prompt
-    assert dict(zip(batch.requests, batch.num_new_tokens)) == {b: 1, c: 1} and not s.waiting
+    batch = s.schedule()  # b's next chunk (5) leaves nothing for c, which waits
+    assert list(zip(batch.requests, batch.num_new_tokens)) == [(b, 5), (a, 1)] and s.waiting[0] is c
 
 
 def test_no_cap_without_prefill_chunk_size():

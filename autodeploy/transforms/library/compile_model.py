@@ -109,8 +109,8 @@ def _example_inputs(ctx: BuildContext, names: list[str]):
 @dataclass
 class _FirstPrefill:
     """``compile_graph``'s ``first_call``: one prompt step (pages allocated, then freed) of
-    ``prefill_chunk_size`` tokens, at most ``max_num_tokens``: the tokens of a step while
-    requests decode, a size most prefill steps have or come near (the benchmarks' prompts: 1024).
+    ``prefill_chunk_size`` tokens, at most ``max_num_tokens``: the prompt tokens of a step while
+    others decode, a size most prefill steps have or come near (the benchmarks' prompts: 1024).
     Not ``max_num_tokens`` itself (8192 in the 8B runs): steps that large are rarer, and each
     kernel's autotune would run at 4x the tokens."""
 
