@@ -81,7 +81,7 @@ UNFUSED=(args.transforms.fuse_add_rms_norm.enabled=false args.transforms.fuse_pa
 
 if [[ " $STEPS " == *" perf "* ]]; then
   echo "=== perf: Llama-3.1-8B shape, random bf16, triton, torch-opt, isl 1024 osl 128, bs 1 and 32"
-  for variant in fused unfused; do
+  for variant in ${PERF_VARIANTS:-fused unfused}; do
     extra=(); [[ $variant == unfused ]] && extra=("${UNFUSED[@]}")
     t0=$SECONDS
     timeout ${PERF_TIMEOUT:-175} python3 launch.py "${PERF_ARGS[@]}" "${extra[@]}" \
