@@ -12,6 +12,9 @@
 # attention kernels on GPU 1 meanwhile) and `final` (~3.5 min, no profile, then GPU pipeline tests)
 # are the one-call versions (scripts/perf_probe.py).
 # perf needs .anchors/hand_decode.py (a copy of ../shared/anchors/hand_decode.py, git-ignored).
+# Knobs: perf: PERF_VARIANTS ("fused unfused"), PERF_TIMEOUT, ANCHOR_TIMEOUT; diag: PROBE_A_ARGS (added to
+# the default build's probe), PROBE_B_ARGS (a second build), CHUNK_SIZES, DIAG_ANCHOR=0 / DIAG_TESTS=0
+# (skip GPU 1's anchor / tests), DIAG_BUDGET (seconds; the HF baselines run in what is left).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_validate}
 mkdir -p "$OUT"
