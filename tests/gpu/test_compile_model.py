@@ -95,30 +95,3 @@ def test_torch_opt_compile_count(compiles):
     _check_replay(runner, gm)
     assert runner.captured_sizes == [1, 2, 4, 8] and runner.num_eager == 2
     assert counters["stats"]["unique_graphs"] - before == {"one": 1, "two": 2}[compiles]
-
-
-@pytest.mark.gpu
-def test_wide_rows_reduce_in_one_pass_under_persistent_reductions():
-    """A residual add + RMSNorm over 4096-wide rows: inductor's looped kernel (``triton_red``) by
-    default, the one-pass kernel (``triton_per``) under ``persistent_reductions(8192)``; same values."""
-    from torch._inductor.utils import run_and_get_code
-
-    from autodeploy.compile.reductions import persistent_reductions
-
-    def add_norm(x, res, w):
-        h = x.float() + res.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()).to(x.dtype), h.to(x.dtype)
-
-    x, res = (torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    ref = add_norm(x, res, w)
-    codes = {}
-    for width in (0, 8192):
-        torch._dynamo.reset()
-        with torch._inductor.config.patch(force_disable_caches=True), persistent_reductions(width):
-            out, code = run_and_get_code(torch.compile(add_norm), x, res, w)
-        codes[width] = "\n".join(code)
-        for a, b in zip(out, ref):
-            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
-    assert "triton_red_" in codes[0] and "triton_per_" not in codes[0]
-    assert "triton_per_" in codes[8192] and "triton_red_" not in codes[8192]

@@ -31,7 +31,6 @@ from ...compile import (
     placeholder_names,
     resolve_auto,
 )
-from ...compile.reductions import INDUCTOR_WIDTH, persistent_reductions
 from ...runtime.kv_cache import CacheInterface
 from ...runtime.scheduler import DEFAULT_PREFILL_CHUNK_SIZE
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
@@ -59,9 +58,6 @@ class CompileModelConfig(TransformConfig):
     regional: bool = True
     # CUDA graphs of this many decode sequences or more are captured with cuBLASLt GEMMs (None: cuBLAS)
     cublaslt_min_batch: Optional[int] = 32
-    # torch-compile/torch-opt: inductor reduces rows up to this wide in one pass (RMSNorm over the
-    # hidden size); <= 1024 keeps inductor's own limit (compile/reductions.py)
-    persistent_reduction_width: int = 8192
     run_graph_cleanup: bool = False  # the result is no longer a plain GraphModule
     requires_clean_graph: bool = True
 
@@ -73,9 +69,6 @@ class CompileModelConfig(TransformConfig):
         if self.cuda_graph_batch_sizes is not None and any(int(b) < 1 for b in self.cuda_graph_batch_sizes):
             sizes = list(self.cuda_graph_batch_sizes)
             raise ValueError(f"args.transforms.compile_model.cuda_graph_batch_sizes must be >= 1, got {sizes}")
-        if int(self.persistent_reduction_width) < 0:
-            raise ValueError("args.transforms.compile_model.persistent_reduction_width must be >= 0, "
-                             f"got {self.persistent_reduction_width}")
         if self.compiles not in COMPILES:
             raise ValueError(f"args.transforms.compile_model.compiles must be one of {', '.join(COMPILES)}, "
                              f"got {self.compiles!r}")
@@ -179,16 +172,13 @@ class CompileModel(BaseTransform):
         first_call = _FirstPrefill.from_context(ctx)
         compiles_graph = resolve_auto(backend, ctx.device) in ("torch-compile", "torch-opt")
         regional = cfg.regional and compiles_graph and cfg.compiles == "two" and _shapes_known(model)
-        # the first-call prefill and the captures compile here; steps compiled later (no cache
-        # tensors at build, capture_on_build=false) get inductor's own reduction limit
-        with persistent_reductions(cfg.persistent_reduction_width if compiles_graph else 0):
-            compiled, used = compile_graph(
-                model, backend, ctx.device, sizes, example_inputs=example,
-                prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
-                max_num_tokens=getattr(info, "max_num_tokens", None),
-                max_batch_size=getattr(info, "max_batch_size", None), compiles=cfg.compiles,
-                cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call, regional=regional,
-            )
+        compiled, used = compile_graph(
+            model, backend, ctx.device, sizes, example_inputs=example,
+            prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
+            max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
+            compiles=cfg.compiles, cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call,
+            regional=regional,
+        )
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")
             note = "torch-simple: graph runs as is" + (f" ({backend} needs CUDA)" if fell_back else "")
@@ -197,8 +187,6 @@ class CompileModel(BaseTransform):
         regions = getattr(getattr(compiled, "model", compiled), "regions", None)  # CompiledGraph, maybe in the runner
         if regions:
             note += f", regional: {regions}"
-        if cfg.persistent_reduction_width > INDUCTOR_WIDTH:
-            note += f", one-pass reductions up to {cfg.persistent_reduction_width} wide"
         if first_call is not None and first_call.seconds is not None:
             note += f", first call a {first_call.num_tokens}-token prefill"
         if used in ("torch-cudagraph", "torch-opt"):
