@@ -51,7 +51,9 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any):
         start = time.perf_counter()
         self.config = config_from_kwargs(model, **kwargs)
-        self._build(config_s=time.perf_counter() - start)
+        config_s = time.perf_counter() - start
+        self._build()
+        self.build_phases = {"config": config_s, **self.build_phases}  # from_config: composed elsewhere
 
     @classmethod
     def from_config(cls, config: DictConfig) -> "LLM":
@@ -65,14 +67,13 @@ class LLM:
     def args(self) -> DictConfig:
         return self.config.args
 
-    def _build(self, config_s: float = 0.0) -> None:
+    def _build(self) -> None:
         start = time.perf_counter()
         from .build import build_engine
         from .config import preflight
 
         preflight(self.config)  # device choices, model, model_kwargs, checkpoint: before any model work
-        # seconds before build_engine's own phases: composing the config, imports and preflight
-        before = {"config": config_s, "preflight": time.perf_counter() - start}
+        preflight_s = time.perf_counter() - start  # imports and checks, before build_engine's own phases
         self.ranks = None
         world_size = int(self.args.world_size)
         if world_size > 1:
@@ -88,7 +89,7 @@ class LLM:
                 raise failure from e
             raise
         self.engine, self.factory, self.build_report = built.engine, built.factory, built.report
-        self.build_phases = {**before, **(built.phases or {})}
+        self.build_phases = {"preflight": preflight_s, **built.phases}
         self.sharding_plan = built.sharding
         self.engine.ranks = self.ranks
         self.tokenizer = self.engine.tokenizer
