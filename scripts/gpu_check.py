@@ -11,6 +11,8 @@
    prefill, dense SDPA (flash attention, no paging) as a ceiling; the triton op's prefill
    (append + triton_prefill.varlen_attention) beside the old paged kernel; a decode split sweep
    and a few tile configs of both prefill kernels.
+``--fresh`` / ``--mixed`` / ``--decode-merge``: one table only (fresh prompts in flash attention vs the
+Triton kernel; the mixed step's decode rows; the decode split merge).
 Prints a summary last and writes every number to DIR/gpu_check.json. Imports torch/triton only.
 """
 
@@ -273,6 +275,65 @@ def time_mixed(prompts=2, decodes=30):
     return res
 
 
+def time_fresh():
+    """Steps with prompt tokens through the triton op, three ways: ``two_launches`` (append_kv, then
+    the varlen kernel: the op before the append moved into the kernel), ``fused`` (the op, the fresh
+    prompts in the Triton kernel too: fresh_prompts.ENABLED off) and ``flash`` (the op, the leading
+    fresh prompts in torch's flash attention, facts published as SequenceInfo does). Per variant:
+    ``ms`` (eager, median; small steps are bound by the host's launches), ``gpu_ms`` (one call
+    replayed from a CUDA graph: the kernels alone), ``host_us`` (per call, launches queued back to
+    back) and the error vs float64 (not for 32 prompts)."""
+    import time
+
+    import triton
+
+    from autodeploy.custom_ops.cached_attention import fresh_prompts
+
+    op = get_backend("triton").op()
+    shapes = {"1x1024": [(0, CTX)], "2x1024": [(0, CTX)] * 2, "2x1024+30dec": [(0, CTX)] * 2 + [(CTX, 1)] * 30,
+              "1x1024+chunk512+30dec": [(0, CTX), (CTX, 512)] + [(CTX, 1)] * 30, "32x1024": [(0, CTX)] * 32}
+    res = {}
+    for name, seqs in shapes.items():
+        b = make_batch(seqs, H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
+        fresh = fresh_prompts.leading_fresh([n for _, n in seqs], [p for p, _ in seqs])
+        ref = reference(b.clone(), D**-0.5)[0] if name != "32x1024" else None
+
+        def two_launches():
+            tk.append_kv(b.k[0], b.v[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen, b.page_table)
+            return tp.varlen_attention(b.q[0], b.k[0], b.v[0], b.k_cache, b.v_cache, b.input_pos, b.cu_seqlen,
+                                       b.page_table, D**-0.5, 0, 0.0).unsqueeze(0)
+
+        def the_op():
+            return op(*b.args(), D**-0.5, None, None)
+
+        row, outs = {}, {}
+        for key, fn, flash in (("two_launches", two_launches, False), ("fused", the_op, False), ("flash", the_op, True)):
+            fresh_prompts.ENABLED = flash
+            fresh_prompts.publish(b.cu_seqlen, b.q.shape[1], fresh)
+            outs[key] = fn()
+            row[f"{key}_ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(50):
+                fn()
+            row[f"{key}_host_us"] = (time.perf_counter() - t0) / 50 * 1e6
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                fn()
+            row[f"{key}_gpu_ms"] = triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+            row[f"{key}_err"] = rel_err(outs[key], ref) if ref is not None else None
+        row["flash_vs_fused_err"] = rel_err(outs["flash"], outs["fused"])
+        res[name] = row
+    fresh_prompts.ENABLED = True
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -281,6 +342,8 @@ def main():
                     help="only the decode split x merge table (bs 1, 8, 32), then exit")
     ap.add_argument("--mixed", action="store_true",
                     help="only the mixed-step table (2 prompts + 30 decodes, decode-row key blocks), then exit")
+    ap.add_argument("--fresh", action="store_true",
+                    help="only the fresh-prompt table (flash attention vs the Triton kernel), then exit")
     args = ap.parse_args()
     import triton
 
@@ -306,6 +369,9 @@ def main():
             report["errors"][name] = f"{type(e).__name__}: {e}"
             return None
 
+    if args.fresh:
+        print(f"RESULT fresh {section('fresh prompts', time_fresh)}", flush=True)
+        return
     if args.mixed:
         print(f"RESULT mixed {section('mixed step', time_mixed)}", flush=True)
         return

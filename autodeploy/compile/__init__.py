@@ -51,6 +51,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import fx, nn
 
+from ..custom_ops.cached_attention import fresh_prompts
 from .cudagraph import SEQ_INPUTS, TOKEN_INPUTS, CudaGraphRunner
 from .inline import inline_for_inductor
 from .regions import CompiledRegion, Mark, cut_regions
@@ -139,6 +140,7 @@ class CompiledGraph(nn.Module):
         self.batch_dims = [(n, d) for n, d in BATCH_DIMS.items() if n in self.input_names]
         self.limits: dict[str, tuple[int, int]] = {}  # name -> (dim, largest size)
         self.regions: Optional[str] = None
+        self._copied_dims = self.batch_dims  # the batch inputs forward may copy
         self._mark = _mark_unbacked() if compiles != "dynamic" else None
         if self._mark is None:
             if compiles != "dynamic":
@@ -162,6 +164,11 @@ class CompiledGraph(nn.Module):
             log.info("regional compile needs compiles=two (got %s): compiling the graph whole", compiles)
         if self.regions is not None:  # the outer graph runs as FX, its regions compiled
             self.compiled = gm
+            # only what a region reads must come in as a plain copy (forward); the cache ops, run by
+            # the outer graph, take the views as they are (fresh_prompts.py keys on cu_seqlen's)
+            read = {a.target for n in gm.graph.nodes if n.op == "call_module" for a in n.all_input_nodes
+                    if a.op == "placeholder"}
+            self._copied_dims = [(name, dim) for name, dim in self.batch_dims if name in read]
             return
         checks = [(name, dim, limit) for name, (dim, limit) in self.limits.items()]
         self.compiled = _torch_compile(_insert_size_checks(gm, checks) if checks else gm, num_shapes)
@@ -197,12 +204,15 @@ class CompiledGraph(nn.Module):
                 raise ValueError(f"{name} has {inputs[name].shape[dim]} rows along dim {dim}; the graph was "
                                  f"compiled for at most {limit} (max_num_tokens / max_batch_size)")
         with torch.inference_mode(False):
-            for name, dim in self.batch_dims:
+            for name, dim in self._copied_dims:
                 t = inputs[name]
                 # storage offsets 0/1 are specialized, dispatch keys guarded (module docstring):
                 # views at an offset and inference tensors, bytes of metadata, go in as plain copies
                 if t.storage_offset() or t.is_inference():
-                    inputs[name] = t = t.clone()
+                    inputs[name] = copy = t.clone()
+                    if name == "cu_seqlen":  # the step's host facts follow it (the cached ops inside)
+                        fresh_prompts.follow(t, copy)
+                    t = copy
                 # on every call: compiling is lazy, and a recompile must see the marks too; a
                 # compiled graph is reused for inputs marked the same or not at all (the regions
                 # mark their own inputs)

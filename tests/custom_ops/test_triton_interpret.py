@@ -144,3 +144,54 @@ def test_default_pipeline_with_triton_equals_hf(name, tmp_path):
     d = Deployment(name, tmp_path, "backend=triton")
     outs = d.built.engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert [o.token_ids for o in outs] == [d.hf_greedy(p, 8) for p in PROMPTS]
+
+
+def _flash_stand_in(calls):
+    """fresh_prompts.flash_attention's contract in plain torch: causal (windowed) attention of each
+    fresh prompt over its own tokens, GQA by repeating the K/V heads."""
+    def attend(q, k, v, cu_seqlen, fresh, scale, window):
+        calls.append(fresh)
+        out = []
+        for s, e in zip(cu_seqlen[: fresh.num_seqs].tolist(), cu_seqlen[1: fresh.num_seqs + 1].tolist()):
+            g = q.shape[1] // k.shape[1]
+            qs, ks, vs = q[s:e].transpose(0, 1), k[s:e].repeat_interleave(g, 1).transpose(0, 1), \
+                v[s:e].repeat_interleave(g, 1).transpose(0, 1)
+            pos = torch.arange(e - s)
+            mask = pos[None, :] <= pos[:, None]
+            if window:
+                mask &= pos[:, None] - pos[None, :] < window
+            out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, mask, scale=scale).transpose(0, 1))
+        return torch.cat(out)
+    return attend
+
+
+@pytest.mark.parametrize("seqs,window", [
+    ([(0, 13), (0, 20), (9, 4), (31, 1), (16, 1)], None),  # fresh prompts, a later chunk, decodes
+    ([(0, 13), (0, 20)], 7),  # fresh prompts only: their output is the flash one as is
+    ([(0, 37), (0, 5), (20, 15), (50, 1)], 7),
+], ids=["mixed", "all_fresh", "window_mixed"])
+def test_op_gives_published_fresh_prompts_to_flash(monkeypatch, seqs, window):
+    """With the host's facts published (SequenceInfo does it per step), the leading fresh prompts go
+    to flash attention (here a torch stand-in: flash needs CUDA), the rest to the Triton kernel
+    over the batch's tail; together they match the reference, K/V appended for every token."""
+    from autodeploy.custom_ops.cached_attention import fresh_prompts
+
+    calls = []
+    monkeypatch.setattr(fresh_prompts, "flash_usable", lambda q, v, cap: not cap)
+    monkeypatch.setattr(fresh_prompts, "flash_attention", _flash_stand_in(calls))
+    batch = make_batch(seqs, 4, 2, 16, 8, generator=torch.Generator().manual_seed(11))
+    ref, kc_ref, vc_ref = reference(batch, 0.25, window)
+    T = batch.q.shape[1]
+    fresh = fresh_prompts.leading_fresh([n for _, n in seqs], [p for p, _ in seqs])
+    fresh_prompts.publish(batch.cu_seqlen, T, fresh)
+    try:
+        out = get_backend("triton").op()(*batch.args(), 0.25, window, None)
+        assert [(c.num_seqs, c.num_tokens) for c in calls] == [fresh[:2]] and fresh[0] >= 2
+        assert rel_err(out, ref) < 1e-5
+        assert torch.equal(batch.k_cache.double(), kc_ref) and torch.equal(batch.v_cache.double(), vc_ref)
+        # the same facts do not apply to other tensors (a copy of cu_seqlen): the Triton kernel alone
+        other = batch.clone()
+        assert rel_err(get_backend("triton").op()(*other.args(), 0.25, window, None), ref) < 1e-5
+        assert len(calls) == 1
+    finally:
+        fresh_prompts.publish(batch.cu_seqlen, T, (0, 0, 0))

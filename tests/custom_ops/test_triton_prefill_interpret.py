@@ -48,6 +48,22 @@ def test_small_tiles_against_float64(case, window, cap):
     assert torch.equal(batch.k_cache, cache_before)  # reads only
 
 
+@pytest.mark.parametrize("num_head", [1, 2])
+def test_tail_of_a_batch(num_head):
+    """``skip_tokens``: the metadata of the batch's tail only (the op gives the head, fresh prompts,
+    to flash attention): the tail's rows match the whole batch's, the head's rows stay untouched."""
+    seqs, H, KV = [(0, 37), (0, 20), (12, 20), (7, 1), (64, 1)], 8, 2
+    batch = make_batch(seqs, H, KV, 16, 8, generator=torch.Generator().manual_seed(5))
+    ref, _, _ = reference(batch, 0.25, 9)
+    skip = int(batch.cu_seqlen[num_head])
+    out = torch.full((batch.q.shape[1], H, 16), float("nan"))
+    varlen_attention(batch.q[0], batch.k[0], batch.v[0], batch.k_cache, batch.v_cache, batch.input_pos[num_head:],
+                     batch.cu_seqlen[num_head:], batch.page_table[num_head:], 0.25, 9, 0.0, block_m=16, block_n=16,
+                     out=out, skip_tokens=skip)
+    assert out[:skip].isnan().all()
+    assert rel_err(out[skip:], ref[0, skip:]) < 1e-5
+
+
 @pytest.mark.parametrize("block_n_one", [16, 32, 64])
 def test_decode_rows_key_blocks(block_n_one):
     """The decodes of a mixed batch with key blocks of their own size (contexts across several)."""
@@ -90,3 +106,19 @@ def test_config_that_does_not_fit_falls_through(monkeypatch):
                                batch.cu_seqlen, batch.page_table, 0.25, 0, 0.0)
         assert rel_err(out.unsqueeze(0), ref) < 1e-3
     assert tried == [tp.CONFIGS[0], tp.CONFIGS[1], tp.CONFIGS[1]]  # the second call starts at the fit
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_append_in_the_same_launch(window):
+    """``append=True``: the kernel writes every new token's K/V into its page slot (each program its
+    tokens of its KV head, decodes of a mixed batch too), nothing else in the caches changes, and
+    the attention is that of the kernel alone."""
+    seqs, H, KV = [(0, 37), (12, 20), (7, 1), (0, 1), (64, 1)], 8, 2
+    batch = make_batch(seqs, H, KV, 16, 8, generator=torch.Generator().manual_seed(9))
+    ref, kc_ref, vc_ref = reference(batch, 0.25, window)
+    assert not torch.equal(batch.k_cache.double(), kc_ref)  # the check below can fail
+    out = varlen_attention(batch.q[0], batch.k[0], batch.v[0], batch.k_cache, batch.v_cache, batch.input_pos,
+                           batch.cu_seqlen, batch.page_table, 0.25, window or 0, 0.0, block_m=16, block_n=16,
+                           append=True)
+    assert rel_err(out.unsqueeze(0), ref) < 1e-5
+    assert torch.equal(batch.k_cache.double(), kc_ref) and torch.equal(batch.v_cache.double(), vc_ref)

@@ -8,8 +8,9 @@ Here a sequence's keys come from two places:
   with causal masking on the diagonal blocks only;
 - the cached prefix ``[0, input_pos)`` (later prefill chunks, and decodes in a mixed batch), from the
   pages, with bounds (and window) masks.
-The caller still appends the new K/V to the pages for later steps (``append_kv``); this kernel
-never reads what that writes, so the two do not depend on each other.
+With ``append`` the kernel also writes the new K/V to the pages for later steps, each program its
+own tokens of its KV head (``_store_new_kv``): ``append_kv``'s work without a launch of its own.
+No program reads those slots (new keys come from k/v; the pages it reads hold earlier positions).
 
 One program per (query block, KV head): the query heads sharing a KV head are packed into the
 tile's rows (``BLOCK_Q`` tokens x ``G_PAD`` heads), so K/V is loaded once per group. A sequence
@@ -22,6 +23,7 @@ ALiBi) keep that path: see ``triton_kernels.cached_attention``.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -110,16 +112,39 @@ def _attend_new(acc, m_i, l_i, q, tok, lo, hi, window, c1, c2, k_rows, v_rows, s
 
 
 @triton.jit
+def _store_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new, s_kt, s_kh, s_vt, s_vh,
+                  s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
+                  BLOCK_Q: tl.constexpr, STORE_Q: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """K/V head ``kvh`` of new tokens [q0, q0 + BLOCK_Q) into their page slots (STORE_Q >= BLOCK_Q
+    rows, a power of two >= 16, masked). Every (query block, KV head) program writes its own
+    share, so the kernel appends the whole batch; no program reads these slots (new keys come
+    from k/v), and the pages it reads hold positions before ``pos0``."""
+    offs = tl.arange(0, STORE_Q)
+    tok = q0 + offs
+    ok = (offs < BLOCK_Q) & (tok < n_new)
+    rows = (start + tok).to(tl.int64)
+    pos = pos0 + tok
+    page = tl.load(pt_row + pos // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
+    slot = pos % PAGE_SIZE
+    mk = ok[:, None] & d_ok[None, :]
+    mv = ok[:, None] & dv_ok[None, :]
+    kk = tl.load(k_ptr + rows[:, None] * s_kt + kvh * s_kh + offs_d[None, :], mask=mk)
+    vv = tl.load(v_ptr + rows[:, None] * s_vt + kvh * s_vh + offs_dv[None, :], mask=mv)
+    tl.store(kc_ptr + (page * s_kcp + slot * s_kcs + kvh * s_kch)[:, None] + offs_d[None, :], kk, mask=mk)
+    tl.store(vc_ptr + (page * s_vcp + slot * s_vcs + kvh * s_vch)[:, None] + offs_dv[None, :], vv, mask=mv)
+
+
+@triton.jit
 def _attend_rows(q_ptr, k_ptr, v_ptr, o_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new,
                  c1, c2, window, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                  s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch,
                  G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, STORE_Q: tl.constexpr):
     """Attention of new tokens [q0, q0 + BLOCK_Q) of one sequence, the G query heads of KV head
     ``kvh`` packed into the BLOCK_M = BLOCK_Q * G_PAD rows (row r: token q0 + r // G_PAD, head
-    kvh * G + r % G_PAD)."""
+    kvh * G + r % G_PAD). STORE_Q > 0: also append those tokens' K/V of head ``kvh`` to the pages."""
     offs_m = tl.arange(0, BLOCK_M)
     tok = q0 + offs_m // G_PAD
     head = kvh * G + offs_m % G_PAD
@@ -128,6 +153,10 @@ def _attend_rows(q_ptr, k_ptr, v_ptr, o_ptr, kc_ptr, vc_ptr, pt_row, kvh, start,
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _in_dim(offs_d, D, BLOCK_D)
     dv_ok = _in_dim(offs_dv, DV, BLOCK_DV)
+    if STORE_Q:
+        _store_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new, s_kt, s_kh, s_vt, s_vh,
+                      s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch, offs_d, offs_dv, d_ok, dv_ok,
+                      BLOCK_Q, STORE_Q, PAGE_SIZE)
     q_rows = (start + tok).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -173,13 +202,15 @@ def _varlen_attn(
     G: tl.constexpr, G_PAD: tl.constexpr, G_ONE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_ONE: tl.constexpr, PAGE_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
+    STORE_Q: tl.constexpr, STORE_Q_ONE: tl.constexpr,  # rows of the K/V append per branch, 0: none
 ):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)  # last (longest causal) blocks first: a shorter tail
     kvh = tl.program_id(1)
-    b = _find_seq(cu_ptr, qb, B, BLOCK_Q, True)
+    base = tl.load(cu_ptr)  # 0, or the rows before this batch when it is the tail of a larger one
+    b = _find_seq(cu_ptr, qb, B, BLOCK_Q, True, base)
     start = tl.load(cu_ptr + b)
     n_new = tl.load(cu_ptr + b + 1) - start
-    q0 = (qb - (start // BLOCK_Q + b)) * BLOCK_Q  # first new token of this block
+    q0 = (qb - ((start - base) // BLOCK_Q + b)) * BLOCK_Q  # first new token of this block
     if q0 >= n_new:  # the grid over-provisions blocks (no host sync to count them)
         return
     pos0 = tl.load(input_pos_ptr + b)
@@ -188,13 +219,14 @@ def _varlen_attn(
         _attend_rows(q_ptr, k_ptr, v_ptr, o_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new,
                      c1, c2, window, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                      s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch,
-                     G, G_ONE, 1, G_ONE, BLOCK_N_ONE, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP, PREC)
+                     G, G_ONE, 1, G_ONE, BLOCK_N_ONE, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP, PREC,
+                     STORE_Q_ONE)
     else:
         _attend_rows(q_ptr, k_ptr, v_ptr, o_ptr, kc_ptr, vc_ptr, pt_row, kvh, start, pos0, q0, n_new,
                      c1, c2, window, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                      s_kcp, s_kcs, s_kch, s_vcp, s_vcs, s_vch,
                      G, G_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, PAGE_SIZE, D, DV, BLOCK_D, BLOCK_DV, HAS_WINDOW, HAS_CAP,
-                     PREC)
+                     PREC, STORE_Q)
 
 
 def _block_n_one(block_n: int) -> int:
@@ -227,20 +259,25 @@ def _out_of_resources() -> tuple[type, ...]:
 
 def varlen_attention(q, k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
                      block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, block_n_one: int | None = None):
+                     num_stages: int | None = None, block_n_one: int | None = None,
+                     out: torch.Tensor | None = None, skip_tokens: int = 0, append: bool = False):
     """Causal attention of q[T, H, D] over each sequence's cached prefix (pages) and its new
     tokens (k[T, KV, D], v[T, KV, Dv]); -> [T, H, Dv]. Every sequence may bring any number of
     tokens (prefills, later chunks, decodes). Tiles: the arguments, else the first of ``CONFIGS``
     that fits (16-bit heads up to 128 wide start at the largest, others at the smallest).
-    ``block_n_one``: keys per block of the one-token sequences (decodes in a mixed batch)."""
+    ``block_n_one``: keys per block of the one-token sequences (decodes in a mixed batch).
+    ``skip_tokens``: the metadata describe the batch's tail only, from row ``skip_tokens`` on
+    (``cu_seqlen[0] == skip_tokens``); rows before it are left to the caller (in ``out``).
+    ``append``: also write the new tokens' K/V into their page slots (``append_kv``'s work, in the
+    same launch: the op's path; one Triton launch less per layer, the host's costliest call)."""
     T, H, D = q.shape
     KV, DV = k.shape[1], v.shape[-1]
     B = input_pos.shape[0]
-    out = q.new_empty((T, H, DV))
-    if T == 0 or B == 0:
+    out = q.new_empty((T, H, DV)) if out is None else out
+    if T == skip_tokens or B == 0:
         return out
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    args = (q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap)
+    args = (q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap, skip_tokens, append)
     if block_m or block_n or num_warps or num_stages or block_n_one:
         base = CONFIGS[0] if max(D, DV) <= 128 and q.element_size() <= 2 else CONFIGS[-1]
         _launch(*args, {"block_m": block_m or base["block_m"], "block_n": block_n or base["block_n"],
@@ -261,14 +298,15 @@ def varlen_attention(q, k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table
     return out
 
 
-def _launch(q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap, cfg):
+def _launch(q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap, skip_tokens, append,
+            cfg):
     T, H, D = q.shape
     KV, DV = k.shape[1], v.shape[-1]
     B = input_pos.shape[0]
     G = H // KV
     G_PAD = _p2(G)
     block_q = max(1, cfg["block_m"] // G_PAD)
-    _varlen_attn[(T // block_q + B, KV)](
+    _varlen_attn[((T - skip_tokens) // block_q + B, KV)](
         q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, B,
         *_score_consts(scale, cap), int(window or 0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -277,5 +315,6 @@ def _launch(q, k, v, out, k_cache, v_cache, input_pos, cu_seqlen, page_table, sc
         BLOCK_N_ONE=cfg.get("block_n_one") or _block_n_one(cfg["block_n"]), PAGE_SIZE=k_cache.shape[1],
         D=D, DV=DV, BLOCK_D=max(16, _p2(D)), BLOCK_DV=max(16, _p2(DV)),
         HAS_WINDOW=bool(window), HAS_CAP=bool(cap), PREC=_dot_precision(q),
+        STORE_Q=max(16, block_q) if append else 0, STORE_Q_ONE=16 if append else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
