@@ -11,8 +11,8 @@
    prefill, dense SDPA (flash attention, no paging) as a ceiling; the triton op's prefill
    (append + triton_prefill.varlen_attention) beside the old paged kernel; a decode split sweep
    and a few tile configs of both prefill kernels.
-``--fresh`` / ``--mixed`` / ``--decode-merge``: one table only (fresh prompts in flash attention vs the
-Triton kernel; the mixed step's decode rows; the decode split merge).
+``--append`` / ``--mixed`` / ``--decode-merge``: one table only (prompt steps with the K/V append in the
+kernel vs a launch of its own; the mixed step's decode rows; the decode split merge).
 Prints a summary last and writes every number to DIR/gpu_check.json. Imports torch/triton only.
 """
 
@@ -275,19 +275,15 @@ def time_mixed(prompts=2, decodes=30):
     return res
 
 
-def time_fresh():
-    """Steps with prompt tokens through the triton op, three ways: ``two_launches`` (append_kv, then
-    the varlen kernel: the op before the append moved into the kernel), ``fused`` (the op, the fresh
-    prompts in the Triton kernel too: fresh_prompts.ENABLED off) and ``flash`` (the op, the leading
-    fresh prompts in torch's flash attention, facts published as SequenceInfo does). Per variant:
-    ``ms`` (eager, median; small steps are bound by the host's launches), ``gpu_ms`` (one call
-    replayed from a CUDA graph: the kernels alone), ``host_us`` (per call, launches queued back to
-    back) and the error vs float64 (not for 32 prompts)."""
+def time_append():
+    """Steps with prompt tokens through the triton op (the varlen kernel appending the new K/V in
+    the same launch) against ``append_kv`` then the kernel (the op before 2026-12-01): ``ms``
+    (eager, median; small steps are bound by the host's launches), ``gpu_ms`` (one call replayed
+    from a CUDA graph: the kernels alone), ``host_us`` (per call, launches queued back to back),
+    and the error vs float64 (not for 32 prompts)."""
     import time
 
     import triton
-
-    from autodeploy.custom_ops.cached_attention import fresh_prompts
 
     op = get_backend("triton").op()
     shapes = {"1x1024": [(0, CTX)], "2x1024": [(0, CTX)] * 2, "2x1024+30dec": [(0, CTX)] * 2 + [(CTX, 1)] * 30,
@@ -295,7 +291,6 @@ def time_fresh():
     res = {}
     for name, seqs in shapes.items():
         b = make_batch(seqs, H, KV, D, PS, dtype=torch.bfloat16, device="cuda")
-        fresh = fresh_prompts.leading_fresh([n for _, n in seqs], [p for p, _ in seqs])
         ref = reference(b.clone(), D**-0.5)[0] if name != "32x1024" else None
 
         def two_launches():
@@ -306,11 +301,9 @@ def time_fresh():
         def the_op():
             return op(*b.args(), D**-0.5, None, None)
 
-        row, outs = {}, {}
-        for key, fn, flash in (("two_launches", two_launches, False), ("fused", the_op, False), ("flash", the_op, True)):
-            fresh_prompts.ENABLED = flash
-            fresh_prompts.publish(b.cu_seqlen, b.q.shape[1], fresh)
-            outs[key] = fn()
+        row = {}
+        for key, fn in (("two_launches", two_launches), ("op", the_op)):
+            out = fn()
             row[f"{key}_ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -327,10 +320,8 @@ def time_fresh():
             with torch.cuda.graph(g):
                 fn()
             row[f"{key}_gpu_ms"] = triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
-            row[f"{key}_err"] = rel_err(outs[key], ref) if ref is not None else None
-        row["flash_vs_fused_err"] = rel_err(outs["flash"], outs["fused"])
+            row[f"{key}_err"] = rel_err(out, ref) if ref is not None else None
         res[name] = row
-    fresh_prompts.ENABLED = True
     return res
 
 
@@ -342,8 +333,8 @@ def main():
                     help="only the decode split x merge table (bs 1, 8, 32), then exit")
     ap.add_argument("--mixed", action="store_true",
                     help="only the mixed-step table (2 prompts + 30 decodes, decode-row key blocks), then exit")
-    ap.add_argument("--fresh", action="store_true",
-                    help="only the fresh-prompt table (flash attention vs the Triton kernel), then exit")
+    ap.add_argument("--append", action="store_true",
+                    help="only the prompt-step table (append in the kernel vs append_kv then the kernel), then exit")
     args = ap.parse_args()
     import triton
 
@@ -369,8 +360,8 @@ def main():
             report["errors"][name] = f"{type(e).__name__}: {e}"
             return None
 
-    if args.fresh:
-        print(f"RESULT fresh {section('fresh prompts', time_fresh)}", flush=True)
+    if args.append:
+        print(f"RESULT append {section('prompt steps', time_append)}", flush=True)
         return
     if args.mixed:
         print(f"RESULT mixed {section('mixed step', time_mixed)}", flush=True)

@@ -14,7 +14,7 @@
 # perf needs .anchors/hand_decode.py (a copy of ../shared/anchors/hand_decode.py, git-ignored).
 # Knobs: perf: PERF_VARIANTS ("fused unfused"), PERF_TIMEOUT, ANCHOR_TIMEOUT; diag: PROBE_A_ARGS (added to
 # the default build's probe), PROBE_B_ARGS (a second build), CHUNK_SIZES, DIAG_ANCHOR=0 / DIAG_TESTS=0
-# (skip GPU 1's anchor / tests), DIAG_GPU_CHECK (gpu_check.py arguments, e.g. --fresh: run on GPU 1 before
+# (skip GPU 1's anchor / tests), DIAG_GPU_CHECK (gpu_check.py arguments, e.g. --append: run on GPU 1 before
 # the tests), DIAG_BUDGET (seconds; the HF baselines run in what is left).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_validate}
@@ -200,7 +200,7 @@ if [[ " $STEPS " == *" diag "* ]]; then
      BS=$bs timeout ${ANCHOR_BS_TIMEOUT:-110} python3 .anchors/hand_decode.py > "$OUT/diag/anchor_bs$bs.txt" 2>&1
      echo "anchor bs=$bs rc=$?: $(grep RESULT "$OUT/diag/anchor_bs$bs.txt")"
    done
-   if [[ -n ${DIAG_GPU_CHECK:-} ]]; then  # e.g. "--fresh": one gpu_check.py table
+   if [[ -n ${DIAG_GPU_CHECK:-} ]]; then  # e.g. "--append": one gpu_check.py table
      timeout ${GPU_CHECK_TIMEOUT:-150} python3 scripts/gpu_check.py $DIAG_GPU_CHECK --out "$OUT/diag" \
        > "$OUT/diag/gpu_check.log" 2>&1
      echo "gpu_check $DIAG_GPU_CHECK rc=$?"; grep RESULT "$OUT/diag/gpu_check.log"

@@ -51,7 +51,6 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import fx, nn
 
-from ..custom_ops.cached_attention import fresh_prompts
 from .cudagraph import SEQ_INPUTS, TOKEN_INPUTS, CudaGraphRunner
 from .inline import inline_for_inductor
 from .regions import CompiledRegion, Mark, cut_regions
@@ -164,8 +163,9 @@ class CompiledGraph(nn.Module):
             log.info("regional compile needs compiles=two (got %s): compiling the graph whole", compiles)
         if self.regions is not None:  # the outer graph runs as FX, its regions compiled
             self.compiled = gm
-            # only what a region reads must come in as a plain copy (forward); the cache ops, run by
-            # the outer graph, take the views as they are (fresh_prompts.py keys on cu_seqlen's)
+            # only what a region reads must come in as a plain copy (forward): the cache ops, run by
+            # the outer graph, take the views as they are (a copy is a kernel and ~10 us of host
+            # time each, before a prefill's first kernel)
             read = {a.target for n in gm.graph.nodes if n.op == "call_module" for a in n.all_input_nodes
                     if a.op == "placeholder"}
             self._copied_dims = [(name, dim) for name, dim in self.batch_dims if name in read]
@@ -209,10 +209,7 @@ class CompiledGraph(nn.Module):
                 # storage offsets 0/1 are specialized, dispatch keys guarded (module docstring):
                 # views at an offset and inference tensors, bytes of metadata, go in as plain copies
                 if t.storage_offset() or t.is_inference():
-                    inputs[name] = copy = t.clone()
-                    if name == "cu_seqlen":  # the step's host facts follow it (the cached ops inside)
-                        fresh_prompts.follow(t, copy)
-                    t = copy
+                    inputs[name] = t = t.clone()
                 # on every call: compiling is lazy, and a recompile must see the marks too; a
                 # compiled graph is reused for inputs marked the same or not at all (the regions
                 # mark their own inputs)

@@ -293,7 +293,7 @@ class Engine:
         if patch_at:
             _copy_rows(inputs.named_args["input_ids"].view(-1), patch_at, self._in_flight.sampled, patch_from)
         if self.ranks is not None:
-            self.ranks.send(self.cache.info, inputs)
+            self.ranks.send(self.cache.info, inputs.num_seqs, inputs.num_tokens)
         with torch.inference_mode():
             logits = self.forward(inputs)[0]
             if logits.shape[0] != inputs.num_seqs:  # every token's logits (no gather_last_token_logits)

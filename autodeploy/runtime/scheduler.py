@@ -97,9 +97,7 @@ class Scheduler:
             self.running.append(request)
             scheduled[request] = n
             used, decodes = used + n, decodes + (n == 1)
-        # prefills first (fresh prompts before later chunks: flash attention takes the leading
-        # fresh ones, sequence_info.py), then decodes
-        order = sorted(scheduled.items(), key=lambda item: (item[1] == 1, item[0].num_computed > 0))
+        order = sorted(scheduled.items(), key=lambda item: item[1] == 1)  # prefills first, then decodes
         return ScheduledBatch([r for r, _ in order], [n for _, n in order])
 
     def _budget(self, used: int, decodes: int, prompt: bool) -> int:

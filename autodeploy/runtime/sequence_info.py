@@ -9,10 +9,6 @@ non-blocking on CUDA); the device tensors are views of one persistent buffer, so
 stay fixed between steps and a step launches no conversion kernel: the int64 inputs
 (``input_ids``, ``position_ids`` and ``last_token_idx``) lie at the start of the int32 buffer and are
 viewed as int64, the int32 metadata follows.
-
-The scheduler puts fresh prompts (nothing cached) first; ``build`` and ``views`` publish that
-leading run to the attention ops (``custom_ops/cached_attention/fresh_prompts.py``), which give it
-to flash attention: host facts the ops could not read from the device tensors without a sync.
 """
 
 from __future__ import annotations
@@ -22,8 +18,6 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
-
-from ..custom_ops.cached_attention import fresh_prompts
 
 # graph inputs added by insert_cached_attention, in placeholder order
 METADATA_NAMES = ("seq_len", "input_pos", "cu_seqlen", "page_table", "slot_idx")
@@ -35,7 +29,6 @@ class BatchInputs:
     last_token_idx: torch.Tensor  # [B] int64: each sequence's last token in the flattened batch
     num_tokens: int
     num_seqs: int
-    fresh: tuple[int, int, int] = (0, 0, 0)  # leading fresh prompts: (sequences, tokens, longest)
 
 
 class SequenceInfo:
@@ -70,7 +63,6 @@ class SequenceInfo:
                 f"max_batch_size={self.max_batch_size} / max_num_tokens={self.max_num_tokens}"
             )
         cu_seqlen = list(accumulate(seq_len, initial=0))
-        fresh = fresh_prompts.leading_fresh(seq_len, input_pos)
         wide = array("q")  # int64: input_ids, position_ids, last_token_idx
         for t in tokens:
             wide.extend(t)
@@ -92,7 +84,7 @@ class SequenceInfo:
         if self._copied is not None:
             self._device[:end].copy_(self._host[:end], non_blocking=True)
             self._copied.record()
-        return self._views(num_seqs, num_tokens, fresh)
+        return self._views(num_seqs, num_tokens)
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -103,20 +95,18 @@ class SequenceInfo:
         """Values ``build`` writes for a batch of this size (tokens, positions, metadata)."""
         return 2 * (2 * num_tokens + num_seqs) + num_seqs * (4 + self.max_pages_per_seq) + 1
 
-    def views(self, num_seqs: int, num_tokens: int, fresh: tuple[int, int, int] = (0, 0, 0)) -> BatchInputs:
-        """The inputs of a batch already in ``buffer`` (written by ``build`` or received from rank 0,
-        with the ``fresh`` prompts ``build`` found there)."""
-        return self._views(num_seqs, num_tokens, tuple(fresh))
+    def views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
+        """The inputs of a batch already in ``buffer`` (written by ``build`` or received from rank 0)."""
+        return self._views(num_seqs, num_tokens)
 
-    def _views(self, num_seqs: int, num_tokens: int, fresh: tuple[int, int, int]) -> BatchInputs:
+    def _views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
         key = (num_seqs, num_tokens)
         if key not in self._views_by_shape:
             if len(self._views_by_shape) >= 256:
                 self._views_by_shape.clear()
             self._views_by_shape[key] = self._make_views(num_seqs, num_tokens)
         views = self._views_by_shape[key]
-        fresh_prompts.publish(views.named_args["cu_seqlen"], num_tokens, fresh)
-        return BatchInputs(dict(views.named_args), views.last_token_idx, views.num_tokens, views.num_seqs, fresh)
+        return BatchInputs(dict(views.named_args), views.last_token_idx, views.num_tokens, views.num_seqs)
 
     def _make_views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
         buf, B, T, P = self._device, num_seqs, num_tokens, self.max_pages_per_seq

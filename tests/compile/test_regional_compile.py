@@ -76,9 +76,8 @@ def test_regional_llama_matches_hf_and_compiles_each_region_twice(deep_models):
     assert weights and all("." not in t and getattr(model.compiled, t).data_ptr() in held for t in weights)
     assert _compiles() - before == 3  # the first prefill at build: each distinct region once
 
-    # the cache ops run by the outer graph get the step's own metadata views, so they find the
-    # fresh prompts SequenceInfo published for the step (fresh_prompts.py)
-    seen = _watch_fresh_prompts(model.compiled)
+    # the cache ops, run by the outer graph, get the engine's metadata views, not copies
+    as_views = _watch_page_tables(model.compiled)
 
     engine = llm.engine
     reqs = engine.add_requests(PROMPTS, _greedy(6))
@@ -96,34 +95,20 @@ def test_regional_llama_matches_hf_and_compiles_each_region_twice(deep_models):
         engine.step()
     assert engine.output(req).token_ids == hf_greedy(hf, one[0], 4)
     assert _compiles() - before == 6
-    # per attention call with prompt tokens, the fresh prompts it was told of (sequences, tokens):
-    # the first step's 6-token prompt and the first 6 tokens of the 12-token one, in each of the
-    # 4 layers; the last step's 4-token prompt
-    assert seen[:4] == [(2, 12)] * 4 and seen[-4:] == [(1, 4)] * 4
-    # the metadata no region reads came as the engine's views, not copied (the last region reads
-    # cu_seqlen to gather the last tokens: a copy, which the facts follow)
+    # only what a region reads is copied (the last region reads cu_seqlen to gather the last tokens)
     assert [n for n, _ in model._copied_dims] == ["input_ids", "position_ids", "cu_seqlen"]
-    assert seen.as_views and all(seen.as_views)
+    assert as_views and all(as_views)
 
 
-def _watch_fresh_prompts(gm):
-    """Record, for every cached-attention call of ``gm`` with prompt tokens, what
-    ``fresh_prompts.lookup`` finds for its arguments."""
-    from autodeploy.custom_ops.cached_attention import fresh_prompts
-
-    class Seen(list):
-        as_views: list  # per call: page_table is a view into the engine's buffer
-
-    seen = Seen()
-    seen.as_views = []
+def _watch_page_tables(gm):
+    """Record, for every cached-attention call of ``gm``, whether its page table is a view into
+    the engine's buffer (``SequenceInfo``) rather than a copy."""
+    seen = []
 
     def watched(op):
-        def call(q, k, v, seq_len, input_pos, cu_seqlen, *rest, **kw):
-            seen.as_views.append(rest[0].storage_offset() > 0)
-            if q.shape[1] != seq_len.shape[0]:
-                f = fresh_prompts.lookup(cu_seqlen, q.shape[1])
-                seen.append((f.num_seqs, f.num_tokens) if f else None)
-            return op(q, k, v, seq_len, input_pos, cu_seqlen, *rest, **kw)
+        def call(q, k, v, seq_len, input_pos, cu_seqlen, page_table, *rest, **kw):
+            seen.append(page_table.storage_offset() > 0)
+            return op(q, k, v, seq_len, input_pos, cu_seqlen, page_table, *rest, **kw)
         return call
 
     for node in gm.graph.nodes:

@@ -48,22 +48,6 @@ def test_small_tiles_against_float64(case, window, cap):
     assert torch.equal(batch.k_cache, cache_before)  # reads only
 
 
-@pytest.mark.parametrize("num_head", [1, 2])
-def test_tail_of_a_batch(num_head):
-    """``skip_tokens``: the metadata of the batch's tail only (the op gives the head, fresh prompts,
-    to flash attention): the tail's rows match the whole batch's, the head's rows stay untouched."""
-    seqs, H, KV = [(0, 37), (0, 20), (12, 20), (7, 1), (64, 1)], 8, 2
-    batch = make_batch(seqs, H, KV, 16, 8, generator=torch.Generator().manual_seed(5))
-    ref, _, _ = reference(batch, 0.25, 9)
-    skip = int(batch.cu_seqlen[num_head])
-    out = torch.full((batch.q.shape[1], H, 16), float("nan"))
-    varlen_attention(batch.q[0], batch.k[0], batch.v[0], batch.k_cache, batch.v_cache, batch.input_pos[num_head:],
-                     batch.cu_seqlen[num_head:], batch.page_table[num_head:], 0.25, 9, 0.0, block_m=16, block_n=16,
-                     out=out, skip_tokens=skip)
-    assert out[:skip].isnan().all()
-    assert rel_err(out[skip:], ref[0, skip:]) < 1e-5
-
-
 @pytest.mark.parametrize("block_n_one", [16, 32, 64])
 def test_decode_rows_key_blocks(block_n_one):
     """The decodes of a mixed batch with key blocks of their own size (contexts across several)."""

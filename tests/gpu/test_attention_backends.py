@@ -126,34 +126,3 @@ def test_triton_variants_match_reference(case, dtype):
     assert rel_err(out, ref) < TOL[dtype]
     assert torch.equal(batch.k_cache.double().cpu(), kc_ref)
 
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_triton_fresh_prompts_in_flash(monkeypatch, case, dtype):
-    """With the step's facts published (SequenceInfo does it each step), the triton op gives the
-    leading fresh prompts to torch's flash attention and the rest to its own kernel; soft-capped
-    layers keep the kernel. q/k/v are strided views of one fused projection, as in the model."""
-    from autodeploy.custom_ops.cached_attention import fresh_prompts
-
-    op = _backend_or_skip("triton")
-    name, seqs, H, KV, D, ps, window, cap = case
-    g = torch.Generator().manual_seed(len(name) * 31 + H)
-    batch = make_batch(seqs, H, KV, D, ps, dtype=dtype, device="cuda", generator=g)
-    fused = torch.cat([batch.q, batch.k, batch.v], dim=2)  # [1, T, H + 2 KV, D]
-    batch.q, batch.k, batch.v = fused[:, :, :H], fused[:, :, H:H + KV], fused[:, :, H + KV:]
-    ref, kc_ref, vc_ref = reference(batch, D**-0.5, window, cap)
-    calls, real = [], fresh_prompts.flash_attention
-    monkeypatch.setattr(fresh_prompts, "flash_attention", lambda *a: calls.append(a[4]) or real(*a))
-    fresh = fresh_prompts.leading_fresh([n for _, n in seqs], [p for p, _ in seqs])
-    fresh_prompts.publish(batch.cu_seqlen, batch.q.shape[1], fresh)
-    try:
-        out = op(*batch.args(), D**-0.5, window, cap)
-        torch.cuda.synchronize()
-    finally:
-        fresh_prompts.publish(batch.cu_seqlen, 0, (0, 0, 0))
-    in_flash = fresh[0] > 0 and not cap and batch.q.shape[1] != len(seqs)  # decode-only: decode kernel
-    assert len(calls) == int(in_flash)
-    assert rel_err(out, ref) < TOL[dtype], f"{rel_err(out, ref):.2e}"
-    assert torch.equal(batch.k_cache.double().cpu(), kc_ref) and torch.equal(batch.v_cache.double().cpu(), vc_ref)

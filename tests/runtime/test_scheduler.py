@@ -106,16 +106,3 @@ def test_no_cap_without_prefill_chunk_size():
     s.add(b)
     batch = s.schedule()
     assert list(zip(batch.requests, batch.num_new_tokens)) == [(b, 19), (a, 1)]
-
-
-def test_fresh_prompts_lead_the_prefills():
-    """A new prompt admitted beside a continuing chunk is laid out before it (flash attention takes
-    the batch's leading fresh prompts: sequence_info.py), then the decodes."""
-    s = Scheduler(CacheInterface(4, 64, max_num_tokens=16, page_size=4), prefill_chunk_size=None)
-    long, dec = request(24), request(2)
-    s.add(dec), s.add(long)
-    run(s, s.schedule())  # dec: whole prompt; long: a 14-token chunk
-    fresh = request(3)
-    s.add(fresh)
-    batch = s.schedule()
-    assert list(zip(batch.requests, batch.num_new_tokens)) == [(fresh, 3), (long, 10), (dec, 1)]

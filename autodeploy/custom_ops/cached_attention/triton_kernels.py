@@ -44,17 +44,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _find_seq(cu_ptr, target, B, BLOCK_Q: tl.constexpr, BLOCK_MODE: tl.constexpr, base=0):
-    """Largest b with start(b) <= target; start(b) = cu[b] (token mode) or (cu[b] - base) // BLOCK_Q + b
-    (query-block mode: an upper bound on the blocks of sequences before b, so blocks never clash;
-    ``base`` = cu[0] when the batch is the tail of a larger one)."""
+def _find_seq(cu_ptr, target, B, BLOCK_Q: tl.constexpr, BLOCK_MODE: tl.constexpr):
+    """Largest b with start(b) <= target; start(b) = cu[b] (token mode) or cu[b] // BLOCK_Q + b
+    (query-block mode: an upper bound on the blocks of sequences before b, so blocks never clash)."""
     lo = 0
     hi = B
     while lo < hi:
         mid = (lo + hi) // 2
         start = tl.load(cu_ptr + mid)
         if BLOCK_MODE:
-            start = (start - base) // BLOCK_Q + mid
+            start = start // BLOCK_Q + mid
         if start <= target:
             lo = mid + 1
         else:
@@ -589,24 +588,12 @@ def cached_attention(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache
     if T == B:
         out = decode_attention(q3, k3, v3, k_cache, v_cache, input_pos, page_table, scale, window, cap, **variants)
     elif sinks is None and alibi_slopes is None and not variants["chunk"]:
-        # new keys straight from k/v, the cached prefix from the pages (triton_prefill.py); the
-        # batch's leading fresh prompts, when the host published them, in flash attention
-        from . import fresh_prompts
+        # new keys straight from k/v, the cached prefix from the pages, the new K/V appended to the
+        # pages in the same launch (triton_prefill.py)
         from .triton_prefill import varlen_attention
 
-        fresh = fresh_prompts.lookup(cu_seqlen, T)
-        if fresh is None or not fresh_prompts.flash_usable(q3, v3, cap):  # one launch: append + attention
-            out = varlen_attention(q3, k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
-                                   append=True)
-        else:
-            n, t = fresh.num_seqs, fresh.num_tokens
-            append_kv(k3[:t], v3[:t], k_cache, v_cache, input_pos[:n], cu_seqlen[: n + 1], page_table[:n])
-            head = fresh_prompts.flash_attention(q3, k3, v3, cu_seqlen, fresh, scale, window)
-            if n == B:
-                return head.unsqueeze(0)
-            out = varlen_attention(q3, k3, v3, k_cache, v_cache, input_pos[n:], cu_seqlen[n:], page_table[n:],
-                                   scale, window, cap, skip_tokens=t, append=True)
-            out[:t].copy_(head)
+        out = varlen_attention(q3, k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
+                               append=True)
     else:  # sinks, ALiBi and chunked attention: the kernel that reads every key from the pages
         append_kv(k3, v3, k_cache, v_cache, input_pos, cu_seqlen, page_table)
         out = prefill_attention(q3, k_cache, v_cache, input_pos, cu_seqlen, page_table, scale, window, cap,
