@@ -1,13 +1,14 @@
 """Where a step's time goes on the GPU, and what the engine-level switches change, in one process.
 
     python3 scripts/perf_probe.py --out DIR [--model llama3_8b] [--num 3] [--no-profile] [--overlap both|on|off]
-        [--set transforms.compile_model.compiles=dynamic ...] [--chunk-sizes 4096,8192]
+        [--set transforms.compile_model.compiles=dynamic ...] [--chunk-sizes 4096,8192] [--prefill-graphs both]
 
 One build of the model (triton attention, torch-opt, CUDA graphs for decode batches 1 and 32, the
 default pipeline), then:
 1. the first request's prefill, timed alone (it includes any compile torch.compile defers to it);
 2. the benchmark (isl 1024, osl 128) at batch 1 and 32 with the overlap scheduler off, then on;
 3. with --chunk-sizes: batch 32 again (overlap on) with each prefill_chunk_size, on the same engine;
+   ``--prefill-graphs both`` runs 2. also with the one-prompt prefill CUDA graphs set aside (eager);
 4. the one-prompt prefill taken apart: the step's host time, the forward's device time (CUDA events
    around the model call) and what the host waits for after it;
 5. with --profile (default on): torch.profiler kernel tables of a 1024-token prefill, 32 decode
@@ -157,6 +158,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="LLM keyword overrides, dotted (transforms.compile_model.compiles=dynamic)")
     parser.add_argument("--chunk-sizes", default="", help="comma-separated prefill_chunk_size values to time at bs 32")
+    parser.add_argument("--prefill-graphs", choices=("both", "on"), default="on",
+                        help="both: the benchmarks also with the one-prompt prefill CUDA graphs set aside (eager prefills)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -182,14 +185,19 @@ def main() -> None:
           f"phases={record['build_phases_s']} stages={record['build_stage_s']}", flush=True)
 
     default_chunk = engine.scheduler.prefill_chunk_size
-    runs = [(o, bs, default_chunk) for o in {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
-            for bs in (1, 32)]
-    runs += [(True, 32, int(c)) for c in args.chunk_sizes.split(",") if c]
-    for overlap, bs, chunk in runs:
+    graphs = {"both": (False, True), "on": (True,)}[args.prefill_graphs]
+    runs = [(o, bs, default_chunk, g) for o in {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
+            for bs in (1, 32) for g in graphs]
+    runs += [(True, 32, int(c), True) for c in args.chunk_sizes.split(",") if c]
+    captured = dict(getattr(engine.model, "prefill_graphs", {}))  # the CUDA-graph runner's
+    for overlap, bs, chunk, with_graphs in runs:
         engine.overlap = overlap
         engine.scheduler.prefill_chunk_size = chunk
+        if captured:
+            engine.model.prefill_graphs = captured if with_graphs else {}
         r = _bench(engine, bs, args.num, args.isl)
-        tag = f"overlap={overlap} bs={bs}" + (f" chunk={chunk}" if chunk != default_chunk else "")
+        tag = (f"overlap={overlap} bs={bs}" + (f" chunk={chunk}" if chunk != default_chunk else "")
+               + (f" prefill_graphs={with_graphs}" if len(graphs) > 1 else ""))
         record[tag] = r
         print(f"RESULT {tag} decode_tok_s={r['decode_tok_s']:.1f} itl_ms={r['itl_ms']:.3f} "
               f"tpot_ms={r['tpot_ms']:.3f} ttft_ms={r['ttft_ms']:.2f} ttft_max_ms={r['ttft_max_ms']:.1f} "
@@ -197,6 +205,11 @@ def main() -> None:
               f"host_ms={r['decode_host_ms_per_step']:.3f} wait_ms={r['decode_wait_ms_per_step']:.3f} "
               f"steps={r['num_steps']}", flush=True)
     engine.scheduler.prefill_chunk_size = default_chunk
+    if captured:
+        engine.model.prefill_graphs = {}
+        record["prefill_parts_eager"] = _prefill_parts(engine, prompt, greedy)
+        print(f"RESULT prefill_parts_eager {record['prefill_parts_eager']}", flush=True)
+        engine.model.prefill_graphs = captured
     record["prefill_parts"] = _prefill_parts(engine, prompt, greedy)
     print(f"RESULT prefill_parts {record['prefill_parts']}", flush=True)
 

@@ -267,13 +267,15 @@ def compile_graph(
     cublaslt_min_batch: Optional[int] = None,
     first_call: Optional[Callable[[nn.Module], None]] = None,
     regional: bool = False,
+    prefill_tokens: Iterable[int] = (),
 ) -> tuple[nn.Module, str]:
     """Returns (compiled model, backend actually used). With ``example_inputs`` (the cache
     manager's tensors) CUDA graphs are captured now, else on the first decode step.
     ``max_num_tokens`` / ``max_batch_size``: the largest step the compiled graph will get (see
     ``CompiledGraph``). ``first_call(compiled_graph)``: run on a one-compile ``CompiledGraph``
     (torch-compile, torch-opt) before anything else calls it, captures included; it should run a
-    prefill-sized step (module docstring). ``regional``: see ``CompiledGraph``."""
+    prefill-sized step (module docstring). ``regional``: see ``CompiledGraph``. ``prefill_tokens``:
+    the token counts of one-prompt prefill graphs to capture (``cudagraph.prefill_buckets``)."""
     backend = resolve_auto(check_backend(backend), device)
     if backend in _USES_CUDA_GRAPHS and not _on_cuda(device):
         log.warning("compile backend %s needs a CUDA device (device is %s): using torch-simple", backend, device)
@@ -293,7 +295,7 @@ def compile_graph(
     if backend == "torch-compile":
         return model, backend
     runner = CudaGraphRunner(model, placeholder_names(gm), batch_sizes, warmup_iters, prepare_hooks,
-                             cublaslt_min_batch)
+                             cublaslt_min_batch, prefill_tokens)
     if example_inputs is not None:
         runner.capture(example_inputs)
     return runner, backend

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode-only batches, eager for everything else.
+"""CUDA graphs for decode-only batches and one-prompt prefill steps, eager for everything else.
 
 A decode-only batch is one where every sequence brings one token: ``T == B`` (input_ids is
 ``[1, T]``, seq_len is ``[B]``; no sequence brings zero tokens). Such a batch of ``b`` sequences
@@ -15,7 +15,17 @@ replays the graph captured for the smallest captured size ``bs >= b``:
 - outputs are token-major (``[1, T, ...]``): the runner returns views of the graph's static
   output narrowed to the first ``b`` tokens, valid until the next replay.
 
-Prefill or mixed batches, larger batches, or a page table of another width run eagerly (for
+A step of one sequence with several new tokens (a prompt, or a chunk of one: what TTFT waits for
+when few requests run) with ``T`` up to ``prefill_max_tokens`` replays the graph captured for
+the smallest multiple of ``PREFILL_GRANULE`` tokens ``Tp >= T``: its batch is the real sequence
+followed by one padding sequence of the other ``Tp - T`` tokens (at position 0, page-table row
+all 0, slot 0: scratch, as above; the rows of its tokens keep whatever ids and positions they
+held, which only that sequence reads). Its launches (a prefill's host time: ~13-29 ms for the 8B
+model's 1024 tokens on the H200 hosts, against ~22 ms on the GPU) become one replay; the padding
+costs at most ``PREFILL_GRANULE - 1`` tokens of compute. Buckets stop below ``max_seq_len``
+(the padding sequence's positions must have page-table columns) and need ``max_batch_size`` >= 2.
+
+Other prefill or mixed batches, larger batches, or a page table of another width run eagerly (for
 torch-opt: the compiled graph, not FX). Graphs are captured largest first into one shared memory
 pool, each after a few warm-up runs (which let attention backends plan; for torch-opt the first
 one compiles the graph, once for every capture size and the eager batches: ``CompiledGraph``).
@@ -39,6 +49,14 @@ TOKEN_INPUTS = ("input_ids", "position_ids")  # [1, T]
 SEQ_INPUTS = ("seq_len", "input_pos", "cu_seqlen", "page_table", "slot_idx")  # [B, ...] (cu_seqlen [B+1])
 BATCHED_INPUTS = TOKEN_INPUTS + SEQ_INPUTS
 _CONSTANT_IN_DECODE = ("seq_len", "cu_seqlen")
+PREFILL_GRANULE = 64  # one-prompt prefill graphs are captured at multiples of this many tokens
+
+
+def prefill_buckets(max_tokens: int, max_seq_len: Optional[int], max_num_tokens: Optional[int]) -> list[int]:
+    """Token counts of the one-prompt prefill graphs: multiples of ``PREFILL_GRANULE`` up to
+    ``max_tokens``, below ``max_seq_len`` and at most ``max_num_tokens``."""
+    top = min(max_tokens, max_num_tokens or max_tokens, (max_seq_len or max_tokens + 1) - 1)
+    return list(range(PREFILL_GRANULE, top + 1, PREFILL_GRANULE))
 
 
 def decode_pad_inputs(bs: int, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,8 +79,36 @@ def decode_pad_inputs(bs: int, like: Mapping[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def prefill_pad_inputs(tokens: int, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Static buffers of a ``tokens``-token step of two sequences (the real one, then the padding
+    one), laid out as one token then the rest until a replay writes the real split."""
+    out = decode_pad_inputs(2, like)
+    for name in TOKEN_INPUTS:
+        if name in like:
+            out[name] = torch.zeros((1, tokens), dtype=like[name].dtype, device=like[name].device)
+    if "seq_len" in out:
+        out["seq_len"][1] = tokens - 1
+    if "cu_seqlen" in out:
+        out["cu_seqlen"][2] = tokens
+    return out
+
+
 def _rows(name: str, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return t[:, start:stop] if name in TOKEN_INPUTS else t[start:stop]
+
+
+def _narrow_prefill(out: Any, tokens: int, t: int) -> Any:
+    """A prefill graph's outputs for the real sequence: rows of dim -2 (``[..., rows, V]``), its
+    ``t`` tokens of ``tokens`` (every token's logits) or its 1 of 2 (the last tokens' logits)."""
+    if isinstance(out, torch.Tensor):
+        if out.dim() >= 2 and out.shape[-2] in (tokens, 2):
+            return out.narrow(-2, 0, t if out.shape[-2] == tokens else 1)
+        return out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_narrow_prefill(o, tokens, t) for o in out)
+    if isinstance(out, dict):
+        return {k: _narrow_prefill(v, tokens, t) for k, v in out.items()}
+    return out
 
 
 def _narrow_tokens(out: Any, bs: int, b: int) -> Any:
@@ -79,8 +125,9 @@ def _narrow_tokens(out: Any, bs: int, b: int) -> Any:
 
 
 class _Graph:
-    def __init__(self, bs: int, inputs: dict[str, torch.Tensor]):
+    def __init__(self, bs: int, inputs: dict[str, torch.Tensor], tokens: Optional[int] = None):
         self.bs = bs
+        self.tokens = tokens  # a one-prompt prefill graph of this many tokens (None: decode)
         self.inputs = inputs  # every graph input: static batched buffers + the static tensors
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.output: Any = None
@@ -124,6 +171,7 @@ class CudaGraphRunner(nn.Module):
         warmup_iters: int = 2,
         prepare_hooks: Iterable[Callable[[Mapping[str, torch.Tensor]], None]] = (),
         cublaslt_min_batch: Optional[int] = None,
+        prefill_tokens: Iterable[int] = (),
     ):
         super().__init__()
         self.model = model
@@ -133,6 +181,9 @@ class CudaGraphRunner(nn.Module):
         self.warmup_iters = warmup_iters
         self.prepare_hooks = list(prepare_hooks)
         self.graphs: dict[int, _Graph] = {}
+        self.prefill_tokens = sorted({int(t) for t in prefill_tokens if int(t) >= 2})  # see prefill_buckets
+        self.prefill_graphs: dict[int, _Graph] = {}  # tokens -> the one-prompt prefill graph
+        self.num_prefill_replays = 0
         self.static_names = [n for n in self.input_names if n not in BATCHED_INPUTS]
         self.copy_names = [n for n in self.input_names if n in BATCHED_INPUTS and n not in _CONSTANT_IN_DECODE]
         self.enabled = "seq_len" in self.input_names and bool(self.batch_sizes)
@@ -151,6 +202,10 @@ class CudaGraphRunner(nn.Module):
     def captured_sizes(self) -> list[int]:
         return sorted(self.graphs)
 
+    @property
+    def captured_prefill_tokens(self) -> list[int]:
+        return sorted(self.prefill_graphs)
+
     # ---- capture ----
 
     @torch.no_grad()
@@ -164,35 +219,52 @@ class CudaGraphRunner(nn.Module):
             raise ValueError(f"CUDA-graph capture needs every graph input; missing {missing}")
         static = {n: example[n] for n in self.static_names}
         pool = torch.cuda.graph_pool_handle()
+        # prefill graphs hold the most memory: first, so that the others reuse it
+        for tokens in sorted(self.prefill_tokens, reverse=True):
+            g = _Graph(2, {**prefill_pad_inputs(tokens, example), **static}, tokens=tokens)
+            try:
+                self._capture(g, pool, None)
+            except RuntimeError as e:  # e.g. a cache op that plans prefills on the host (flashinfer)
+                torch.cuda.synchronize()
+                self.prefill_graphs.clear()
+                log.warning("CUDA-graph capture of a %d-token prefill failed (%s); prefill steps run eagerly",
+                            tokens, str(e).splitlines()[0])
+                break
+            self.prefill_graphs[tokens] = g
         for bs in sorted(self.batch_sizes, reverse=True):  # largest first: smaller ones reuse its memory
             g = _Graph(bs, {**decode_pad_inputs(bs, example), **static})
             # the graph keeps the GEMM kernels of the BLAS library chosen while it is captured
             lt = self.cublaslt_min_batch is not None and bs >= self.cublaslt_min_batch
-            blas = "cublaslt" if lt else None
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), blas_library(blas):
-                for _ in range(self.warmup_iters):
-                    self._prepare(g.inputs)
-                    self.model(**g.inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            self._prepare(g.inputs)
-            g.graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(g.graph, pool=pool), blas_library(blas):
-                    g.output = self.model(**g.inputs)
+                self._capture(g, pool, "cublaslt" if lt else None)
             except RuntimeError as e:
                 # graph code the pipeline left uncaptured (e.g. an MoE it did not match, which reads
                 # its group sizes on the host) cannot be captured: decode runs eagerly, correctly
                 torch.cuda.synchronize()
                 self.graphs.clear()
+                self.prefill_graphs.clear()
                 self.enabled = False
                 log.warning("CUDA-graph capture failed at batch size %d (%s); decode steps run eagerly", bs,
                             str(e).splitlines()[0])
                 return
             self.graphs[bs] = g
         torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", self.captured_sizes)
+        log.info("captured CUDA graphs for decode batch sizes %s%s", self.captured_sizes,
+                 f" and one-prompt prefills of {PREFILL_GRANULE}..{max(self.prefill_graphs)} tokens"
+                 if self.prefill_graphs else "")
+
+    def _capture(self, g: _Graph, pool, blas: Optional[str]) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), blas_library(blas):
+            for _ in range(self.warmup_iters):
+                self._prepare(g.inputs)
+                self.model(**g.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._prepare(g.inputs)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=pool), blas_library(blas):
+            g.output = self.model(**g.inputs)
 
     def _prepare(self, inputs: Mapping[str, torch.Tensor]) -> None:
         for hook in self.prepare_hooks:
@@ -202,8 +274,12 @@ class CudaGraphRunner(nn.Module):
 
     def _pick(self, kwargs: Mapping[str, torch.Tensor]) -> Optional[_Graph]:
         b = kwargs["seq_len"].shape[0]
-        if kwargs["input_ids"].shape[-1] != b:  # prefill or mixed
-            return None
+        t = kwargs["input_ids"].shape[-1]
+        if t != b:  # prefill or mixed: a graph for one prompt's step, if one is big enough
+            if b != 1 or not self.prefill_graphs:
+                return None
+            g = next((self.prefill_graphs[n] for n in self.captured_prefill_tokens if n >= t), None)
+            return g if g is not None and self._same_static(kwargs, g) else None
         if not self.graphs:
             try:
                 self.capture(kwargs)
@@ -218,17 +294,20 @@ class CudaGraphRunner(nn.Module):
             self._warn(f"size{b}", "decode batch of %d is larger than every captured size %s: running eagerly",
                        b, self.captured_sizes)
             return None
+        return g if self._same_static(kwargs, g) else None
+
+    def _same_static(self, kwargs: Mapping[str, torch.Tensor], g: _Graph) -> bool:
         pt = kwargs.get("page_table")
         if pt is not None and pt.shape[1] != g.inputs["page_table"].shape[1]:
             self._warn("pt", "page table width changed since capture: running eagerly")
-            return None
+            return False
         for n in self.static_names:
             t, s = kwargs[n], g.inputs[n]
             if t is not s and (t.data_ptr() != s.data_ptr() or t.shape != s.shape):
                 self._warn("static", "input %r is not the tensor seen at capture (re-allocated cache?): "
                            "running eagerly", n)
-                return None
-        return g
+                return False
+        return True
 
     def forward(self, **kwargs):
         kwargs = {n: kwargs[n] for n in self.input_names}  # extra inputs are ignored, like CompiledGraph
@@ -236,6 +315,8 @@ class CudaGraphRunner(nn.Module):
         if g is None:
             self.num_eager += 1
             return self.model(**kwargs)
+        if g.tokens is not None:
+            return self._replay_prefill(g, kwargs)
         b = kwargs["seq_len"].shape[0]
         inp = g.inputs
         dst = [_rows(n, inp[n], 0, b) for n in self.copy_names]
@@ -248,3 +329,16 @@ class CudaGraphRunner(nn.Module):
         g.graph.replay()
         self.num_replays += 1
         return _narrow_tokens(g.output, g.bs, b)
+
+    def _replay_prefill(self, g: _Graph, kwargs: Mapping[str, torch.Tensor]):
+        """The one sequence's rows in front, the padding sequence gets the other tokens."""
+        t, inp = kwargs["input_ids"].shape[-1], g.inputs
+        names = [n for n in self.input_names if n in BATCHED_INPUTS]
+        dst = [inp[n][:, :t] if n in TOKEN_INPUTS else inp[n][:2] if n == "cu_seqlen" else inp[n][:1] for n in names]
+        torch._foreach_copy_(dst, [kwargs[n] for n in names])  # cu_seqlen [0, t]: the padding starts at t
+        if "seq_len" in inp:
+            inp["seq_len"][1:].fill_(g.tokens - t)
+        self._prepare(inp)
+        g.graph.replay()
+        self.num_prefill_replays += 1
+        return _narrow_prefill(g.output, g.tokens, t)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
-from toy_lm import CACHE_NAMES, apply_compile, rel, run_both, toy_graph  # noqa: E402
+from toy_lm import CACHE_NAMES, PagedBatcher, apply_compile, rel, run_both, toy_caches, toy_graph  # noqa: E402
 
 from autodeploy.compile import CudaGraphRunner, default_batch_sizes, placeholder_names  # noqa: E402
-from autodeploy.compile.cudagraph import _Graph, decode_pad_inputs  # noqa: E402
+from autodeploy.compile.cudagraph import _Graph, decode_pad_inputs, prefill_buckets, prefill_pad_inputs  # noqa: E402
 from autodeploy.transforms.interface import build_config  # noqa: E402
 
 def test_unknown_backend_lists_the_choices():
@@ -68,15 +68,20 @@ class _CpuRunner(CudaGraphRunner):
 
     def capture(self, example):
         static = {n: example[n] for n in self.static_names}
-        for bs in sorted(self.batch_sizes, reverse=True):
-            g = _Graph(bs, {**decode_pad_inputs(bs, example), **static})
+        graphs = [(bs, _Graph(bs, {**decode_pad_inputs(bs, example), **static})) for bs in self.batch_sizes]
+        graphs += [(None, _Graph(2, {**prefill_pad_inputs(t, example), **static}, tokens=t))
+                   for t in self.prefill_tokens]
+        for bs, g in graphs:
             g.output = self.model(**g.inputs)
 
             def replay(g=g):
                 g.output.copy_(self.model(**g.inputs))
 
             g.graph = _RerunGraph(replay)
-            self.graphs[bs] = g
+            if bs is None:
+                self.prefill_graphs[g.tokens] = g
+            else:
+                self.graphs[bs] = g
 
 
 def test_replay_logic_pads_into_scratch_page():
@@ -88,3 +93,39 @@ def test_replay_logic_pads_into_scratch_page():
     for n in CACHE_NAMES:  # padded rows wrote only into scratch page 0
         torch.testing.assert_close(c_new[n][1:], c_ref[n][1:])
     assert runner.captured_sizes == [2, 4, 8] and runner.num_replays == 7 and runner.num_eager == 2
+
+
+def test_one_prompt_prefill_replay_pads_with_a_second_sequence():
+    """The prefill graphs' copy, padding and narrowing (``_CpuRunner`` re-runs the model on the
+    static buffers): a one-sequence step takes the smallest graph that holds its tokens, the other
+    tokens form a second sequence in scratch page 0; same outputs and caches as eager."""
+    gm = toy_graph()
+    runner = _CpuRunner(gm, placeholder_names(gm), [1, 2, 4], prefill_tokens=[16, 32, 48])
+    caches_ref, caches_new = toy_caches(48), toy_caches(48)
+    b_ref, b_new = PagedBatcher(), PagedBatcher()
+    runner.capture({**PagedBatcher().batch({0: [0]}), **caches_new})
+    gen = torch.Generator().manual_seed(1)
+
+    def tok(n):
+        return torch.randint(0, 97, (n,), generator=gen).tolist()
+
+    steps = [{0: tok(5)}, {0: tok(1)}, {0: tok(16)}, {1: tok(40)}, {0: tok(1), 1: tok(1)}, {2: tok(48)},
+             {3: tok(50)}, {4: tok(3), 5: tok(9)}, {2: tok(9)}]
+    with torch.inference_mode():
+        for i, step in enumerate(steps):
+            ref = gm(**b_ref.batch(step), **caches_ref)
+            new = runner(**b_new.batch(step), **caches_new)
+            assert new.shape == ref.shape and rel(new, ref) < 1e-5, f"step {i}"
+    for n in CACHE_NAMES:
+        torch.testing.assert_close(caches_new[n][1:], caches_ref[n][1:])
+    assert not torch.equal(caches_new["k_cache_0"][0], caches_ref["k_cache_0"][0])  # the padding wrote there
+    # 5 -> 16, 16 -> 16 (a padding sequence of no tokens), 40 -> 48, 48 -> 48, 9 -> 16; eager: 50
+    # tokens, two prompts
+    assert runner.num_prefill_replays == 5 and runner.num_eager == 2 and runner.num_replays == 2
+
+
+def test_prefill_buckets():
+    assert prefill_buckets(1024, 2048, 8192) == list(range(64, 1025, 64))
+    assert prefill_buckets(1024, 600, 8192)[-1] == 576  # below max_seq_len: the padding's positions
+    assert prefill_buckets(1024, 2048, 256)[-1] == 256
+    assert prefill_buckets(0, 2048, 8192) == []

@@ -95,3 +95,37 @@ def test_torch_opt_compile_count(compiles):
     _check_replay(runner, gm)
     assert runner.captured_sizes == [1, 2, 4, 8] and runner.num_eager == 2
     assert counters["stats"]["unique_graphs"] - before == {"one": 1, "two": 2}[compiles]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch-cudagraph", "torch-opt"])
+def test_one_prompt_prefill_graphs_equal_eager(backend):
+    """Steps of one sequence with several tokens replay the smallest prefill graph that holds them
+    (padded by a second sequence in scratch page 0): same logits and caches as eager; two prompts,
+    or more tokens than the largest graph, run eagerly."""
+    from autodeploy.compile import compile_graph
+    from autodeploy.custom_ops.cached_attention import triton_backend  # noqa: F401
+
+    gm = toy_graph("triton_cached_attention", device="cuda")
+    runner, _ = compile_graph(toy_graph("triton_cached_attention", device="cuda"), backend, torch.device("cuda"),
+                              [1, 2, 4], prefill_tokens=[16, 32, 64], max_num_tokens=128, max_batch_size=4)
+    caches_ref, caches_new = toy_caches(64, device="cuda"), toy_caches(64, device="cuda")
+    b_ref, b_new = PagedBatcher(max_pages_per_seq=16, device="cuda"), PagedBatcher(max_pages_per_seq=16, device="cuda")
+    runner.capture({**PagedBatcher(max_pages_per_seq=16, device="cuda").batch({0: [0]}), **caches_new})
+    assert runner.captured_prefill_tokens == [16, 32, 64] and runner.captured_sizes == [1, 2, 4]
+    gen = torch.Generator().manual_seed(1)
+
+    def tok(n):
+        return torch.randint(0, 97, (n,), generator=gen).tolist()
+
+    steps = [{0: tok(5)}, {0: tok(1)}, {0: tok(16)}, {1: tok(40)}, {0: tok(1), 1: tok(1)}, {2: tok(64)},
+             {3: tok(70)}, {4: tok(3), 5: tok(9)}, {1: tok(31)}, {0: tok(1), 1: tok(1), 2: tok(1)}]
+    with torch.inference_mode():
+        for i, step in enumerate(steps):
+            ref = gm(**b_ref.batch(step), **caches_ref)
+            new = runner(**b_new.batch(step), **caches_new)
+            assert new.shape == ref.shape and rel(new.float(), ref.float()) < 1e-4, f"step {i}"
+    for n in CACHE_NAMES:  # the padding sequence only ever wrote into scratch page 0
+        assert rel(caches_new[n][1:].float(), caches_ref[n][1:].float()) < 1e-4
+    # 5 -> 16, 16 -> 16 (no padding tokens), 40 -> 64, 64 -> 64, 31 -> 32; 70 tokens and two prompts: eager
+    assert runner.num_prefill_replays == 5 and runner.num_eager == 2

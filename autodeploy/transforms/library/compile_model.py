@@ -31,6 +31,7 @@ from ...compile import (
     placeholder_names,
     resolve_auto,
 )
+from ...compile.cudagraph import prefill_buckets
 from ...runtime.kv_cache import CacheInterface
 from ...runtime.scheduler import DEFAULT_PREFILL_CHUNK_SIZE
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
@@ -58,6 +59,9 @@ class CompileModelConfig(TransformConfig):
     regional: bool = True
     # CUDA graphs of this many decode sequences or more are captured with cuBLASLt GEMMs (None: cuBLAS)
     cublaslt_min_batch: Optional[int] = 32
+    # torch-cudagraph/torch-opt: steps of one prompt (or chunk) up to this many tokens replay CUDA
+    # graphs captured at multiples of 64 tokens, padded (compile/cudagraph.py); 0 = they run eagerly
+    cuda_graph_prefill_tokens: int = 1024
     run_graph_cleanup: bool = False  # the result is no longer a plain GraphModule
     requires_clean_graph: bool = True
 
@@ -69,6 +73,9 @@ class CompileModelConfig(TransformConfig):
         if self.cuda_graph_batch_sizes is not None and any(int(b) < 1 for b in self.cuda_graph_batch_sizes):
             sizes = list(self.cuda_graph_batch_sizes)
             raise ValueError(f"args.transforms.compile_model.cuda_graph_batch_sizes must be >= 1, got {sizes}")
+        if self.cuda_graph_prefill_tokens < 0:
+            raise ValueError("args.transforms.compile_model.cuda_graph_prefill_tokens must be >= 0 (0 = off), "
+                             f"got {self.cuda_graph_prefill_tokens}")
         if self.compiles not in COMPILES:
             raise ValueError(f"args.transforms.compile_model.compiles must be one of {', '.join(COMPILES)}, "
                              f"got {self.compiles!r}")
@@ -93,6 +100,15 @@ def _prepare_hooks(gm: fx.GraphModule) -> list:
         for b in BACKENDS.values()
         if b.prepare is not None and any(f"autodeploy.{b.op_name}" in t for t in targets)
     ]
+
+
+def _prefill_buckets(cfg: "CompileModelConfig", info, cache) -> list[int]:
+    """Token counts of the one-prompt prefill graphs; none below 2 sequences a step (the padding
+    is a second sequence) or without the cache manager's sizes."""
+    max_seq_len = getattr(cache, "max_seq_len", None)
+    if not cfg.cuda_graph_prefill_tokens or info is None or max_seq_len is None or info.max_batch_size < 2:
+        return []
+    return prefill_buckets(cfg.cuda_graph_prefill_tokens, max_seq_len, info.max_num_tokens)
 
 
 def _example_inputs(ctx: BuildContext, names: list[str]):
@@ -177,7 +193,7 @@ class CompileModel(BaseTransform):
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
             max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
             compiles=cfg.compiles, cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call,
-            regional=regional,
+            regional=regional, prefill_tokens=_prefill_buckets(cfg, info, ctx.cache),
         )
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")
@@ -192,6 +208,9 @@ class CompileModel(BaseTransform):
         if used in ("torch-cudagraph", "torch-opt"):
             captured = getattr(compiled, "captured_sizes", [])
             note += f", decode graphs {captured}" if captured else f", decode graphs {sizes} on first decode step"
+            prefills = getattr(compiled, "captured_prefill_tokens", [])
+            if prefills:
+                note += f", one-prompt prefill graphs {prefills[0]}..{prefills[-1]} tokens ({len(prefills)})"
         return compiled, TransformInfo(num_matches=1, is_clean=True, note=note)
 
 
