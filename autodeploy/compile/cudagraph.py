@@ -229,6 +229,7 @@ class CudaGraphRunner(nn.Module):
                 self.prefill_graphs.clear()
                 log.warning("CUDA-graph capture of a %d-token prefill failed (%s); prefill steps run eagerly",
                             tokens, str(e).splitlines()[0])
+                pool = torch.cuda.graph_pool_handle()  # the decode graphs in a pool of their own
                 break
             self.prefill_graphs[tokens] = g
         for bs in sorted(self.batch_sizes, reverse=True):  # largest first: smaller ones reuse its memory

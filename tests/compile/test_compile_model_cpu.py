@@ -129,3 +129,27 @@ def test_prefill_buckets():
     assert prefill_buckets(1024, 600, 8192)[-1] == 576  # below max_seq_len: the padding's positions
     assert prefill_buckets(1024, 2048, 256)[-1] == 256
     assert prefill_buckets(0, 2048, 8192) == []
+
+
+def test_prefill_graphs_need_two_sequences_and_no_moe():
+    """The transform's buckets: none with max_batch_size 1 (the padding is a second sequence) or
+    for a graph with the moe op (captured, it would run every expert on every prompt token)."""
+    from types import SimpleNamespace
+
+    from autodeploy.custom_ops import moe  # noqa: F401 - registers autodeploy::moe
+    from autodeploy.transforms.library.compile_model import CompileModelConfig, _prefill_buckets
+
+    cfg = CompileModelConfig(cuda_graph_prefill_tokens=256)
+    cache = SimpleNamespace(max_seq_len=1000)
+    info = SimpleNamespace(max_batch_size=4, max_num_tokens=4096)
+    gm = toy_graph()
+    assert _prefill_buckets(cfg, gm, info, cache) == [64, 128, 192, 256]
+    assert _prefill_buckets(cfg, gm, SimpleNamespace(max_batch_size=1, max_num_tokens=4096), cache) == []
+    assert _prefill_buckets(CompileModelConfig(cuda_graph_prefill_tokens=0), gm, info, cache) == []
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        gm.graph.call_function(torch.ops.autodeploy.moe.default, (x, x, x, x, x))
+    assert _prefill_buckets(cfg, gm, info, cache) == []
+    with pytest.raises(ValueError, match="cuda_graph_prefill_tokens must be >= 0"):
+        CompileModelConfig(cuda_graph_prefill_tokens=-1)

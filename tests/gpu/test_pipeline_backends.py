@@ -76,7 +76,8 @@ def test_attention_variants_with_triton_match_hf(name, compile_backend, tmp_path
 
 def test_regional_torch_opt_matches_hf(tmp_path):
     """torch-opt with the regional compile (the default) on a four-layer tiny Llama (its middle
-    regions repeat), triton attention, fp32: greedy equals HF generate, decode steps replayed."""
+    regions repeat), triton attention, fp32: greedy equals HF generate, decode steps replayed, and
+    one-prompt prefills replayed from the prefill graphs (64, 128 and 192 tokens, padded)."""
     from deep_tiny import deep_tiny_model
     from transformers import AutoModelForCausalLM
 
@@ -86,10 +87,18 @@ def test_regional_torch_opt_matches_hf(tmp_path):
     path = deep_tiny_model("tiny_llama", tmp_path / "deep")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().cuda()
     llm = LLM(str(path), device="cuda", attn_backend="triton", compile_backend="torch-opt", max_batch_size=4,
-              max_seq_len=64, free_mem_ratio=0.05)
+              max_seq_len=200, free_mem_ratio=0.05)
     model = llm.engine.model
     assert isinstance(model, CudaGraphRunner) and model.model.regions.startswith("5 regions, 3 distinct")
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert model.captured_prefill_tokens == [64, 128, 192]
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    outs = llm.generate(PROMPTS, greedy)  # four prompts in one step: eager
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == hf_greedy(hf, prompt, 10)
-    assert model.num_replays > 0 and model.num_eager > 0
+    assert model.num_replays > 0 and model.num_eager > 0 and model.num_prefill_replays == 0
+    gen = torch.Generator().manual_seed(3)
+    for n in (70, 6, 128):  # one prompt a step: the 128-, 64- and 128-token graphs
+        prompt = [1] + torch.randint(2, hf.config.vocab_size, (n - 1,), generator=gen).tolist()
+        (out,) = llm.generate([prompt], greedy)
+        assert out.token_ids == hf_greedy(hf, prompt, 10), n
+    assert model.num_prefill_replays == 3

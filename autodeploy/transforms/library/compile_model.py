@@ -102,11 +102,15 @@ def _prepare_hooks(gm: fx.GraphModule) -> list:
     ]
 
 
-def _prefill_buckets(cfg: "CompileModelConfig", info, cache) -> list[int]:
+def _prefill_buckets(cfg: "CompileModelConfig", gm: fx.GraphModule, info, cache) -> list[int]:
     """Token counts of the one-prompt prefill graphs; none below 2 sequences a step (the padding
-    is a second sequence) or without the cache manager's sizes."""
+    is a second sequence), without the cache manager's sizes, or for a graph with the ``moe`` op
+    (captured, it runs every expert on every token: a prefill's MLP several times over)."""
     max_seq_len = getattr(cache, "max_seq_len", None)
     if not cfg.cuda_graph_prefill_tokens or info is None or max_seq_len is None or info.max_batch_size < 2:
+        return []
+    if any(n.op == "call_function" and str(n.target) == "autodeploy.moe.default" for n in gm.graph.nodes):
+        log.info("compile_model: the graph has MoE layers: one-prompt prefills run eagerly (no prefill graphs)")
         return []
     return prefill_buckets(cfg.cuda_graph_prefill_tokens, max_seq_len, info.max_num_tokens)
 
@@ -193,7 +197,7 @@ class CompileModel(BaseTransform):
             prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
             max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
             compiles=cfg.compiles, cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call,
-            regional=regional, prefill_tokens=_prefill_buckets(cfg, info, ctx.cache),
+            regional=regional, prefill_tokens=_prefill_buckets(cfg, model, info, ctx.cache),
         )
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")
