@@ -16,7 +16,8 @@ replays the graph captured for the smallest captured size ``bs >= b``:
   output narrowed to the first ``b`` tokens, valid until the next replay.
 
 A step of one sequence with several new tokens (a prompt, or a chunk of one: what TTFT waits for
-when few requests run) with ``T`` up to ``prefill_max_tokens`` replays the graph captured for
+when few requests run) with ``T`` up to the largest of ``prefill_tokens`` (``prefill_buckets``:
+``compile_model.cuda_graph_prefill_tokens``, default 1024) replays the graph captured for
 the smallest multiple of ``PREFILL_GRANULE`` tokens ``Tp >= T``: its batch is the real sequence
 followed by one padding sequence of the other ``Tp - T`` tokens (at position 0, page-table row
 all 0, slot 0: scratch, as above; the rows of its tokens keep whatever ids and positions they

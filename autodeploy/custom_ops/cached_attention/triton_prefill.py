@@ -272,7 +272,7 @@ def varlen_attention(q, k, v, k_cache, v_cache, input_pos, cu_seqlen, page_table
     that fits (16-bit heads up to 128 wide start at the largest, others at the smallest).
     ``block_n_one``: keys per block of the one-token sequences (decodes in a mixed batch).
     ``append``: also write the new tokens' K/V into their page slots (``append_kv``'s work, in the
-    same launch: the op's path; one Triton launch less per layer, the host's costliest call)."""
+    same launch: the op's path; one Triton launch less per layer)."""
     T, H, D = q.shape
     KV, DV = k.shape[1], v.shape[-1]
     B = input_pos.shape[0]
