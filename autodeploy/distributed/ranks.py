@@ -37,6 +37,7 @@ log = logging.getLogger("autodeploy.distributed")
 
 CONFIG_KEY = "config"
 ERROR_KEY = "error/{rank}"
+DONE_KEY = "done/{rank}"  # a worker has left its process group (rank 0 then leaves its own)
 # collectives wait this long; idle workers wait for rank 0's next step inside one
 TIMEOUT = datetime.timedelta(hours=int(os.environ.get("AUTODEPLOY_DIST_TIMEOUT_H", "24")))
 # how long a watchdog lets rank 0 notice a dead rank by itself before it ends the process
@@ -215,6 +216,8 @@ class Ranks:
                 log.debug("could not tell the workers to stop: %s", e)
         for proc in self.procs:
             proc.join(timeout=30 if self._failure is None else 1)
+        if not self.procs and self._failure is None:  # torchrun/SLURM ranks: not ours to join
+            self._wait_workers_left()
         self._kill_workers()
         if dist.is_initialized():
             try:
@@ -224,6 +227,18 @@ class Ranks:
         from .collectives import reset_groups
 
         reset_groups()
+
+    def _wait_workers_left(self, timeout_s: float = 30.0) -> None:
+        """Until every worker has destroyed its process group: rank 0 tearing its own down (or
+        exiting) while a worker still finished the stop broadcast raced the worker's gloo teardown
+        (once in CI: the torchrun worker aborted, 'terminate called without an active exception')."""
+        keys = [DONE_KEY.format(rank=r) for r in range(1, self.env.world_size)]
+        if not keys:
+            return
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=timeout_s))
+        except Exception as e:  # noqa: BLE001 - a worker gone without a word: nothing left to wait for
+            log.debug("workers did not all report leaving: %s", e)
 
     def _kill_workers(self) -> None:
         for proc in self.procs:
@@ -305,6 +320,10 @@ def worker_main(env: RankEnv) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        try:
+            store.set(DONE_KEY.format(rank=env.rank), "1")
+        except Exception:  # noqa: BLE001 - rank 0 (and its store) may be gone already
+            pass
 
 
 def serve(engine, channel: StepChannel) -> None:

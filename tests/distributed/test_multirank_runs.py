@@ -164,3 +164,27 @@ def test_tiny_moe_ep_experiment_runs_expert_parallel(tmp_path):
     experts = [r for r in results["sharding_plan"] if r["target"].endswith("mlp.experts")]
     assert len(experts) == 2 and {(r["strategy"], r["dim"]) for r in experts} == {("ep", "ep")}
     assert all(g["finish_reason"] in ("length", "stop") for g in results["generations"])
+
+
+def test_joined_ranks_leave_their_group_before_rank_0(monkeypatch):
+    """Ranks rank 0 did not spawn (torchrun, SLURM) cannot be joined: at shutdown rank 0 waits on
+    the store until each worker has destroyed its process group, then destroys its own."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from autodeploy.distributed import ranks as ranks_mod
+    from autodeploy.distributed.env import RankEnv
+
+    events = []
+
+    class Store:
+        def wait(self, keys, timeout):
+            events.append(("wait", keys, timeout))
+
+    monkeypatch.setattr(ranks_mod.StepChannel, "send_stop", lambda self: events.append(("stop",)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: events.append(("destroy",)))
+    r = ranks_mod.Ranks(RankEnv(0, 3, 0, "127.0.0.1", 1, "torchrun"), Store(), torch.device("cpu"), [])
+    r.shutdown()
+    assert events == [("stop",), ("wait", ["done/1", "done/2"], datetime.timedelta(seconds=30)), ("destroy",)]
