@@ -70,8 +70,8 @@ def check_correctness(ops, dtypes):
     return rows
 
 
-def bench_graph(fn, reps=50):
-    """Median ms of one call of fn, from CUDA-graph replays (fn runs LAYERS calls)."""
+def bench_graph(fn, reps=50, calls=LAYERS):
+    """Median ms of one call of fn, from CUDA-graph replays (fn runs ``calls`` calls)."""
     import triton
 
     s = torch.cuda.Stream()
@@ -82,7 +82,7 @@ def bench_graph(fn, reps=50):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=reps, return_mode="median") / LAYERS
+    return triton.testing.do_bench(g.replay, warmup=25, rep=reps, return_mode="median") / calls
 
 
 def bench_eager(fn, reps=50):
@@ -311,15 +311,7 @@ def time_append():
                 fn()
             row[f"{key}_host_us"] = (time.perf_counter() - t0) / 50 * 1e6
             torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g):
-                fn()
-            row[f"{key}_gpu_ms"] = triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+            row[f"{key}_gpu_ms"] = bench_graph(fn, reps=100, calls=1)
             row[f"{key}_err"] = rel_err(out, ref) if ref is not None else None
         res[name] = row
     return res

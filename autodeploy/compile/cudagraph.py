@@ -98,31 +98,32 @@ def _rows(name: str, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return t[:, start:stop] if name in TOKEN_INPUTS else t[start:stop]
 
 
+def _map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` on every tensor of a graph's outputs (a tensor, or tuples/lists/dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, (tuple, list)):
+        return type(out)(_map_tensors(o, fn) for o in out)
+    if isinstance(out, dict):
+        return {k: _map_tensors(v, fn) for k, v in out.items()}
+    return out
+
+
 def _narrow_prefill(out: Any, tokens: int, t: int) -> Any:
     """A prefill graph's outputs for the real sequence: rows of dim -2 (``[..., rows, V]``), its
     ``t`` tokens of ``tokens`` (every token's logits) or its 1 of 2 (the last tokens' logits)."""
-    if isinstance(out, torch.Tensor):
-        if out.dim() >= 2 and out.shape[-2] in (tokens, 2):
-            return out.narrow(-2, 0, t if out.shape[-2] == tokens else 1)
-        return out
-    if isinstance(out, (tuple, list)):
-        return type(out)(_narrow_prefill(o, tokens, t) for o in out)
-    if isinstance(out, dict):
-        return {k: _narrow_prefill(v, tokens, t) for k, v in out.items()}
-    return out
+    def narrow(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() >= 2 and x.shape[-2] in (tokens, 2):
+            return x.narrow(-2, 0, t if x.shape[-2] == tokens else 1)
+        return x
+    return _map_tensors(out, narrow)
 
 
 def _narrow_tokens(out: Any, bs: int, b: int) -> Any:
-    if isinstance(out, torch.Tensor):
-        for dim, size in enumerate(out.shape):
-            if size == bs:
-                return out.narrow(dim, 0, b)
-        return out
-    if isinstance(out, (tuple, list)):
-        return type(out)(_narrow_tokens(o, bs, b) for o in out)
-    if isinstance(out, dict):
-        return {k: _narrow_tokens(v, bs, b) for k, v in out.items()}
-    return out
+    def narrow(x: torch.Tensor) -> torch.Tensor:
+        dim = next((d for d, size in enumerate(x.shape) if size == bs), None)
+        return x if dim is None else x.narrow(dim, 0, b)
+    return _map_tensors(out, narrow)
 
 
 class _Graph:
@@ -186,7 +187,8 @@ class CudaGraphRunner(nn.Module):
         self.prefill_graphs: dict[int, _Graph] = {}  # tokens -> the one-prompt prefill graph
         self.num_prefill_replays = 0
         self.static_names = [n for n in self.input_names if n not in BATCHED_INPUTS]
-        self.copy_names = [n for n in self.input_names if n in BATCHED_INPUTS and n not in _CONSTANT_IN_DECODE]
+        self.batched_names = [n for n in self.input_names if n in BATCHED_INPUTS]
+        self.copy_names = [n for n in self.batched_names if n not in _CONSTANT_IN_DECODE]
         self.enabled = "seq_len" in self.input_names and bool(self.batch_sizes)
         self.num_replays = 0
         self.num_eager = 0
@@ -335,7 +337,7 @@ class CudaGraphRunner(nn.Module):
     def _replay_prefill(self, g: _Graph, kwargs: Mapping[str, torch.Tensor]):
         """The one sequence's rows in front, the padding sequence gets the other tokens."""
         t, inp = kwargs["input_ids"].shape[-1], g.inputs
-        names = [n for n in self.input_names if n in BATCHED_INPUTS]
+        names = self.batched_names
         dst = [inp[n][:, :t] if n in TOKEN_INPUTS else inp[n][:2] if n == "cu_seqlen" else inp[n][:1] for n in names]
         torch._foreach_copy_(dst, [kwargs[n] for n in names])  # cu_seqlen [0, t]: the padding starts at t
         if "seq_len" in inp:
