@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import faulthandler
 import logging
 import os
 import signal
@@ -229,9 +230,10 @@ class Ranks:
         reset_groups()
 
     def _wait_workers_left(self, timeout_s: float = 30.0) -> None:
-        """Until every worker has destroyed its process group: rank 0 tearing its own down (or
-        exiting) while a worker still finished the stop broadcast raced the worker's gloo teardown
-        (once in CI: the torchrun worker aborted, 'terminate called without an active exception')."""
+        """Until every worker has destroyed its process group, as the spawned ones are joined: rank 0
+        does not tear its own down while a worker still finishes the stop broadcast. (It did not end
+        a rare abort of the torchrun worker in CI, 'terminate called without an active exception':
+        cause unknown; the workers' faulthandler now prints where it happens.)"""
         keys = [DONE_KEY.format(rank=r) for r in range(1, self.env.world_size)]
         if not keys:
             return
@@ -302,6 +304,7 @@ def worker_main(env: RankEnv) -> None:
     from ..build import build_engine
 
     logging.getLogger("autodeploy").setLevel(logging.WARNING)
+    faulthandler.enable()  # a fatal signal (an abort in a C++ library) prints the Python stack
     store = _store(env)
     try:
         config = OmegaConf.create(store.get(CONFIG_KEY).decode())
