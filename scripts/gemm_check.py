@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -65,8 +66,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--m", default="1,32,1024")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--sustained", type=float, default=0.0,
+                        help="seconds of back-to-back 8192-cube matmuls: TFLOP/s per window (then exit)")
+    parser.add_argument("--libs", default="cublas,cublaslt", help="BLAS libraries to time (comma-separated)")
     parser.add_argument("--gemv", action="store_true", help="also the Triton GEMV (one token), each config")
     args = parser.parse_args()
+    if args.sustained:
+        from autodeploy.bench.roofline import matmul_rates_under_load
+
+        torch.randn(8, device="cuda")
+        time.sleep(1.0)  # a rested card first, as the roofline's burst finds it
+        rates = [r / 1e12 for r in matmul_rates_under_load(torch.device("cuda"), args.sustained)]
+        half = rates[len(rates) // 2:]
+        print(f"RESULT sustained 8192^3 bf16: first window {rates[0]:.0f} TFLOP/s, windows 2-5 "
+              f"{[round(r) for r in rates[1:5]]}, median of the second half {sorted(half)[len(half) // 2]:.0f}, "
+              f"min {min(rates):.0f} ({len(rates)} windows of 20 matmuls)", flush=True)
+        return
     rows = []
     if args.gemv:  # first: cuBLAS at m=1 and every GEMV config on the same weights
         from autodeploy.custom_ops.gemv import CONFIGS
@@ -84,7 +99,8 @@ def main() -> None:
                 print(f"RESULT gemv {name:8s} {str(cfg):16s} {us:8.2f} us {gb / us * 1e3:.2f} TB/s "
                       f"({base / us:.2f}x cublas)", flush=True)
             del ws
-    for lib in ("cublas", "cublaslt"):
+    libs = args.libs.split(",")
+    for lib in libs:
         torch.backends.cuda.preferred_blas_library(lib)
         for m in (int(v) for v in args.m.split(",")):
             for name, (n, k) in SHAPES.items():
@@ -96,7 +112,7 @@ def main() -> None:
                 print(f"RESULT {lib:8s} m={m:5d} {name:8s} {us:9.2f} us  {row['tb_s']:.2f} TB/s  "
                       f"{row['tflop_s']:.0f} TFLOP/s", flush=True)
     # per decode step of the 32-layer model: 32 x (qkv + o + gate_up + down) + lm_head
-    for lib in ("cublas", "cublaslt"):
+    for lib in libs:
         for m in sorted({r["m"] for r in rows}):
             t = {r["gemm"]: r["us"] for r in rows if r["lib"] == lib and r["m"] == m}
             step = 32 * (t["qkv"] + t["o"] + t["gate_up"] + t["down"]) + t["lm_head"]

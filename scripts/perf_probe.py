@@ -157,7 +157,9 @@ def main() -> None:
     parser.add_argument("--overlap", choices=("both", "on", "off"), default="both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="LLM keyword overrides, dotted (transforms.compile_model.compiles=dynamic)")
-    parser.add_argument("--chunk-sizes", default="", help="comma-separated prefill_chunk_size values to time at bs 32")
+    parser.add_argument("--chunk-sizes", default="",
+                        help="bs-32 runs on the same engine, comma-separated: C (prefill_chunk_size), or "
+                             "C:M (also the scheduler's max_num_tokens, at most the built one)")
     parser.add_argument("--prefill-graphs", choices=("both", "on"), default="on",
                         help="both: the benchmarks also with the one-prompt prefill CUDA graphs set aside (eager prefills)")
     args = parser.parse_args()
@@ -188,15 +190,19 @@ def main() -> None:
     graphs = {"both": (False, True), "on": (True,)}[args.prefill_graphs]
     runs = [(o, bs, default_chunk, g) for o in {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
             for bs in (1, 32) for g in graphs]
-    runs += [(True, 32, int(c), True) for c in args.chunk_sizes.split(",") if c]
+    built_max = engine.scheduler.max_num_tokens
+    runs += [(True, 32, c, True) for c in args.chunk_sizes.split(",") if c]
     captured = dict(getattr(engine.model, "prefill_graphs", {}))  # the CUDA-graph runner's
     for overlap, bs, chunk, with_graphs in runs:
         engine.overlap = overlap
+        chunk, max_tokens = (*[int(x) for x in str(chunk).split(":")], 0)[:2]
         engine.scheduler.prefill_chunk_size = chunk
+        engine.scheduler.max_num_tokens = min(max_tokens or built_max, built_max)
         if captured:
             engine.model.prefill_graphs = captured if with_graphs else {}
         r = _bench(engine, bs, args.num, args.isl)
         tag = (f"overlap={overlap} bs={bs}" + (f" chunk={chunk}" if chunk != default_chunk else "")
+               + (f" max_tokens={max_tokens}" if max_tokens else "")
                + (f" prefill_graphs={with_graphs}" if len(graphs) > 1 else ""))
         record[tag] = r
         print(f"RESULT {tag} decode_tok_s={r['decode_tok_s']:.1f} itl_ms={r['itl_ms']:.3f} "
@@ -205,6 +211,7 @@ def main() -> None:
               f"host_ms={r['decode_host_ms_per_step']:.3f} wait_ms={r['decode_wait_ms_per_step']:.3f} "
               f"steps={r['num_steps']}", flush=True)
     engine.scheduler.prefill_chunk_size = default_chunk
+    engine.scheduler.max_num_tokens = built_max
     if captured:
         engine.model.prefill_graphs = {}
         record["prefill_parts_eager"] = _prefill_parts(engine, prompt, greedy)
