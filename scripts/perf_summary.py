@@ -36,6 +36,7 @@ def ours(path: Path) -> list[dict]:
             "tpot_p50": _p(x.get("tpot_ms")), "ttft_p50": _p(x.get("ttft_ms")), "output_tok_s": x.get("output_tok_s"),
             "host_ms": _p(x.get("decode_host_ms_per_step")), "decode_frac": roof.get("decode_fraction"),
             "floor_tok_s": roof.get("decode_floor_tok_s"), "prefill_frac": roof.get("prefill_fraction"),
+            "prefill_held": roof.get("prefill_fraction_sustained"),
             "build": r.get("build_s"), "compile_s": stages.get("compile"), "export_s": stages.get("export"),
             "mem": b.get("peak_gpu_mem_gib"), "copy_bw": roof.get("copy_bw_tb_s"), "rev": r["env"].get("git_rev"),
         })
@@ -62,7 +63,8 @@ COLUMNS = [  # header, key, format
     ("what", "what", "{}"), ("decode tok/s", "decode_tok_s", "{:.0f}"), ("ITL p50 ms", "itl_p50", "{:.2f}"),
     ("ITL p99", "itl_p99", "{:.1f}"), ("TPOT p50", "tpot_p50", "{:.2f}"), ("TTFT p50", "ttft_p50", "{:.1f}"),
     ("out tok/s", "output_tok_s", "{:.0f}"), ("host ms/step", "host_ms", "{:.2f}"), ("vs floor", "decode_frac", "{:.0%}"),
-    ("floor tok/s", "floor_tok_s", "{:.0f}"), ("prefill vs floor", "prefill_frac", "{:.0%}"), ("build s", "build", "{:.0f}"),
+    ("floor tok/s", "floor_tok_s", "{:.0f}"), ("prefill vs floor", "prefill_frac", "{:.0%}"),
+    ("vs held rate", "prefill_held", "{:.0%}"), ("build s", "build", "{:.0f}"),
     ("compile s", "compile_s", "{:.0f}"), ("peak GiB", "mem", "{:.1f}"),
 ]
 

@@ -13,7 +13,8 @@ between consecutive tokens; throughput = tokens / wall time of a round. Derived 
   steps; ``decode_wait_ms_per_step``: the wait for the device in decode steps;
 - ``roofline`` (CUDA only, else None): the copy bandwidth and matmul rate measured in this run,
   the bytes a decode step must read, the floors they give, ``decode_fraction`` = decode step floor
-  / ITL p50 and ``prefill_fraction`` = bs prompts' matmul floor / the last TTFT;
+  / ITL p50 and ``prefill_fraction`` = bs prompts' matmul floor / the last TTFT (the floor at the
+  burst matmul rate; ``prefill_fraction_sustained`` at the rate the card holds under load);
 - ``peak_gpu_mem_gib``: peak allocated GPU memory of the process (build included), None off CUDA.
 """
 
@@ -125,6 +126,8 @@ def with_roofline(result: dict[str, Any], ceilings: Optional[dict[str, Any]]) ->
             # all bs prompts are prefilled by the time the last first token arrives
             "prefill_fraction": floors["prefill_floor_ms"] * result["bs"] / ttft_max if ttft_max else None,
         }
+        if "prefill_floor_sustained_ms" in floors and ttft_max:
+            result["roofline"]["prefill_fraction_sustained"] = floors["prefill_floor_sustained_ms"] * result["bs"] / ttft_max
     return result
 
 

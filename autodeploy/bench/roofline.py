@@ -5,13 +5,16 @@ plus the K/V of every cached token of the batch, so its floor is
 ``(weight bytes + bs * context * KV bytes per token) / copy bandwidth``. Prefill is bound by
 matmul: ``2 * parameters * tokens / matmul rate``. Both rates are measured here (a device-to-device
 copy counting bytes read and written; a large bf16 matmul), because datasheet rates are not what a
-card delivers (an H200 copied at 4.30 TB/s in 2026-11, against 4.8 on the datasheet). CUDA only:
-on other devices there is no roofline (``None``).
+card delivers (an H200 copied at 4.30 TB/s in 2026-11, against 4.8 on the datasheet). The matmul
+rate is a burst (the card at its boost clock); the rate it holds after ~1 s of matmuls is measured
+beside it (``matmul_sustained_tflop_s``: a power cap lowers the clocks), with the prefill floor at
+that rate. CUDA only: on other devices there is no roofline (``None``).
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any, Optional
 
 import torch
@@ -51,6 +54,35 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: i
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     ms = _median_ms(lambda: a @ b)
     return 2 * n**3 / (ms * 1e-3)
+
+
+def matmul_rates_under_load(device: torch.device, seconds: float, n: int = 8192, window: int = 20) -> list[float]:
+    """FLOP/s of back-to-back n-cube bf16 matmuls, per window of ``window`` matmuls, for about
+    ``seconds``. A power-limited card lowers its clocks within ~0.1 s of such a load (an H200:
+    1980 -> ~1550 MHz at its 700 W cap, 803 -> ~677 TFLOP/s), and a batch of long prefills is
+    such a load, so the burst rate of ``matmul_flops`` is a floor it cannot hold."""
+    free, _ = torch.cuda.mem_get_info(device)
+    while n > 1024 and 3 * n * n * 2 > free // 4:
+        n //= 2
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    torch.mm(a, b, out=out)
+    events = [torch.cuda.Event(enable_timing=True)]
+    events[0].record()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(window):
+            torch.mm(a, b, out=out)
+        events.append(torch.cuda.Event(enable_timing=True))
+        events[-1].record()
+        events[-1].synchronize()  # the host stays at most one window ahead
+    return [2 * n**3 * window / (s.elapsed_time(e) * 1e-3) for s, e in zip(events, events[1:])]
+
+
+def sustained_matmul_flops(device: torch.device, seconds: float = 1.0) -> float:
+    """The median rate of the second half of ``seconds`` of back-to-back matmuls."""
+    rates = matmul_rates_under_load(device, seconds)
+    return statistics.median(rates[len(rates) // 2:])
 
 
 def _graph(model: nn.Module) -> Optional[fx.GraphModule]:
@@ -97,6 +129,7 @@ def measure(model: nn.Module, cache: Any) -> Optional[dict[str, Any]]:
     return {
         "copy_bw_tb_s": copy_bandwidth(device) / 1e12,
         "matmul_tflop_s": matmul_flops(device) / 1e12,
+        "matmul_sustained_tflop_s": sustained_matmul_flops(device) / 1e12,
         "weight_gb": weight_bytes / 1e9,
         "params": params,
         "kv_bytes_per_token": cache.bytes_per_page // cache.page_size if cache.specs else 0,
@@ -111,5 +144,7 @@ def floors(ceilings: Optional[dict[str, Any]], bs: int, isl: int, osl: int) -> O
     step_bytes = ceilings["weight_gb"] * 1e9 + bs * context * ceilings["kv_bytes_per_token"]
     step_ms = step_bytes / (ceilings["copy_bw_tb_s"] * 1e12) * 1e3
     prefill_ms = 2 * ceilings["params"] * isl / (ceilings["matmul_tflop_s"] * 1e12) * 1e3
-    return {"decode_step_floor_ms": step_ms, "decode_floor_tok_s": bs * 1e3 / step_ms,
-            "prefill_floor_ms": prefill_ms}
+    out = {"decode_step_floor_ms": step_ms, "decode_floor_tok_s": bs * 1e3 / step_ms, "prefill_floor_ms": prefill_ms}
+    if ceilings.get("matmul_sustained_tflop_s"):  # the same work at the rate the card holds under load
+        out["prefill_floor_sustained_ms"] = prefill_ms * ceilings["matmul_tflop_s"] / ceilings["matmul_sustained_tflop_s"]
+    return out

@@ -101,6 +101,7 @@ def test_benchmark_roofline_on_cuda():
     result = run_benchmark(engine, bench)
     roof = result["roofline"]
     assert 0.1 < roof["copy_bw_tb_s"] < 20 and 1 < roof["matmul_tflop_s"] < 5000
+    assert 1 < roof["matmul_sustained_tflop_s"] < 5000 and roof["prefill_fraction_sustained"] > roof["prefill_fraction"]
     weights, _ = roofline.streamed_weights(engine.model)
     assert roof["weight_gb"] == pytest.approx(weights / 1e9)
     assert 0 < roof["decode_fraction"] and 0 < roof["prefill_fraction"]

@@ -120,4 +120,8 @@ def test_roofline_fractions():
     assert roof["decode_fraction"] == pytest.approx(0.5)  # 4 ms floor / 8 ms ITL
     assert roof["prefill_floor_ms"] == pytest.approx(20.0)  # 2 * 8e9 * 1000 / 800e12
     assert roof["prefill_fraction"] == pytest.approx(0.5)  # 2 prompts * 20 ms / 80 ms
+    assert "prefill_fraction_sustained" not in roof  # no sustained rate measured
+    held = with_roofline(dict(result, roofline=None), {**ceilings, "matmul_sustained_tflop_s": 640.0})["roofline"]
+    assert held["prefill_floor_sustained_ms"] == pytest.approx(25.0)  # 20 ms at 800 -> 25 ms at 640 TFLOP/s
+    assert held["prefill_fraction_sustained"] == pytest.approx(0.625)  # 2 * 25 ms / 80 ms
     assert with_roofline(dict(result, roofline=None), None)["roofline"] is None
