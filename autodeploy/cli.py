@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> None:
         from autodeploy.distributed.ranks import worker_main
 
         worker_main(rank_env)
-        return
+        # done: its process group is destroyed and rank 0 told. Leave without the interpreter's
+        # teardown, where C++ threads of torch's libraries are destroyed at random (the suspected
+        # source of a rare "terminate called without an active exception" abort of this rank in CI)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
     if _answer_completion(argv):

@@ -232,8 +232,8 @@ class Ranks:
     def _wait_workers_left(self, timeout_s: float = 30.0) -> None:
         """Until every worker has destroyed its process group, as the spawned ones are joined: rank 0
         does not tear its own down while a worker still finishes the stop broadcast. (It did not end
-        a rare abort of the torchrun worker in CI, 'terminate called without an active exception':
-        cause unknown; the workers' faulthandler now prints where it happens.)"""
+        a rare abort of the torchrun worker in CI, 'terminate called without an active exception';
+        that worker now skips the interpreter's teardown, ``cli.main``.)"""
         keys = [DONE_KEY.format(rank=r) for r in range(1, self.env.world_size)]
         if not keys:
             return
