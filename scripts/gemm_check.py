@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -77,9 +78,9 @@ def main() -> None:
         torch.randn(8, device="cuda")
         time.sleep(1.0)  # a rested card first, as the roofline's burst finds it
         rates = [r / 1e12 for r in matmul_rates_under_load(torch.device("cuda"), args.sustained)]
-        half = rates[len(rates) // 2:]
         print(f"RESULT sustained 8192^3 bf16: first window {rates[0]:.0f} TFLOP/s, windows 2-5 "
-              f"{[round(r) for r in rates[1:5]]}, median of the second half {sorted(half)[len(half) // 2]:.0f}, "
+              f"{[round(r) for r in rates[1:5]]}, median of the second half "
+              f"{statistics.median(rates[len(rates) // 2:]):.0f}, "
               f"min {min(rates):.0f} ({len(rates)} windows of 20 matmuls)", flush=True)
         return
     rows = []

@@ -188,14 +188,14 @@ def main() -> None:
 
     default_chunk = engine.scheduler.prefill_chunk_size
     graphs = {"both": (False, True), "on": (True,)}[args.prefill_graphs]
-    runs = [(o, bs, default_chunk, g) for o in {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
+    # (overlap, bs, prefill_chunk_size, max_num_tokens or 0 for the built one, prefill graphs)
+    runs = [(o, bs, default_chunk, 0, g) for o in {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
             for bs in (1, 32) for g in graphs]
+    runs += [(True, 32, *(int(x) for x in (c + ":0").split(":")[:2]), True) for c in args.chunk_sizes.split(",") if c]
     built_max = engine.scheduler.max_num_tokens
-    runs += [(True, 32, c, True) for c in args.chunk_sizes.split(",") if c]
     captured = dict(getattr(engine.model, "prefill_graphs", {}))  # the CUDA-graph runner's
-    for overlap, bs, chunk, with_graphs in runs:
+    for overlap, bs, chunk, max_tokens, with_graphs in runs:
         engine.overlap = overlap
-        chunk, max_tokens = (*[int(x) for x in str(chunk).split(":")], 0)[:2]
         engine.scheduler.prefill_chunk_size = chunk
         engine.scheduler.max_num_tokens = min(max_tokens or built_max, built_max)
         if captured:

@@ -46,14 +46,19 @@ def copy_bandwidth(device: torch.device, max_bytes: int = 2**30) -> float:
     return 2 * n * 4 / (ms * 1e-3)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
-    """FLOP/s of an n x n x n matmul on random data (the ceiling a prefill GEMM can reach)."""
+def _square_operands(device: torch.device, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random n x n matrices, n halved until they and the product fit in a quarter of free memory."""
     free, _ = torch.cuda.mem_get_info(device)
     while n > 1024 and 3 * n * n * torch.finfo(dtype).bits // 8 > free // 4:
         n //= 2
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
+    """FLOP/s of an n x n x n matmul on random data (the ceiling a prefill GEMM can reach)."""
+    a, b = _square_operands(device, dtype, n)
     ms = _median_ms(lambda: a @ b)
-    return 2 * n**3 / (ms * 1e-3)
+    return 2 * a.shape[0] ** 3 / (ms * 1e-3)
 
 
 def matmul_rates_under_load(device: torch.device, seconds: float, n: int = 8192, window: int = 20) -> list[float]:
@@ -61,11 +66,9 @@ def matmul_rates_under_load(device: torch.device, seconds: float, n: int = 8192,
     ``seconds``. A power-limited card lowers its clocks within ~0.1 s of such a load (an H200:
     1980 -> ~1550 MHz at its 700 W cap, 803 -> ~677 TFLOP/s), and a batch of long prefills is
     such a load, so the burst rate of ``matmul_flops`` is a floor it cannot hold."""
-    free, _ = torch.cuda.mem_get_info(device)
-    while n > 1024 and 3 * n * n * 2 > free // 4:
-        n //= 2
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    a, b = _square_operands(device, torch.bfloat16, n)
+    n = a.shape[0]
+    out = torch.empty_like(a)
     torch.mm(a, b, out=out)
     events = [torch.cuda.Event(enable_timing=True)]
     events[0].record()
