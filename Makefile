@@ -6,15 +6,21 @@ PY := $(VENV)/bin/python
 # a GPU user picks their own, e.g. `make TORCH_SPEC="torch==2.11.0" run` or an existing install.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -m "not gpu and not multigpu" -n 2
+# The versions the suite last passed with (pip constraints; torch is TORCH_SPEC's). `make test-latest`
+# refreshes it; `make LOCK= ...` installs from pyproject's ranges alone (e.g. beside another torch).
+LOCK ?= constraints.txt
 STAMP := $(VENV)/.installed
+# test-latest: the newest release of every dependency (torch: TORCH_SPEC), in a venv of its own
+LATEST_VENV ?= .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
 
-.PHONY: setup run test test-gpu bench bench-gpu sweep lint clean wheels-gpu
+.PHONY: setup run test test-latest test-gpu bench bench-gpu sweep lint clean wheels-gpu
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,6 +30,17 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) $(ARGS)
+
+# A fresh venv with today's releases; when the suite passes there, their versions become the lock.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_PY) -m pip install -q --upgrade pip
+	$(LATEST_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST_PY) -m pip install -q -e ".[dev]"
+	$(LATEST_PY) -m pip list --format=freeze | grep -iE '^(torch|transformers|triton)=='
+	$(LATEST_PY) -m pytest $(PYTEST_ARGS) $(ARGS)
+	$(LATEST_PY) scripts/write_lock.py $(LOCK)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m "gpu" $(ARGS)
@@ -45,7 +62,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check --select E9,F autodeploy hydra_plugins tests launch.py
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache $(LATEST_VENV)
 
 # Pure-Python wheels the GPU machine lacks (it has no network): carried in the git-ignored .whl/
 # folder and installed there with `pip install --no-index --target /tmp/site .whl/*.whl`.

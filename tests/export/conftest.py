@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from per_case import PerCase
+
 TINY_NAMES = ["tiny_llama", "tiny_mixtral", "tiny_hybrid"]
 
 
@@ -15,11 +17,11 @@ def exported_models():
     from autodeploy.export.export import export_to_gm
     from autodeploy.models.factory import ModelFactory
 
-    out = {}
-    for name in TINY_NAMES:
+    def build(name):
         factory = ModelFactory(name)
         gm = export_to_gm(factory.build_model("meta"), max_batch_size=8, max_seq_len=256)
         factory.load_weights(gm, "cpu")
         ref = AutoModelForCausalLM.from_pretrained(str(factory.source.local_dir)).eval()
-        out[name] = (factory, gm, ref)
-    return out
+        return factory, gm, ref
+
+    return PerCase(TINY_NAMES, build)  # one model's failed export fails only its own tests

@@ -12,7 +12,9 @@ def hf_scan_is_einsum() -> bool:
 
     from transformers.models.nemotron_h import modeling_nemotron_h
 
-    return "einsum" in inspect.getsource(modeling_nemotron_h.mamba2_chunk_scan)
+    from autodeploy.export.patches.ssm_helpers import underlying_function
+
+    return "einsum" in inspect.getsource(underlying_function(modeling_nemotron_h.mamba2_chunk_scan))
 
 
 def assert_equal_to_hf_scan_path(ours: torch.Tensor, theirs: torch.Tensor) -> None:

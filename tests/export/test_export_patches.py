@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -143,29 +144,71 @@ def test_list_indices_exported_on_meta_keep_their_values():
     assert "__getitem__" not in torch.Tensor.__dict__  # restored
 
 
-def test_ssm_helper_ops_swaps_only_the_helpers_it_reproduces(monkeypatch, caplog):
-    import logging
+def _fake_modeling(monkeypatch, **helpers):
     import sys
     import types
 
+    modeling = types.ModuleType("_fake_modeling_ssm")
+    for name, fn in helpers.items():
+        setattr(modeling, name, fn)
+    monkeypatch.setitem(sys.modules, modeling.__name__, modeling)
+    return modeling, type("Mixer", (torch.nn.Module,), {"__module__": modeling.__name__})
+
+
+def _as_func_module(fn):
+    """What the ``kernels`` package makes of a hub-kernel function (transformers >= 5.25): a module whose
+    forward closes over a ``functools.wraps`` wrapper of the function."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    class Func(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return wrapped(*args, **kwargs)
+
+    return Func()
+
+
+def test_ssm_helper_ops_recognises_helpers_beneath_wrappers(monkeypatch):
     from autodeploy.export.patches import ssm_helpers
 
     def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
         raise AssertionError("swapped during export")
 
-    def mamba2_chunk_scan(x, dt, A, B, C, chunk_size):  # another transformers' signature
-        raise AssertionError("left alone")
+    def mamba_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False):
+        raise AssertionError("swapped during export")
 
-    modeling = types.ModuleType("_fake_modeling_ssm")
-    modeling.causal_conv1d_fn, modeling.mamba2_chunk_scan = causal_conv1d_fn, mamba2_chunk_scan
-    monkeypatch.setitem(sys.modules, modeling.__name__, modeling)
-    mixer = type("Mixer", (torch.nn.Module,), {"__module__": modeling.__name__})
-    with caplog.at_level(logging.WARNING, logger=ssm_helpers.__name__):
-        with registry.export_patches(torch.nn.Sequential(mixer()), names=["ssm_helper_ops"]):
-            assert modeling.causal_conv1d_fn is ssm_helpers.causal_conv1d_as_op
-            assert modeling.mamba2_chunk_scan is mamba2_chunk_scan
-    assert "_fake_modeling_ssm.mamba2_chunk_scan" in caplog.text
-    assert modeling.causal_conv1d_fn is causal_conv1d_fn
+    wrapped_conv, wrapped_scan = _as_func_module(causal_conv1d_fn), _as_func_module(mamba_selective_scan)
+    modeling, mixer = _fake_modeling(monkeypatch, causal_conv1d_fn=wrapped_conv, mamba_selective_scan=wrapped_scan)
+    with registry.export_patches(torch.nn.Sequential(mixer()), names=["ssm_helper_ops"]):
+        assert modeling.causal_conv1d_fn is ssm_helpers.causal_conv1d_as_op
+        assert modeling.mamba_selective_scan is ssm_helpers.mamba_selective_scan_as_op
+    assert modeling.causal_conv1d_fn is wrapped_conv and modeling.mamba_selective_scan is wrapped_scan
+
+
+def test_ssm_helper_ops_with_another_signature_is_one_clear_error(monkeypatch):
+    import transformers
+
+    from autodeploy.config.errors import UserError
+
+    def mamba2_chunk_scan(x, dt, A, B, C, chunk_size):  # not the signature the patch reproduces
+        raise AssertionError("never called")
+
+    modeling, mixer = _fake_modeling(monkeypatch, mamba2_chunk_scan=_as_func_module(mamba2_chunk_scan))
+    model = torch.nn.Sequential(mixer())
+    model.config = types.SimpleNamespace(model_type="fake_ssm")
+    with pytest.raises(UserError) as info:
+        with registry.export_patches(model, names=["ssm_helper_ops"]):
+            pass
+    message = str(info.value)
+    assert "\n" not in message
+    for part in ("fake_ssm", "_fake_modeling_ssm.mamba2_chunk_scan", "(x, dt, A, B, C, chunk_size)",
+                 f"transformers {transformers.__version__}"):
+        assert part in message, (part, message)
+    assert modeling.mamba2_chunk_scan.forward is not None  # left in place
 
 
 def test_ssm_helpers_refuse_cache_state_at_export():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from per_case import PerCase
 
 from autodeploy.models.tiny import TINY_SPECS, ensure_tiny_model
 
@@ -11,7 +12,7 @@ TINY_NAMES = sorted(TINY_SPECS)
 
 @pytest.fixture(scope="session")
 def tiny_dirs():
-    return {name: ensure_tiny_model(name) for name in TINY_NAMES}
+    return PerCase(TINY_NAMES, ensure_tiny_model)
 
 
 @pytest.fixture(scope="session")
@@ -19,4 +20,4 @@ def hf_models(tiny_dirs):
     """HF models loaded the ordinary way (``from_pretrained``), the reference for our loader."""
     from transformers import AutoModelForCausalLM
 
-    return {name: AutoModelForCausalLM.from_pretrained(str(path)).eval() for name, path in tiny_dirs.items()}
+    return PerCase(TINY_NAMES, lambda name: AutoModelForCausalLM.from_pretrained(str(tiny_dirs[name])).eval())

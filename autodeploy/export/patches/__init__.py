@@ -25,6 +25,12 @@ from typing import Callable, ContextManager, Iterable, Iterator
 
 from torch import nn
 
+from autodeploy.config.errors import UserError
+
+
+class ExportPatchMismatch(UserError):
+    """The installed transformers' code is not what a patch reproduces (one line: family, function, version)."""
+
 
 @dataclass(frozen=True)
 class ExportPatch:

@@ -10,26 +10,24 @@ the mixers (projections, multipliers, norms, gates, head views) is HF's code, tr
 This is how FalconH1, Zamba2 and Jamba export (and any other family built on the same helpers).
 
 Only the uncached call forms are exported (no initial or final state: export runs with
-``use_cache=False``); anything else is an error. A helper whose signature differs from the one
-the wrapper reproduces (another transformers version) is left alone with a warning, so the
-export either still works or fails loudly; never computes something else.
+``use_cache=False``); anything else is an error. Helpers are recognised by the parameters of the
+function underneath any wrappers (``functools.wraps`` chains, and the ``kernels`` package's
+function-as-module ``Func`` objects of transformers >= 5.25), never by a version string. A helper
+whose parameters differ from the ones the wrapper reproduces gets one clear error naming the
+family, the helper and the transformers version: left in place it would specialize ``seq``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_patch
-
-log = logging.getLogger(__name__)
-
+from . import ExportPatchMismatch, register_patch
 
 def _no_state(helper: str, **state) -> None:
     given = [name for name, value in state.items() if value is not None and value is not False]
@@ -71,6 +69,29 @@ HELPERS = {
 }
 
 
+def underlying_function(obj):
+    """The plain function beneath ``functools.wraps`` chains and ``kernels``' function-as-module wrappers."""
+    seen = set()
+    while id(obj) not in seen:
+        seen.add(id(obj))
+        if getattr(obj, "__wrapped__", None) is not None:
+            obj = obj.__wrapped__
+        elif isinstance(obj, nn.Module):  # kernels' ``Func``: its forward closes over the function it calls
+            cells = getattr(type(obj).forward, "__closure__", None) or ()
+            inner = [c.cell_contents for c in cells if inspect.isfunction(c.cell_contents)]
+            if len(inner) != 1:
+                break
+            obj = inner[0]
+    return obj
+
+
+def _parameters(fn) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(underlying_function(fn)).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
 def helpers_in(model: nn.Module) -> list[tuple[object, str]]:
     """(modeling module, helper name) for every helper the model's modeling modules define and we reproduce."""
     found = []
@@ -80,14 +101,15 @@ def helpers_in(model: nn.Module) -> list[tuple[object, str]]:
             fn = getattr(module, name, None)
             if fn is None:
                 continue
-            try:
-                actual = tuple(inspect.signature(fn).parameters)[: len(params)]
-            except (TypeError, ValueError):
-                actual = ()
+            actual = _parameters(fn)[: len(params)]
             if actual != params:
-                log.warning("export patch ssm_helper_ops: %s.%s%s is not the signature it reproduces %s; left as is",
-                            module_name, name, actual, params)
-                continue
+                import transformers
+
+                family = getattr(getattr(model, "config", None), "model_type", None) or module_name
+                raise ExportPatchMismatch(
+                    f"export patch ssm_helper_ops cannot export {family}: {module_name}.{name} takes "
+                    f"({', '.join(actual) or '?'}), not the ({', '.join(params)}) it reproduces "
+                    f"(transformers {transformers.__version__})")
             found.append((module, name))
     return found
 
