@@ -33,7 +33,7 @@ class Variant:
     attention_args: list[tuple[Any, Any]] = field(default_factory=lambda: [(None, None)] * NUM_LAYERS)
     ropes: int = NUM_LAYERS  # RoPEs the matcher must find (0: attention without position encoding)
     ssm_ops: dict[str, int] = field(default_factory=dict)  # e.g. {"causal_conv1d": 2, "ssm_scan": 2}
-    kv_heads: Any = None  # K/V heads of the attention ops; None: config.num_key_value_heads
+    kv_heads: Any = None  # K/V heads of the attention ops (or a function giving them); None: config.num_key_value_heads
     own_sizes: bool = False  # the config names its sizes itself (COMMON gives only vocab and token ids)
     # per layer (has sinks, has ALiBi slopes, attention_chunk_size) of the attention ops
     # (None: none, for each attention op of attention_args)
@@ -43,6 +43,16 @@ class Variant:
 
 
 L = NUM_LAYERS
+def _falcon_attention_kv_heads(heads: int, groups: int) -> int:
+    """Falcon's new architecture broadcasts K/V to every query head before attention up to transformers
+    5.24; from 5.25 it keeps the K/V groups (GQA). Read off the installed code, not its version."""
+    import inspect
+
+    from transformers.models.falcon import modeling_falcon
+
+    return heads if "broadcast_to" in inspect.getsource(modeling_falcon.FalconAttention.forward) else groups
+
+
 VARIANTS: dict[str, Variant] = {
     "llama": Variant("LlamaConfig", dict(intermediate_size=128), "GQA, SDPA", 2 * L + 1),
     "llama_eager": Variant("LlamaConfig", dict(intermediate_size=128), "GQA, eager matmul/softmax", 2 * L + 1,
@@ -73,7 +83,8 @@ VARIANTS: dict[str, Variant] = {
     "falcon": Variant("FalconConfig", dict(), "multi-query fused QKV split by list indices, parallel attention, "
                       "LayerNorm", 0, kv_heads=1),
     "falcon_new_arch": Variant("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2),
-                               "grouped fused QKV (list indices + broadcast), two LayerNorms", 0, kv_heads=4),
+                               "grouped fused QKV (list indices + broadcast), two LayerNorms", 0,
+                               kv_heads=lambda: _falcon_attention_kv_heads(heads=4, groups=2)),
     "apertus": Variant("ApertusConfig", dict(intermediate_size=128, rope_parameters=dict(
         rope_type="llama3", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=64, low_freq_factor=1.0,
         high_freq_factor=4.0)), "xIELU with scalar parameters, q/k norms, llama3 RoPE", 4 * L + 1),

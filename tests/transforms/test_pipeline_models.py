@@ -63,7 +63,8 @@ def test_attention_carries_window_and_softcap(name, deployed):
         q, k, v = (a.meta["val"] for a in n.args[:3])
         # bsnd, GQA inside: k/v keep their own (un-repeated) head count
         assert (q.shape[2], q.shape[3]) == (cfg.num_attention_heads, head_dim)
-        assert k.shape[2] == v.shape[2] == (d.variant.kv_heads or cfg.num_key_value_heads)
+        kv_heads = d.variant.kv_heads() if callable(d.variant.kv_heads) else d.variant.kv_heads
+        assert k.shape[2] == v.shape[2] == (kv_heads or cfg.num_key_value_heads)
 
 
 @pytest.mark.parametrize("name", NAMES)
