@@ -153,9 +153,6 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
         from .bench.benchmark import run_benchmark
 
         results["benchmark"] = run_benchmark(llm.engine, cfg.benchmark, factory=llm.factory)
-        if cfg.benchmark.store_results:
-            _write_json(Path(cfg.benchmark.results_path), {"config": results["config"], "env": results["env"],
-                                                           "benchmark": results["benchmark"]})
 
     _finish(cfg, results, out_dir)
     llm.shutdown()
@@ -177,6 +174,9 @@ def _finish(cfg: DictConfig, results: dict[str, Any], out_dir: Path) -> dict[str
     """results.json, the benchmark's JSON-lines row(s) and PNG, W&B."""
     from .bench import report, serve as serve_bench
 
+    if cfg.benchmark.enabled and cfg.benchmark.store_results:
+        _write_json(Path(cfg.benchmark.results_path), {"config": results["config"], "env": results["env"],
+                                                       "benchmark": results["benchmark"]})
     path = out_dir / "results.json"
     _write_json(path, results)
     log.info("results: %s", path)
