@@ -102,7 +102,19 @@ class EngineLoop:
 
     def run(self, on_drain: Callable[[], None] = lambda: None) -> None:
         """Step until a stop is requested and every request has ended or was aborted at the
-        deadline. ``on_drain`` runs once when the stop is first seen (the HTTP side stops listening)."""
+        deadline. ``on_drain`` runs once when the stop is first seen (the HTTP side stops listening).
+        If the engine cannot go on (another rank died), every request gets the error and it is raised."""
+        try:
+            self._run(on_drain)
+        except BaseException as e:
+            self.draining = True  # new requests get a 503
+            message = f"the engine failed: {type(e).__name__}: {e}"
+            self._send([(h, Update(h.index, [], _refused(h, message), finished=True)) for h in self._live.values()])
+            self._live.clear()
+            raise
+
+    def _run(self, on_drain: Callable[[], None]) -> None:
+        ranks = getattr(self.engine, "ranks", None)
         while True:
             stopping = self.stop_requested.is_set()
             self._take_inbox(block=not stopping and not self.engine.has_unfinished_requests)
@@ -121,6 +133,8 @@ class EngineLoop:
                 self._publish(self.engine.step())
             elif stopping:
                 time.sleep(0.005)
+            elif ranks is not None:
+                ranks.check()  # idle: a rank that died meanwhile ends the server now, not at the next request
 
     def _take_inbox(self, block: bool) -> None:
         try:

@@ -40,9 +40,9 @@ def completion_logprobs(token_ids: list[int], steps: list[Optional[dict]], k: in
         step = step or {}
         sampled = step.get(tid)
         token = _token(tid, sampled, decode)
-        top = {_token(i, e, decode): _value(e.logprob) for i, e in _ranked(step, k)}
-        if sampled is not None:
-            top.setdefault(token, _value(sampled.logprob))
+        top = {token: _value(sampled.logprob)} if sampled is not None else {}
+        for i, e in _ranked(step, k):  # two ids may decode alike (a split character): the sampled one keeps its key
+            top.setdefault(_token(i, e, decode), _value(e.logprob))
         out["tokens"].append(token)
         out["token_logprobs"].append(_value(sampled.logprob) if sampled is not None else None)
         out["top_logprobs"].append(top)

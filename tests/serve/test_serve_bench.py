@@ -54,31 +54,39 @@ def test_module_entry_against_a_running_server(tmp_path, server):
     assert "build_s" not in json.loads((tmp_path / "results.json").read_text())  # no engine was built
 
 
-def test_prompts_from_a_file(tmp_path, server):
+def test_prompts_from_a_file(tmp_path, server, capsys):
+    from autodeploy.bench.serve import run_serve_benchmark
+    from autodeploy.config import compose_experiment
+
     data = tmp_path / "prompts.jsonl"
     data.write_text('"The capital of France is"\n{"prompt": [1, 40, 41], "max_tokens": 3}\n')
-    bench_cfg = ["--model", "tiny_llama", f"benchmark.url={server.url}", f"benchmark.dataset={data}",
-                 "benchmark.num_prompts=4", "benchmark.osl=5", "benchmark.warmup=0", f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run([sys.executable, "-m", "autodeploy.bench.serve", *bench_cfg], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    bench = json.loads((tmp_path / "run" / "results.json").read_text())["benchmark"]
+    cfg = compose_experiment(["benchmark=serve", f"benchmark.url={server.url}", f"benchmark.dataset={data}",
+                              "benchmark.num_prompts=4", "benchmark.osl=5", "benchmark.warmup=0"])
+    bench = run_serve_benchmark(cfg)
     assert bench["completed"] == 4 and bench["total_output_tokens"] == 5 + 3 + 5 + 3
+    assert "Successful requests:                    4" in capsys.readouterr().out
 
 
-def test_isl_plus_osl_past_the_positions_is_an_error_before_model_work(tmp_path):
-    proc = subprocess.run(launch_argv("benchmark=serve", "benchmark.isl=500", "benchmark.osl=100", *CPU_ARGS,
-                                      f"hydra.run.dir={tmp_path}"), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2
-    assert "600 exceeds the model's max_position_embeddings=512" in proc.stderr
-    assert "benchmark.allow_past_max_position=true" in proc.stderr and "export" not in proc.stdout
+@pytest.mark.parametrize("kind", ["benchmark=serve", "benchmark=latency"])
+def test_isl_plus_osl_past_the_positions_is_an_error_before_model_work(kind):
+    from autodeploy.config import ConfigError, compose_experiment, preflight
+
+    cfg = compose_experiment([kind, "benchmark.isl=500", "benchmark.osl=100", "args.device=cpu",
+                              "transforms/compile=torch-simple"])
+    with pytest.raises(ConfigError, match="600 exceeds the model's max_position_embeddings=512.*"
+                                          "benchmark.allow_past_max_position=true"):
+        preflight(cfg)
+    preflight(compose_experiment([kind, "benchmark.isl=500", "benchmark.osl=100", "args.device=cpu",
+                                  "transforms/compile=torch-simple", "benchmark.allow_past_max_position=true"]))
 
 
 def test_server_with_an_offline_benchmark_is_an_error(tmp_path):
-    proc = subprocess.run(launch_argv("server=openai", "benchmark=latency", *CPU_ARGS, f"hydra.run.dir={tmp_path}"),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "use benchmark=serve" in proc.stderr
+    from autodeploy.config import ConfigError, compose_experiment
+    from autodeploy.run import run
+
+    cfg = compose_experiment(["server=openai", "benchmark=latency", "args.device=cpu"])
+    with pytest.raises(ConfigError, match="use benchmark=serve"):
+        run(cfg, tmp_path)  # before any model work
 
 
 def test_summary_follows_vllm_definitions():

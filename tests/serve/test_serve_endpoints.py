@@ -282,3 +282,34 @@ def test_sse_wire_format(server):
     for event in events[:-1]:
         data = json.loads(event.removeprefix("data: "))
         assert data["object"] == "text_completion" and data["id"].startswith("cmpl-")
+
+
+NO_LOGPROBS = pytest.mark.skipif(not HAS_LOGPROBS, reason="the engine's logprobs (SamplingParams.logprobs) are not in this build")
+
+
+@NO_LOGPROBS
+def test_completion_logprobs_streamed_and_not(client):
+    kwargs = dict(model="tiny_llama", prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=3,
+                  extra_body={"ignore_eos": True})
+    lp = client.completions.create(**kwargs).choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and 3 <= len(top) <= 4
+        assert max(top.values()) == pytest.approx(logprob)  # greedy: the sampled token is the likeliest
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    chunks = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs) if c.choices[0].logprobs]
+    assert sum((c.tokens for c in chunks), []) == lp.tokens
+    assert sum((c.text_offset for c in chunks), []) == lp.text_offset
+    assert sum((c.token_logprobs for c in chunks), []) == pytest.approx(lp.token_logprobs)
+
+
+@NO_LOGPROBS
+def test_chat_logprobs(client):
+    out = client.chat.completions.create(model="tiny_llama", messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                         extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.bytes == list(entry.token.encode())
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob) >= entry.top_logprobs[1].logprob
