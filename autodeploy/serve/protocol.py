@@ -116,7 +116,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    # token ids first: a long id prompt validates in one pass (the smart union tries every member)
+    prompt: Union[list[int], str, list[str], list[list[int]]] = Field(union_mode="left_to_right")
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = None
     echo: bool = False
