@@ -2,8 +2,9 @@
 
 The shape follows the seed's ``ExperimentConfig`` so a YAML written for the reference system
 works unchanged: ``model``, ``args`` (the AutoDeploy config), ``prompt``, ``benchmark``,
-``logger``, ``yaml_extra``, ``dry_run``; ``server`` (the OpenAI-compatible server) is ours. OmegaConf 2.3 has no ``Literal``: fields with a closed
-set of values are plain strings checked by ``validate`` (see ``CHOICES``).
+``logger``, ``yaml_extra``, ``dry_run``; ``server`` (the OpenAI-compatible server) is ours.
+OmegaConf 2.3 has no ``Literal``: fields with a closed set of values are plain strings checked by
+``validate`` (see ``CHOICES``).
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ MINIMUMS = {
     "benchmark.num_prompts": 1,
     "benchmark.max_concurrency": 1,
     "server.port": 0,
-    "server.max_waiting_requests": 0,
+    "server.max_waiting_requests": 1,
     "server.shutdown_grace_s": 0,
 }
 

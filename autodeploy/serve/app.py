@@ -173,7 +173,7 @@ class _Reply:
 
     def _chunk(self, choices: str, usage: Optional[dict] = None) -> str:
         """One server-sent event; ``choices`` already JSON (the hot path writes it by hand)."""
-        tail = f',"usage":{json.dumps(usage)}' if usage is not None else ""
+        tail = f',"usage":{json.dumps(usage, separators=(",", ":"))}' if usage is not None else ""
         return f"{self._head}{choices}]{tail}}}\n\n"
 
     def _choice(self, i: int, u: Update) -> str:
@@ -197,7 +197,7 @@ class _Reply:
             choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
-        return json.dumps(choice, ensure_ascii=False)
+        return json.dumps(choice, ensure_ascii=False, separators=(",", ":"))
 
     async def events(self, updates: asyncio.Queue) -> AsyncIterator[str]:
         """Server-sent events: a chunk per update of each choice, usage if asked, ``[DONE]``.
