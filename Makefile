@@ -64,12 +64,20 @@ lint: $(STAMP)
 clean:
 	rm -rf outputs multirun .pytest_cache $(LATEST_VENV)
 
-# Pure-Python wheels the GPU machine lacks (it has no network): carried in the git-ignored .whl/
-# folder and installed there with `pip install --no-index --target /tmp/site .whl/*.whl`.
+# Wheels the GPU machine lacks (it has no network): carried in the git-ignored .whl/ folder and
+# installed there with `pip install --no-index --target /tmp/site .whl/*.whl` (scripts/gpu_validate.sh).
+# Hydra; and the server's stack (its image has h11, click, httpx, prometheus-client, not these;
+# typing-extensions and anyio at the versions pydantic and starlette need), pydantic-core built for it.
 GPU_PY ?= 3.12
+GPU_PLATFORM ?= manylinux_2_17_x86_64
+SERVE_WHEELS := fastapi starlette uvicorn pydantic annotated-types typing-inspection opentelemetry-api \
+	typing_extensions anyio
+pin = $(shell grep -i -m1 '^$(1)==' constraints.txt)
 wheels-gpu: $(STAMP)
 	mkdir -p .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
-		--platform any -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+		--platform any -d .whl hydra-core==1.3.8 omegaconf==2.3.1 $(foreach w,$(SERVE_WHEELS),$(call pin,$(w)))
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+		--platform $(GPU_PLATFORM) -d .whl $(call pin,pydantic_core)
 	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 	ls .whl

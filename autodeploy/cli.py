@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(0)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        argv = serve_argv(argv[1:])
     register_configs()
     if _answer_completion(argv):
         return
@@ -77,6 +79,35 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0]] + flags + overrides
     _hydra_entry()
     _exit_if_jobs_failed()
+
+
+# `autodeploy serve` flags that vLLM users type -> ours (every launch.py flag works too)
+SERVE_FLAGS = {
+    "--host": "server.host", "--port": "server.port", "--served-model-name": "server.served_model_name",
+    "--api-key": "server.api_key", "--tensor-parallel-size": "args.world_size", "-tp": "args.world_size",
+    "--max-model-len": "args.max_seq_len", "--max-num-seqs": "args.max_batch_size",
+}
+
+
+def serve_argv(argv: list[str]) -> list[str]:
+    """``autodeploy serve [MODEL] [flags]`` -> ``server=openai [--model MODEL] [flags]``."""
+    out = ["server=openai"]
+    i = 0
+    while i < len(argv):
+        flag, eq, inline = argv[i].partition("=")
+        if flag in SERVE_FLAGS:
+            if not eq and i + 1 >= len(argv):
+                raise ConfigError(f"{flag} needs a value")
+            value = inline if eq else argv[i + 1]
+            out.append(f"--{SERVE_FLAGS[flag]}={value}")  # quoted by translate_argv like any seed flag
+            i += 1 if eq else 2
+            continue
+        if i == 0 and not argv[i].startswith("-") and "=" not in argv[i]:
+            out += ["--model", argv[i]]  # the model, as `vllm serve MODEL`
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
 
 
 def _check_launcher(overrides: list[str]) -> None:

@@ -80,7 +80,7 @@ def _git_rev() -> str | None:
 
 def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     from .distributed.env import detect
-    from .bench.report import build_stage_times, write_artifacts
+    from .bench.report import build_stage_times
     from .llm import LLM
     from .runtime.sampling_params import SamplingParams
 
@@ -98,6 +98,14 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     results: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True), "env": environment(cfg)}
     if cfg.plan_only:
         return _plan_only(cfg, out_dir, results)
+    serving = cfg.server.name != "none" or (cfg.benchmark.enabled and cfg.benchmark.kind == "serve")
+    if serving:
+        _check_serving(cfg)
+        if cfg.benchmark.enabled and cfg.benchmark.url:  # a running server: no engine here
+            from .bench.serve import run_serve_benchmark
+
+            results["benchmark"] = run_serve_benchmark(cfg)
+            return _finish(cfg, results, out_dir)
     t0 = time.perf_counter()
     llm = LLM.from_config(cfg)
     results["build_s"] = time.perf_counter() - t0
@@ -110,6 +118,19 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     if note:
         print(note, flush=True)
         log.info("%s", note)
+    if serving:  # the server (or the serving benchmark) instead of the prompts and the offline benchmark
+        try:
+            if cfg.benchmark.enabled:
+                from .bench.serve import run_serve_benchmark
+
+                results["benchmark"] = run_serve_benchmark(cfg, llm)
+            else:
+                from .serve import serve
+
+                serve(llm, cfg)
+            return _finish(cfg, results, out_dir)
+        finally:
+            llm.shutdown()
     queries = expand_queries(cfg.prompt)
     if llm.tokenizer is None:
         log.warning("model %s has no tokenizer: the prompt queries are skipped", cfg.model)
@@ -132,18 +153,38 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
         from .bench.benchmark import run_benchmark
 
         results["benchmark"] = run_benchmark(llm.engine, cfg.benchmark, factory=llm.factory)
-        if cfg.benchmark.store_results:
-            _write_json(Path(cfg.benchmark.results_path), {"config": results["config"], "env": results["env"],
-                                                           "benchmark": results["benchmark"]})
 
+    _finish(cfg, results, out_dir)
+    llm.shutdown()
+    return results
+
+
+def _check_serving(cfg: DictConfig) -> None:
+    """Serving's checks, before any model work."""
+    from .config.errors import ConfigError
+    from .serve import check_installed
+
+    check_installed()
+    if cfg.benchmark.enabled and cfg.benchmark.kind != "serve":
+        raise ConfigError(f"server={cfg.server.name} serves until it is stopped, so the offline benchmark "
+                          "(benchmark.enabled) would never run: use benchmark=serve to benchmark the server")
+
+
+def _finish(cfg: DictConfig, results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """results.json, the benchmark's JSON-lines row(s) and PNG, W&B."""
+    from .bench import report, serve as serve_bench
+
+    if cfg.benchmark.enabled and cfg.benchmark.store_results:
+        _write_json(Path(cfg.benchmark.results_path), {"config": results["config"], "env": results["env"],
+                                                       "benchmark": results["benchmark"]})
     path = out_dir / "results.json"
     _write_json(path, results)
     log.info("results: %s", path)
     if cfg.benchmark.enabled:
+        write_artifacts = serve_bench.write_artifacts if cfg.benchmark.kind == "serve" else report.write_artifacts
         for kind, written in write_artifacts(results, out_dir, cfg.benchmark).items():
             log.info("benchmark %s: %s", kind, written)
     _track(cfg, results, out_dir)
-    llm.shutdown()
     return results
 
 

@@ -2,8 +2,11 @@
 # One GPU session's checks, in order of importance; each step has its own time limit so a slow
 # one cannot eat the others. Run from the repo root on a CUDA machine with torch, triton and
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
-# omegaconf and antlr4 into .whl/, which this script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag]
+# omegaconf, antlr4 and the server's stack (fastapi, uvicorn, pydantic, ...) into .whl/, which this
+# script installs into /tmp/site.
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [serve]
+# `serve` (issue 23, ~5 min on one GPU): one 8B build, the offline benchmark at batch 1 and 32, then the
+# OpenAI server at concurrency 1 and 32 on the same engine, and the table of the serving targets.
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
 #   bash scripts/gpu_validate.sh perf            # ours with/without fusions at bs 1 and 32 + the anchor (~8.5 min)
 #   bash scripts/gpu_validate.sh tests kernels hf  # GPU tests, attention kernels, HF baselines (~9 min)
@@ -255,6 +258,15 @@ if [[ " $STEPS " == *" hf "* ]]; then
   timeout ${HF_TIMEOUT:-220} python3 -m autodeploy.bench.hf_baselines --model llama3_8b --bs 1 --isl 1024 --osl 128 \
     --num 3 --out "$OUT/hf_baselines.json" > /tmp/hf_baselines.log 2>&1
   echo "hf rc=$? in $((SECONDS - t0)) s"; grep -E "Error" /tmp/hf_baselines.log | tail -2
+fi
+
+if [[ " $STEPS " == *" serve "* ]]; then
+  echo "=== serve: Llama-3.1-8B shape, random bf16, triton, torch-opt: offline bs 1/32 vs the OpenAI server at c=1/32"
+  t0=$SECONDS
+  timeout ${SERVE_TIMEOUT:-540} python3 scripts/serve_gpu_check.py --out "$OUT" ${SERVE_ARGS:-} > "$OUT/serve_check.log" 2>&1
+  echo "serve rc=$? in $((SECONDS - t0)) s"
+  grep -q "==== serving vs offline" "$OUT/serve_check.log" && sed -n '/==== serving vs offline/,$p' "$OUT/serve_check.log" \
+    || tail -20 "$OUT/serve_check.log"
 fi
 
 if compgen -G "$OUT/perf_*.json" >/dev/null || [[ -f $OUT/anchor.txt || -f $OUT/hf_baselines.json ]]; then

@@ -53,7 +53,8 @@ def test_seed_prompting_and_benchmarking_command(tmp_path):
     _, run_dir = launch(
         tmp_path, "--model", "tiny_llama", "--prompt.batch-size=4", "--prompt.sp-kwargs.max-tokens=200",
         "--prompt.sp-kwargs.temperature=0.7", "--benchmark.enabled=true", "--benchmark.bs=8",
-        "--benchmark.isl=1024", "--benchmark.osl=4", "--benchmark.num=1", "--benchmark.warmup=0", *FAST,
+        "--benchmark.isl=1024", "--benchmark.osl=4", "--benchmark.num=1", "--benchmark.warmup=0",
+        "--benchmark.allow-past-max-position=true", *FAST,  # tiny_llama has 512 positions
     )
     res = results(run_dir)
     assert len(res["generations"]) == 4

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 
 from . import roofline
+from .progress import Progress
 from .stats import percentiles
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,17 @@ def run_batch_size(engine: Any, bench: Any, bs: int) -> dict[str, Any]:
     isl, osl = int(bench.isl), int(bench.osl)
     prompts = random_prompts(bs, isl, engine.vocab_size)
     params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
-    for _ in range(int(bench.warmup)):
+    warmup, num = int(bench.warmup), int(bench.num)
+    log.info("benchmark bs=%d isl=%d osl=%d: %d warm-up and %d timed rounds", bs, isl, osl, warmup, num)
+    progress = Progress(warmup + num, f"benchmark bs={bs}")
+    for _ in range(warmup):
         _round(engine, prompts, params)
+        progress.update()
     engine.step_timings.clear()
     ttft, tpot, itl, e2e, walls, trace = [], [], [], [], [], {}
-    for _ in range(int(bench.num)):
+    for _ in range(num):
         outs, start, wall = _round(engine, prompts, params)
+        progress.update()
         walls.append(wall)
         trace = {"t_s": [], "itl_ms": []}  # the last round's tokens over time (for the plot)
         for o in outs:
@@ -89,6 +95,7 @@ def run_batch_size(engine: Any, bench: Any, bs: int) -> dict[str, Any]:
             itl.extend(x * 1e3 for x in m.itl)
             trace["t_s"] += [round(t - start, 5) for t in m.token_times[1:]]
             trace["itl_ms"] += [round(x * 1e3, 4) for x in m.itl]
+    progress.close()
     wall = statistics.median(walls)
     steps = list(engine.step_timings)
     decode_steps = [s for s in steps if s.is_decode]

@@ -29,10 +29,11 @@ def _p(d: Optional[dict], key: str = "p50") -> Optional[float]:
     return d.get(key) if isinstance(d, dict) else None
 
 
-def jsonl_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+def identity(results: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-lines row's first columns: which run (model, backends, commit, device, build)."""
     cfg, env, bench = results["config"], results["env"], results["benchmark"]
     transforms = cfg["args"]["transforms"]
-    identity = {
+    return {
         "time": env.get("time"), "git_rev": env.get("git_rev"), "device": env.get("device"),
         "torch": env.get("torch"), "model": cfg.get("model"), "world_size": cfg["args"].get("world_size"),
         "compile_backend": transforms.get("compile_model", {}).get("backend"),
@@ -42,11 +43,15 @@ def jsonl_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         **{f"build_{stage}_s": s for stage, s in (results.get("build_stage_s") or {}).items()},
         "peak_gpu_mem_gib": bench.get("peak_gpu_mem_gib"),
     }
+
+
+def jsonl_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    bench, ident = results["benchmark"], identity(results)
     rows = []
     for r in bench["by_batch_size"].values():
         roof = r.get("roofline") or {}
         rows.append({
-            **identity, "bs": r["bs"], "isl": r["isl"], "osl": r["osl"],
+            **ident, "bs": r["bs"], "isl": r["isl"], "osl": r["osl"],
             "ttft_ms_p50": _p(r["ttft_ms"]), "tpot_ms_p50": _p(r["tpot_ms"]), "itl_ms_p50": _p(r["itl_ms"]),
             "itl_ms_p99": _p(r["itl_ms"], "p99"), "e2e_ms_p50": _p(r["e2e_ms"]),
             "output_tok_s": r["output_tok_s"], "total_tok_s": r["total_tok_s"],

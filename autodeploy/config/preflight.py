@@ -22,7 +22,24 @@ from .errors import ConfigError
 def preflight(cfg: DictConfig) -> Any:
     """Check the device choices and the model; returns the ModelFactory that the checks built."""
     check_device_choices(cfg.args)
-    return check_model(cfg.args)
+    factory = check_model(cfg.args)
+    check_benchmark_length(cfg, getattr(factory, "config", None))
+    return factory
+
+
+def check_benchmark_length(cfg: DictConfig, model_config: Any) -> None:
+    """A benchmark of random prompts whose ``isl + osl`` runs past the model's positions measures
+    something nobody serves: an error, unless ``benchmark.allow_past_max_position`` says it is meant."""
+    bench = cfg.benchmark
+    if not bench.enabled or bench.allow_past_max_position or (bench.kind == "serve" and bench.dataset):
+        return
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and bench.isl + bench.osl > max_pos:
+        raise ConfigError(
+            f"benchmark.isl + benchmark.osl = {bench.isl} + {bench.osl} = {bench.isl + bench.osl} exceeds the model's "
+            f"max_position_embeddings={max_pos}: lower them, or set benchmark.allow_past_max_position=true to run "
+            "past it on purpose"
+        )
 
 
 def run_device(args: Any) -> str:

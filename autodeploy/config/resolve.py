@@ -259,6 +259,8 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be >= {minimum}")
     if any(b < 1 for b in cfg.benchmark.batch_sizes):
         raise ConfigError(f"benchmark.batch_sizes={list(cfg.benchmark.batch_sizes)} must all be >= 1")
+    if not cfg.benchmark.request_rate > 0:
+        raise ConfigError(f"benchmark.request_rate={cfg.benchmark.request_rate} must be > 0 (inf = all requests at once)")
     ratio = cfg.args.free_mem_ratio
     if ratio is not None and not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"args.free_mem_ratio={ratio} must be within [0, 1]")
@@ -283,9 +285,9 @@ def _fit_limits(cfg: DictConfig) -> None:
         log.info("args.max_batch_size raised from %d to prompt.batch_size=%d", args.max_batch_size, cfg.prompt.batch_size)
         args.max_batch_size = cfg.prompt.batch_size
     bench = cfg.benchmark
-    if bench.enabled:
-        largest = max([bench.bs, *bench.batch_sizes])
-        if largest > args.max_batch_size:
+    if bench.enabled and not (bench.kind == "serve" and bench.url):  # a remote server has its own limits
+        largest = max([bench.bs, *bench.batch_sizes]) if bench.kind == "offline" else bench.max_concurrency
+        if largest is not None and largest > args.max_batch_size:
             log.info("args.max_batch_size raised from %d to the benchmark's batch size %d", args.max_batch_size, largest)
             args.max_batch_size = largest
         if bench.isl + bench.osl > args.max_seq_len:

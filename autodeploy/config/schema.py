@@ -2,8 +2,9 @@
 
 The shape follows the seed's ``ExperimentConfig`` so a YAML written for the reference system
 works unchanged: ``model``, ``args`` (the AutoDeploy config), ``prompt``, ``benchmark``,
-``logger``, ``yaml_extra``, ``dry_run``. OmegaConf 2.3 has no ``Literal``: fields with a closed
-set of values are plain strings checked by ``validate`` (see ``CHOICES``).
+``logger``, ``yaml_extra``, ``dry_run``; ``server`` (the OpenAI-compatible server) is ours.
+OmegaConf 2.3 has no ``Literal``: fields with a closed set of values are plain strings checked by
+``validate`` (see ``CHOICES``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ class BenchmarkConfig:
     batch_sizes: List[int] = field(default_factory=list)  # more sizes after bs, on the same engine
     jsonl_path: Optional[str] = "benchmark.jsonl"  # a row per batch size; relative = the run folder
     plot: bool = True  # benchmark.png beside results.json (ITL over the run, tok/s vs batch size)
+    # isl + osl past the model's max_position_embeddings is an error unless this says it is meant
+    allow_past_max_position: bool = False
+    # offline: fixed batches through the engine (bs, num, batch_sizes, compare_hf);
+    # serve (benchmark=serve): requests through the OpenAI server, as `vllm bench serve` (bench/serve.py)
+    kind: str = "offline"
+    num_prompts: int = 100  # serve: timed requests (after `warmup` untimed ones)
+    request_rate: float = float("inf")  # serve: requests/s, Poisson arrivals; inf = all at once
+    max_concurrency: Optional[int] = None  # serve: at most this many requests in flight
+    dataset: Optional[str] = None  # serve: prompts from a file (JSON lines) instead of random isl tokens
+    url: Optional[str] = None  # serve: a running server's base URL; None = start one on this run's engine
+    seed: int = 0  # serve: random prompts and arrival times
 
 
 @dataclass
@@ -64,6 +76,19 @@ class LoggerConfig:
     mode: str = "offline"  # online | offline | disabled
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ServerConfig:
+    """``server``: the OpenAI-compatible HTTP server on the run's engine (``server=openai``)."""
+
+    name: str = "none"  # none = run the prompts / benchmark and exit | openai = serve until SIGTERM
+    host: str = "127.0.0.1"  # 0.0.0.0: every interface
+    port: int = 8000  # 0 = any free port (the log says which)
+    served_model_name: Optional[str] = None  # the model id clients send; None = the run's model
+    max_waiting_requests: int = 1024  # requests queued beyond the running batch; one more gets a 503
+    api_key: Optional[str] = None  # when set, requests need `Authorization: Bearer <api_key>`
+    shutdown_grace_s: float = 30.0  # on SIGTERM/SIGINT: in-flight requests may finish this long, then abort
 
 
 @dataclass
@@ -108,6 +133,7 @@ class ExperimentConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     yaml_extra: List[str] = field(default_factory=list)
     dry_run: bool = False
     # run the pipeline on meta up to and including sharding (one process, no weights), save the plan, exit
@@ -133,6 +159,8 @@ CHOICES = {
     "args.kv_cache_dtype": ("auto", "float32", "bfloat16", "float16"),
     "logger.name": ("none", "wandb"),
     "logger.mode": ("online", "offline", "disabled"),
+    "server.name": ("none", "openai"),
+    "benchmark.kind": ("offline", "serve"),
 }
 
 # (path, minimum) for integer fields that must be positive / non-negative
@@ -149,6 +177,11 @@ MINIMUMS = {
     "benchmark.osl": 1,
     "benchmark.num": 1,
     "benchmark.warmup": 0,
+    "benchmark.num_prompts": 1,
+    "benchmark.max_concurrency": 1,
+    "server.port": 0,
+    "server.max_waiting_requests": 1,
+    "server.shutdown_grace_s": 0,
 }
 
 

@@ -339,6 +339,11 @@ def serve(engine, channel: StepChannel) -> None:
 
 
 def _spawned_worker(rank: int, world: int, port: int, parent: int) -> None:
+    # rank 0 ends the workers it spawned (stop broadcast, or this process follows it out): a terminal's
+    # Ctrl-C reaches the whole process group, and a worker dying of it first would turn rank 0's orderly
+    # shutdown (a server draining its requests) into a rank failure
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     env = RankEnv(rank, world, rank, "127.0.0.1", port, "spawn")
     try:

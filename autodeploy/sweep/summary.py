@@ -28,6 +28,14 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("decode_tok_s", "benchmark.decode_tok_s"),
     ("output_tok_s", "benchmark.output_tok_s"),
     ("bytes_per_rank", "sharding_summary.bytes_per_rank_max"),
+    # the serving benchmark (benchmark=serve): load, what got through, and the latencies' tails
+    ("request_rate", "benchmark.request_rate"),
+    ("max_concurrency", "benchmark.max_concurrency"),
+    ("request_throughput", "benchmark.request_throughput"),
+    ("failed", "benchmark.failed"),
+    ("ttft_p99_ms", "benchmark.ttft_ms.p99"),
+    ("itl_p99_ms", "benchmark.itl_ms.p99"),
+    ("e2e_p50_ms", "benchmark.e2e_ms.p50"),
 )
 # The picture's metric when none is chosen: the first one any job has.
 PREFERRED_METRICS = ("decode_tok_s", "output_tok_s", "tpot_p50_ms", "ttft_p50_ms", "bytes_per_rank", "build_s")

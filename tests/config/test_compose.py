@@ -18,6 +18,7 @@ GROUPS = {
     "prompt": "prompt",
     "benchmark": "benchmark",
     "logger": "logger",
+    "server": "server",
     "experiment": None,
 }
 

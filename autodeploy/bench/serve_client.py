@@ -1,0 +1,153 @@
+"""The serving benchmark's client: streamed completions against an OpenAI-compatible server, timed
+per request and per chunk (as ``vllm bench serve`` times them).
+
+It runs in a process of its own, ``python -m autodeploy.bench.serve_client SPEC.json OUT.json``,
+so that its Python work never shares a GIL with the server it measures; it imports only the
+standard library, httpx and tqdm. SPEC: ``{url, model, requests: [{prompt, max_tokens}], request_rate,
+max_concurrency, warmup, seed}``; OUT: ``{duration_s, peak_concurrency, records: [...]}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+log = logging.getLogger("autodeploy")
+
+
+@dataclass
+class Record:
+    """One request: seconds from the benchmark's start, or from the request's own start."""
+
+    ok: bool = False
+    error: str = ""
+    start_s: float = 0.0  # sent, from the benchmark's start
+    ttft_s: Optional[float] = None
+    latency_s: Optional[float] = None
+    itl_s: list[float] = field(default_factory=list)  # gaps between chunks that carried tokens
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+async def _request(client: Any, url: str, model: str, req: dict, t0: float) -> Record:
+    rec = Record()
+    body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    rec.start_s = start - t0
+    last = None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                rec.error = f"HTTP {resp.status_code}: {text[:300]}"
+                return rec
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                now = time.perf_counter()
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    rec.error = chunk["error"].get("message", str(chunk["error"]))
+                    return rec
+                if chunk.get("usage"):
+                    rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    rec.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices"):
+                    if last is None:
+                        rec.ttft_s = now - start
+                    else:
+                        rec.itl_s.append(now - last)
+                    last = now
+        rec.latency_s = time.perf_counter() - start
+        rec.ok = rec.ttft_s is not None
+        if not rec.ok:
+            rec.error = "the stream ended without a token"
+    except Exception as e:  # noqa: BLE001 - a failed request is counted, the benchmark goes on
+        rec.error = f"{type(e).__name__}: {e}"
+    return rec
+
+
+async def _model(client: Any, url: str) -> str:
+    resp = await client.get(f"{url}/v1/models")
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+async def run(url: str, requests: list[dict], model: Optional[str] = None, request_rate: float = math.inf,
+              max_concurrency: Optional[int] = None, warmup: int = 0, seed: int = 0) -> dict:
+    """Send ``warmup`` untimed requests one by one, then ``requests`` at Poisson arrivals of
+    ``request_rate`` per second (inf: all at once), at most ``max_concurrency`` in flight."""
+    import httpx
+
+    from .progress import Progress
+
+    url = url.rstrip("/")
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits, trust_env=False) as client:
+        model = model or await _model(client, url)
+        for i in range(warmup):
+            rec = await _request(client, url, model, requests[i % len(requests)], time.perf_counter())
+            if not rec.ok:
+                raise RuntimeError(f"warm-up request failed: {rec.error}")
+        rng = random.Random(seed)
+        gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        in_flight = peak = 0
+        progress = Progress(len(requests), "serve benchmark", unit="request")
+
+        async def one(req: dict, t0: float) -> Record:
+            nonlocal in_flight, peak
+            async with gate if gate is not None else _nothing():
+                in_flight += 1
+                peak = max(peak, in_flight)
+                try:
+                    return await _request(client, url, model, req, t0)
+                finally:
+                    in_flight -= 1
+                    progress.update()
+
+        t0 = time.perf_counter()
+        tasks = []
+        for req in requests:
+            tasks.append(asyncio.ensure_future(one(req, t0)))
+            if math.isfinite(request_rate):
+                await asyncio.sleep(rng.expovariate(request_rate))
+        records = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - t0
+        progress.close()
+    return {"model": model, "duration_s": duration, "peak_concurrency": peak, "records": [asdict(r) for r in records]}
+
+
+class _nothing:
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return False
+
+
+def main(argv: list[str]) -> None:
+    spec_path, out_path = argv
+    handler = logging.StreamHandler(sys.stdout)  # progress lines, as the run's own log lines look
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    spec = json.loads(open(spec_path).read())
+    result = asyncio.run(run(spec["url"], spec["requests"], spec.get("model"), float(spec["request_rate"]),
+                             spec.get("max_concurrency"), int(spec.get("warmup", 0)), int(spec.get("seed", 0))))
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
