@@ -155,8 +155,8 @@ class Worker:
 def spawn_workers(world: int, port: int, threads: "int | None") -> list[Worker]:
     """Start ranks 1..world-1 as ``python -m autodeploy.distributed.worker`` processes: the same
     interpreter and import path as this one, none of the user's modules."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    path = [package_root] + [p or os.getcwd() for p in sys.path]
+    # this process's import path, in its order (the package's root last, for when it came from the cwd)
+    path = [p or os.getcwd() for p in sys.path] + [str(Path(__file__).resolve().parents[2])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -314,7 +314,8 @@ class Ranks:
             key = ERROR_KEY.format(rank=rank)
             try:
                 if self.store.check([key]):
-                    seq = int(self.store.get(ERROR_SEQ_KEY.format(rank=rank)).decode())
+                    seq_key = ERROR_SEQ_KEY.format(rank=rank)
+                    seq = int(self.store.get(seq_key).decode()) if self.store.check([seq_key]) else 1 << 30
                     errors.append((seq, rank, self.store.get(key).decode()))
             except Exception:  # noqa: BLE001 - the store lives in rank 0 or the launcher; a dead store says nothing
                 pass

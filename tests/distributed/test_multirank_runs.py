@@ -39,9 +39,8 @@ def _hf_greedy(name: str, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("name,world,extra", [
     ("tiny_llama", 2, {}),
     ("tiny_llama", 2, {"overlap_scheduler": True}),  # rank 0 feeds in-flight tokens into what it broadcasts
-    ("tiny_mixtral", 2, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep"]}}}),
     ("tiny_hybrid", 2, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep", "bmm", "ssm"]}}}),
-    ("tiny_mixtral", 4, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep"], "process_grid": {"ep": 2, "tp": 2}}}}),
+    # expert parallel (EP 2, EP 2 x TP 2): test_multirank_long_contexts.py, with prompts of 100 to 1000 tokens
 ])
 def test_llm_api_greedy_equals_hf_generate(name, world, extra):
     with LLM(name, world_size=world, **CPU, **extra) as llm:
