@@ -1,7 +1,8 @@
 """Two NCCL ranks, one per GPU, for ``test_multigpu.py``: each builds ``tiny_llama``'s sharded graph
 (the real factory, checkpoint loader and sharding transforms, up to the weight load) on its GPU and
 runs the same inputs twice: with the one-shot symmetric-memory all-reduce that the sharding
-executor sets up (``allreduce_strategy=auto``), then with NCCL (the one-shot buffers set aside).
+executor sets up (``allreduce_strategy=auto``), then with NCCL (the one-shot buffers set aside). A
+dtype that torch's one-shot kernel does not take goes to NCCL in both runs (recorded).
 Rank 0 also runs HF transformers in float32 on the same inputs, to show both are right, not only equal.
 """
 
@@ -118,6 +119,8 @@ def _one_shot_vs_nccl(rank: int, world: int, dtype: str, device: torch.device) -
         collectives._SYMM.update(one_shot_groups)
     found = {
         "groups": sorted(one_shot_groups),
+        # torch's kernel may not take this dtype (float16): then NCCL carries it, with or without one-shot buffers
+        "kernel_takes_dtype": all(factory.dtype in symm.dtypes for symm in one_shot_groups.values()),
         "all_reduces_per_forward": sum(1 for n in gm.graph.nodes if "autodeploy.all_reduce" in str(n.target)),
         "forwards": ROUNDS * len(batches),
         "one_shot_calls": one_shot_calls,
