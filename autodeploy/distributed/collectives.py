@@ -58,7 +58,7 @@ def reset_groups() -> None:
 # can read, and each rank sums all of them itself (peer loads over NVLink, no multicast). For a
 # decode step's few KB this takes a third of NCCL's latency; large messages (prefill) stay on NCCL.
 SYMM_MAX_BYTES = 1 << 20
-# the dtypes to try; torch's kernel takes bfloat16 and float32 (its dispatch, torch 2.6-2.9 at least)
+# the dtypes to try; the torch sources checked dispatch the kernel for bfloat16 and float32 only
 SYMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_one_shot_all_reduce_gives_nccls_logits(dtype):
     """For two ranks both sum the same two values once (a + b is exact to round): equal bits.
-    torch's one-shot kernel takes bfloat16 and float32 (its dispatch up to torch 2.9 at least): a
-    float16 model must then run, with every all-reduce on NCCL, not fail on its first decode."""
+    The torch sources checked dispatch the one-shot kernel for bfloat16 and float32 only: a float16
+    model must then run with every all-reduce on NCCL, not fail on its first decode."""
     from multigpu_ranks import run
 
     found = run(2, dtype)
