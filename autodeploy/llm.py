@@ -7,6 +7,7 @@ Precedence is the command line's: keyword arguments > YAML files > built-in defa
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import time
@@ -81,7 +82,10 @@ class LLM:
 
             self.ranks = start(self.config)  # spawns (or joins) the other ranks
         try:
-            built = build_engine(self.args, rank=0, world_size=world_size)
+            # marked busy: a worker that fails while rank 0 waits in one of the build's collectives
+            # (process groups, the KV cache sizing) ends the run instead of hanging it
+            with self.ranks.busy() if self.ranks is not None else contextlib.nullcontext():
+                built = build_engine(self.args, rank=0, world_size=world_size)
         except BaseException as e:
             failure = self.ranks.failure(e) if self.ranks is not None else None
             self.shutdown()

@@ -4,7 +4,7 @@
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf, antlr4 and the server's stack (fastapi, uvicorn, pydantic, ...) into .whl/, which this
 # script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [serve]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [multigpu] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [serve]
 # `serve` (issue 23, ~5 min on one GPU): one 8B build, the offline benchmark at batch 1 and 32, then the
 # OpenAI server at concurrency 1 and 32 on the same engine, and the table of the serving targets.
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
@@ -36,6 +36,14 @@ if [[ " $STEPS " == *" tests "* ]]; then
   echo "=== gpu tests"
   timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu tests/runtime/test_gpu_runtime.py \
     2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+fi
+
+# two GPUs or more (nvidia-h200-x2): the one-shot all-reduce against NCCL (bf16, fp16), TP and EP over
+# two GPUs against one (fp32 greedy), a world_size larger than the GPUs refused in preflight (~3-5 min)
+if [[ " $STEPS " == *" multigpu "* ]]; then
+  echo "=== multigpu tests ($(nvidia-smi -L | wc -l) GPUs)"
+  timeout ${MULTIGPU_TIMEOUT:-540} python3 -m pytest -q -m multigpu -p no:cacheprovider -rs tests/gpu/test_multigpu.py \
+    2>&1 | tee "$OUT/pytest_multigpu.log" | tail -15
 fi
 
 if [[ " $STEPS " == *" e2e "* ]]; then

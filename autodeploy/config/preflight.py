@@ -1,5 +1,5 @@
-"""Checks a run makes before any model work: the device and its GPU-only choices, the model, its
-``model_kwargs`` and whether there is a checkpoint to load.
+"""Checks a run makes before any model work: the device and its GPU-only choices, a GPU for each
+rank it spawns, the model, its ``model_kwargs`` and whether there is a checkpoint to load.
 
 One rule for GPU-only choices: the defaults fit the device (``args.device=auto``, the compile
 backend ``auto``, the ``torch`` attention backend), and a GPU-only choice made for a run without a
@@ -70,6 +70,7 @@ def check_device_choices(args: Any) -> None:
 
     device = run_device(args)
     if device == "cuda":
+        _check_spawned_ranks_fit(args)
         _check_attention_backend(args, device)
         return
     compile_model = _enabled(args, "compile_model")
@@ -80,6 +81,21 @@ def check_device_choices(args: Any) -> None:
             f"{device}: use transforms/compile=auto (torch-simple on the CPU) or torch-compile"
         )
     _check_attention_backend(args, device)
+
+
+def _check_spawned_ranks_fit(args: Any) -> None:
+    """Ranks that this process spawns take one visible GPU each (under torchrun or SLURM the
+    launcher places the ranks)."""
+    import torch
+
+    from autodeploy.distributed.env import detect
+
+    world, gpus = int(args.world_size), torch.cuda.device_count()
+    if world > gpus and detect() is None:
+        raise ConfigError(
+            f"args.world_size={world} needs {world} GPUs (one per rank) but {gpus} are visible: lower "
+            "args.world_size, make more GPUs visible (CUDA_VISIBLE_DEVICES), or use args.device=cpu"
+        )
 
 
 def _check_attention_backend(args: Any, device: str) -> None:

@@ -64,11 +64,15 @@ def _moe_grouped(x, selected_experts, routing_weights, w_gate_up, w_down) -> tor
     num_tokens, top_k = selected_experts.shape
     num_experts = w_gate_up.shape[0]
     flat_experts = selected_experts.reshape(-1)
+    # ids outside [0, E) (other ranks' experts under expert parallelism) go to a last group, E,
+    # that no expert reads: their slots stay 0
+    local = (flat_experts >= 0) & (flat_experts < num_experts)
+    flat_experts = torch.where(local, flat_experts, num_experts)
     # group (token, slot) pairs by expert; one host sync for the group sizes
     order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
+    counts = torch.bincount(flat_experts, minlength=num_experts + 1).tolist()
     x_w = x.to(w_gate_up.dtype)
-    slot_out = x_w.new_zeros((num_tokens * top_k, w_down.shape[1]))  # ids outside [0, E) stay 0
+    slot_out = x_w.new_zeros((num_tokens * top_k, w_down.shape[1]))
     start = 0
     for expert, count in enumerate(counts[:num_experts]):
         if count == 0:

@@ -58,6 +58,8 @@ def reset_groups() -> None:
 # can read, and each rank sums all of them itself (peer loads over NVLink, no multicast). For a
 # decode step's few KB this takes a third of NCCL's latency; large messages (prefill) stay on NCCL.
 SYMM_MAX_BYTES = 1 << 20
+# the dtypes to try; the torch sources checked dispatch the kernel for bfloat16 and float32 only
+SYMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class _SymmBuffers:
@@ -74,6 +76,26 @@ class _SymmBuffers:
             symm_mem.rendezvous(buf, self.group_name)
             self.buffers.append(buf)
         self.turn = 0
+        self.dtypes = self._kernel_dtypes(device)
+
+    def _kernel_dtypes(self, device: torch.device) -> frozenset:
+        """The dtypes the one-shot kernel takes (the others stay on NCCL): each tried once on a small
+        tensor. Collective: every rank makes the same calls, and a dtype the kernel lacks fails on
+        the host of every rank alike, before any peer is waited for."""
+        taken = set()
+        for dtype in SYMM_DTYPES:
+            try:
+                self.all_reduce(torch.ones(8, dtype=dtype, device=device))
+                taken.add(dtype)
+            except RuntimeError:  # "not implemented for 'Half'" (NotImplementedError is one too)
+                pass
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return frozenset(taken)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        nbytes = x.numel() * x.element_size()
+        return x.dtype in self.dtypes and nbytes <= SYMM_MAX_BYTES and nbytes % 4 == 0  # the kernel's alignment
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         buf = self.buffers[self.turn].view(x.dtype)[: x.numel()]
@@ -98,10 +120,18 @@ def enable_low_latency_all_reduce(names: Iterable[str], device: torch.device) ->
         if name in _SYMM or len(group_ranks(name)) < 2:
             continue
         try:
-            _SYMM[name] = _SymmBuffers(get_group(name), device, SYMM_MAX_BYTES)
-            done.append(name)
+            symm = _SymmBuffers(get_group(name), device, SYMM_MAX_BYTES)
         except Exception as e:  # noqa: BLE001 - any failure leaves NCCL in place
             log.warning("one-shot all-reduce over ranks %s unavailable (%s: %s); using NCCL", name, type(e).__name__, e)
+            continue
+        if not symm.dtypes:
+            log.warning("one-shot all-reduce over ranks %s takes none of %s; using NCCL", name, SYMM_DTYPES)
+            continue
+        _SYMM[name] = symm
+        done.append(name)
+        others = [str(d).removeprefix("torch.") for d in SYMM_DTYPES if d not in symm.dtypes]
+        if others:
+            log.info("one-shot all-reduce over ranks %s: %s on NCCL (the kernel does not take it)", name, ", ".join(others))
     return done
 
 
@@ -109,7 +139,7 @@ def enable_low_latency_all_reduce(names: Iterable[str], device: torch.device) ->
 def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     """Sum of ``x`` over the ranks of ``group``."""
     symm = _SYMM.get(group)
-    if symm is not None and x.numel() * x.element_size() <= SYMM_MAX_BYTES:
+    if symm is not None and symm.takes(x):
         return symm.all_reduce(x)
     out = x.contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=get_group(group))

@@ -7,10 +7,16 @@ send them there). Rank 0 puts the resolved config into the rendezvous store, eve
 the same pipeline on its own shard, and each step rank 0 broadcasts the step's packed inputs
 (``SequenceInfo.buffer``); the workers run the same forward on them and drop the logits.
 
+Spawned workers are processes of their own (``python -m autodeploy.distributed.worker``), not
+``multiprocessing`` children, so the user's main module is never imported again in them. On the
+CPU each spawned rank gets its share of the cores (``OMP_NUM_THREADS``, unless the user set it).
+
 Faults: a worker that raises writes its error into the store and exits; one that is killed shows
-as a dead process. Rank 0 reports either as ``RankFailure`` naming the rank and its error (gloo
-collectives fail at once when a peer dies; a watchdog ends a run stuck in a collective that cannot
-notice, e.g. NCCL). A worker whose rank 0 is gone exits on its own.
+as a dead process. Rank 0 watches for both from the moment the workers start: until every worker
+has checked in (``ready/<rank>``) it waits in Python and fails at once; later, gloo collectives
+fail when a peer dies, and a watchdog ends a run stuck in a collective that cannot notice (NCCL).
+Either way rank 0 reports ``RankFailure`` naming the rank and its error. A worker whose rank 0 is
+gone exits on its own.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ import faulthandler
 import logging
 import os
 import signal
-import socket
+import subprocess
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -38,11 +45,16 @@ log = logging.getLogger("autodeploy.distributed")
 
 CONFIG_KEY = "config"
 ERROR_KEY = "error/{rank}"
+ERROR_SEQ_KEY = "error_seq/{rank}"  # the order in which ranks failed: the first is the cause, the others its echoes
+READY_KEY = "ready/{rank}"  # a worker has its config and device and joins the group now (value: its CPU threads)
 DONE_KEY = "done/{rank}"  # a worker has left its process group (rank 0 then leaves its own)
 # collectives wait this long; idle workers wait for rank 0's next step inside one
 TIMEOUT = datetime.timedelta(hours=int(os.environ.get("AUTODEPLOY_DIST_TIMEOUT_H", "24")))
 # how long a watchdog lets rank 0 notice a dead rank by itself before it ends the process
 STUCK_GRACE_S = 20.0
+# how long rank 0 waits for every worker to check in (starting Python, importing torch, reaching the store)
+STARTUP_TIMEOUT_S = 600.0
+TEST_FAULT_ENV = "AUTODEPLOY_TEST_RAISE_ON_RANK"
 
 
 class RankFailure(RuntimeError):
@@ -62,8 +74,9 @@ def rank_device(device: str, local_rank: int) -> torch.device:
 def _store(env: RankEnv) -> "dist.Store":
     # under torchrun the agent already serves a store at MASTER_PORT: join it instead of hosting one
     host = env.rank == 0 and not (env.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+    # the host does not wait for the others here: rank 0 waits for them itself, watching for failures
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host,
-                          timeout=datetime.timedelta(seconds=600))
+                          timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S), wait_for_workers=False)
     return dist.PrefixStore("autodeploy", store)
 
 
@@ -75,10 +88,83 @@ def _init_group(env: RankEnv, store: "dist.Store", device: torch.device) -> None
                             **({"device_id": device} if device.type == "cuda" else {}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def injected_fault(rank: int, phase: str) -> None:
+    """The fault tests' hook: ``AUTODEPLOY_TEST_RAISE_ON_RANK=<rank>[@<phase>]`` makes that worker
+    fail at ``exit`` (dies before it reaches the store), ``start`` (raises before the process group
+    exists) or, without a phase, ``group`` (raises once the group exists)."""
+    target, _, at = os.environ.get(TEST_FAULT_ENV, "").partition("@")
+    if target != str(rank) or (at or "group") != phase:
+        return
+    if phase == "exit":
+        os._exit(3)
+    raise RuntimeError(f"injected failure on rank {rank} ({TEST_FAULT_ENV})")
+
+
+# ----- CPU threads: each spawned rank gets its share of the cores ----------------------------------
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads_per_rank(world: int) -> "int | None":
+    """Threads for each of ``world`` CPU ranks on this machine, or None when the user chose
+    (``OMP_NUM_THREADS`` is set): ranks that each take every core slow each other down."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, cpu_cores() // world)
+
+
+def limit_cpu_threads() -> None:
+    """torch's intra-op threads as ``OMP_NUM_THREADS`` says (torch reads it at start; this makes it sure)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        torch.set_num_threads(int(value))
+
+
+class Worker:
+    """A rank that rank 0 spawned: its process, with what the watchdog and shutdown ask of it."""
+
+    def __init__(self, rank: int, proc: subprocess.Popen):
+        self.rank, self.proc = rank, proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def exitcode(self) -> "int | None":
+        return self.proc.poll()  # negative: killed by that signal
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def join(self, timeout: "float | None" = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.proc.kill()
+
+
+def spawn_workers(world: int, port: int, threads: "int | None") -> list[Worker]:
+    """Start ranks 1..world-1 as ``python -m autodeploy.distributed.worker`` processes: the same
+    interpreter and import path as this one, none of the user's modules."""
+    # this process's import path, in its order (the package's root last, for when it came from the cwd)
+    path = [p or os.getcwd() for p in sys.path] + [str(Path(__file__).resolve().parents[2])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    workers = []
+    for rank in range(1, world):
+        cmd = [sys.executable, "-m", "autodeploy.distributed.worker", str(rank), str(world), str(port), str(os.getpid())]
+        workers.append(Worker(rank, subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)))
+    return workers
 
 
 class StepChannel:
@@ -120,11 +206,17 @@ class StepChannel:
 
 
 class Ranks:
-    """Rank 0's handle on the other ranks: the step channel, failures, shutdown."""
+    """Rank 0's handle on the other ranks: start-up, the step channel, failures, shutdown.
 
-    def __init__(self, env: RankEnv, store, device: torch.device, procs: list):
-        self.env, self.store, self.device, self.procs = env, store, device, procs
-        self.channel = StepChannel(device)
+    The watchdog runs from construction, i.e. from the moment the spawned workers exist."""
+
+    def __init__(self, env: RankEnv, store, procs: list, cpu_threads: "int | None" = None):
+        self.env, self.store, self.procs = env, store, procs
+        self.device: Optional[torch.device] = None
+        self.channel: Optional[StepChannel] = None
+        self.cpu_threads = cpu_threads  # each rank's CPU threads, when rank 0 chose them
+        self.worker_threads: dict[int, int] = {}  # what each worker reported when it checked in
+        self._threads_before: Optional[int] = None
         self._failure: Optional[RankFailure] = None
         self._closed = False
         self._busy = 0  # > 0 while rank 0 is inside a step (a collective may block)
@@ -135,6 +227,48 @@ class Ranks:
     @property
     def world_size(self) -> int:
         return self.env.world_size
+
+    # --- start-up ---
+    def connect(self, config: Any) -> None:
+        """Share the config, wait until every worker has checked in (failing at once if one dies or
+        raises meanwhile), then set up the process group."""
+        from omegaconf import OmegaConf
+
+        self.store.set(CONFIG_KEY, OmegaConf.to_yaml(config, resolve=True))
+        self.device = rank_device(str(config.args.device), self.env.local_rank)
+        if self.cpu_threads is not None and self.device.type == "cpu":
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.cpu_threads)
+        self._await_workers()
+        with self.busy():  # a worker that fails inside the group's set-up: the watchdog ends the wait
+            _init_group(self.env, self.store, self.device)
+        self.channel = StepChannel(self.device)
+        threads = ""
+        if self.device.type == "cpu":
+            chosen = ("OMP_NUM_THREADS of the environment" if self.cpu_threads is None
+                      else f"{cpu_cores()} cores / {self.world_size} ranks; OMP_NUM_THREADS overrides")
+            threads = f", {torch.get_num_threads()} CPU thread(s) per rank ({chosen})"
+        log.info("%d ranks (%s), %s backend%s", self.world_size, self.env.launcher, dist.get_backend(), threads)
+
+    def _await_workers(self) -> None:
+        pending = set(range(1, self.world_size))
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while pending:
+            failure = self._failure or self._find_failure()
+            if failure is not None:
+                self._failure = failure
+                raise failure
+            for rank in sorted(pending):
+                key = READY_KEY.format(rank=rank)
+                if self.store.check([key]):
+                    self.worker_threads[rank] = int(self.store.get(key).decode())
+                    pending.discard(rank)
+            if pending and time.monotonic() > deadline:
+                self._failure = RankFailure(
+                    f"rank(s) {', '.join(map(str, sorted(pending)))} did not start within {STARTUP_TIMEOUT_S:.0f} s "
+                    f"({self.env.launcher} launcher)")
+                raise self._failure
+            time.sleep(0.05)
 
     # --- steps ---
     def send(self, info, num_seqs: int, num_tokens: int) -> None:
@@ -149,7 +283,7 @@ class Ranks:
 
     @contextlib.contextmanager
     def busy(self):
-        """Marks rank 0 as inside a step (its collectives may block on a dead peer)."""
+        """Marks rank 0 as inside a step or the build (its collectives may block on a dead peer)."""
         self._busy += 1
         try:
             yield
@@ -175,16 +309,22 @@ class Ranks:
         return self._failure
 
     def _find_failure(self) -> Optional[RankFailure]:
+        errors = []  # (order of failing, rank, error)
         for rank in range(1, self.world_size):
             key = ERROR_KEY.format(rank=rank)
             try:
                 if self.store.check([key]):
-                    return RankFailure(f"rank {rank} failed: {self.store.get(key).decode()}")
+                    seq_key = ERROR_SEQ_KEY.format(rank=rank)
+                    seq = int(self.store.get(seq_key).decode()) if self.store.check([seq_key]) else 1 << 30
+                    errors.append((seq, rank, self.store.get(key).decode()))
             except Exception:  # noqa: BLE001 - the store lives in rank 0 or the launcher; a dead store says nothing
                 pass
-        for rank, proc in enumerate(self.procs, start=1):
+        if errors:  # the first rank to fail; the others typically lost their peer in a collective
+            _, rank, error = min(errors)
+            return RankFailure(f"rank {rank} failed: {error}")
+        for proc in self.procs:
             if proc.exitcode not in (None, 0):
-                return RankFailure(f"rank {rank} died ({_describe_exit(proc.exitcode)})")
+                return RankFailure(f"rank {proc.rank} died ({_describe_exit(proc.exitcode)})")
         return None
 
     def _watch(self) -> None:
@@ -202,7 +342,7 @@ class Ranks:
                     self._kill_workers()
                     os._exit(1)
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     # --- shutdown ---
     def shutdown(self) -> None:
@@ -210,14 +350,14 @@ class Ranks:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
-        if self._failure is None:
+        if self._failure is None and self.channel is not None:
             try:
                 self.channel.send_stop()
             except Exception as e:  # noqa: BLE001 - a worker may be gone already
                 log.debug("could not tell the workers to stop: %s", e)
         for proc in self.procs:
-            proc.join(timeout=30 if self._failure is None else 1)
-        if not self.procs and self._failure is None:  # torchrun/SLURM ranks: not ours to join
+            proc.join(timeout=30 if self._failure is None and self.channel is not None else 1)
+        if not self.procs and self._failure is None and self.channel is not None:  # torchrun/SLURM ranks: not ours to join
             self._wait_workers_left()
         self._kill_workers()
         if dist.is_initialized():
@@ -228,6 +368,8 @@ class Ranks:
         from .collectives import reset_groups
 
         reset_groups()
+        if self._threads_before is not None:  # the user's process keeps running (LLM API)
+            torch.set_num_threads(self._threads_before)
 
     def _wait_workers_left(self, timeout_s: float = 30.0) -> None:
         """Until every worker has destroyed its process group, as the spawned ones are joined: rank 0
@@ -264,37 +406,32 @@ def _describe_exit(code: int) -> str:
 def start(config: Any) -> Ranks:
     """Rank 0: join the external launcher's ranks or spawn the workers, share ``config`` (the
     resolved experiment config), and set up the process group."""
-    from omegaconf import OmegaConf
-
     world = int(config.args.world_size)
     env = detect()
     procs: list = []
+    threads = None
     if env is not None:
         if env.world_size != world:
             raise ValueError(f"args.world_size={world} but the launcher ({env.launcher}) started {env.world_size} ranks")
         if env.rank != 0:
             raise RuntimeError(f"rank {env.rank} must run worker_main, not start the run")
-    else:
-        env = RankEnv(0, world, 0, "127.0.0.1", _free_port(), "spawn")
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        for rank in range(1, world):
-            proc = ctx.Process(target=_spawned_worker, args=(rank, world, env.master_port, os.getpid()),
-                               name=f"autodeploy-rank{rank}")
-            proc.start()
-            procs.append(proc)
-    try:
         store = _store(env)
-        store.set(CONFIG_KEY, OmegaConf.to_yaml(config, resolve=True))
-        device = rank_device(str(config.args.device), env.local_rank)
-        _init_group(env, store, device)
+    else:
+        # rank 0 hosts the store on a port the OS picks, before any worker looks for it
+        host = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+        env = RankEnv(0, world, 0, "127.0.0.1", host.port, "spawn")
+        store = dist.PrefixStore("autodeploy", host)
+        if rank_device(str(config.args.device), 0).type == "cpu":
+            threads = cpu_threads_per_rank(world)
+        procs = spawn_workers(world, env.master_port, threads)
+    ranks = Ranks(env, store, procs, cpu_threads=threads)
+    try:
+        ranks.connect(config)
     except BaseException:
-        for proc in procs:
-            proc.kill()
+        ranks.shutdown()
         raise
-    log.info("%d ranks (%s), %s backend", world, env.launcher, dist.get_backend())
-    return Ranks(env, store, device, procs)
+    return ranks
 
 
 def worker_main(env: RankEnv) -> None:
@@ -309,13 +446,15 @@ def worker_main(env: RankEnv) -> None:
     try:
         config = OmegaConf.create(store.get(CONFIG_KEY).decode())
         device = rank_device(str(config.args.device), env.local_rank)
+        injected_fault(env.rank, "start")
+        store.set(READY_KEY.format(rank=env.rank), str(torch.get_num_threads()))
         _init_group(env, store, device)
-        if os.environ.get("AUTODEPLOY_TEST_RAISE_ON_RANK") == str(env.rank):  # the fault tests' hook
-            raise RuntimeError(f"injected failure on rank {env.rank} (AUTODEPLOY_TEST_RAISE_ON_RANK)")
+        injected_fault(env.rank, "group")
         built = build_engine(config.args, rank=env.rank, world_size=env.world_size, progress=False)
         serve(built.engine, StepChannel(device))
     except BaseException as e:
         try:
+            store.set(ERROR_SEQ_KEY.format(rank=env.rank), str(store.add("errors", 1)))
             store.set(ERROR_KEY.format(rank=env.rank), f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         except Exception:  # noqa: BLE001 - rank 0 (and its store) may be gone already
             pass
@@ -336,25 +475,3 @@ def serve(engine, channel: StepChannel) -> None:
         if inputs is None:
             return
         engine.forward(inputs)
-
-
-def _spawned_worker(rank: int, world: int, port: int, parent: int) -> None:
-    # rank 0 ends the workers it spawned (stop broadcast, or this process follows it out): a terminal's
-    # Ctrl-C reaches the whole process group, and a worker dying of it first would turn rank 0's orderly
-    # shutdown (a server draining its requests) into a rank failure
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    env = RankEnv(rank, world, rank, "127.0.0.1", port, "spawn")
-    try:
-        worker_main(env)
-    except BaseException:
-        print(f"[autodeploy rank {rank}] {traceback.format_exc()}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
-def _exit_with_parent(parent: int) -> None:
-    while True:
-        if os.getppid() != parent:
-            os._exit(1)
-        time.sleep(1.0)

@@ -101,3 +101,25 @@ def test_dense_and_grouped_paths_agree(num_tokens):
     grouped = _moe_grouped(x, ids, weights, w_gate_up, w_down)
     torch.testing.assert_close(dense, grouped, rtol=1e-5, atol=1e-6)
     assert dense.abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_tokens", [7, 64, 65, 300])  # both sides of DENSE_MAX_TOKENS (64)
+@pytest.mark.parametrize("bounds", [(0, 3, 8), (0, 4, 8), (0, 2, 5, 8)])
+def test_expert_parallel_shards_sum_to_the_whole(num_tokens, bounds):
+    """Under expert parallelism each rank holds experts [lo, hi) and sees ids shifted by -lo, so the
+    other ranks' experts are negative or >= its expert count; each rank's output for its own experts,
+    summed over the ranks (the all-reduce), is the unsharded result, on the dense and grouped path."""
+    from autodeploy.custom_ops.moe import _moe_dense, _moe_grouped
+
+    gen = torch.Generator().manual_seed(num_tokens)
+    experts, top_k, hidden, inter = bounds[-1], 3, 16, 24
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    w_gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.1
+    w_down = torch.randn(experts, hidden, inter, generator=gen) * 0.1
+    whole = moe(x, ids, weights, w_gate_up, w_down)
+    for path in (moe, _moe_dense, _moe_grouped):
+        parts = [path(x, ids - lo, weights, w_gate_up[lo:hi], w_down[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+        assert all(p.abs().sum() > 0 for p in parts)
+        torch.testing.assert_close(sum(parts), whole, rtol=1e-5, atol=1e-5)

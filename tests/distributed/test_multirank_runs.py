@@ -39,9 +39,8 @@ def _hf_greedy(name: str, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("name,world,extra", [
     ("tiny_llama", 2, {}),
     ("tiny_llama", 2, {"overlap_scheduler": True}),  # rank 0 feeds in-flight tokens into what it broadcasts
-    ("tiny_mixtral", 2, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep"]}}}),
     ("tiny_hybrid", 2, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep", "bmm", "ssm"]}}}),
-    ("tiny_mixtral", 4, {"transforms": {"detect_sharding": {"sharding_dims": ["tp", "ep"], "process_grid": {"ep": 2, "tp": 2}}}}),
+    # expert parallel (EP 2, EP 2 x TP 2): test_multirank_long_contexts.py, with prompts of 100 to 1000 tokens
 ])
 def test_llm_api_greedy_equals_hf_generate(name, world, extra):
     with LLM(name, world_size=world, **CPU, **extra) as llm:
@@ -107,7 +106,7 @@ def _alive_with_marker(marker: str) -> list[int]:
 
 def _worker_pids(parent: int) -> list[int]:
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [int(c) for c in children if b"autodeploy.distributed.worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def test_a_killed_worker_ends_the_run(tmp_path):
@@ -157,6 +156,60 @@ def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
     assert _alive_with_marker(marker) == []
 
 
+@pytest.mark.parametrize("fault,error", [
+    ("1@start", "rank 1 failed: RuntimeError: injected failure on rank 1"),  # raises before the group exists (as
+    # rank_device does for a rank without a GPU)
+    ("1@exit", "rank 1 died (exit code 3)"),  # dies before it reaches the store
+], ids=["raises", "dies"])
+def test_a_worker_that_fails_before_the_group_exists_ends_the_run(tmp_path, fault, error):
+    """Rank 0 watches the workers from their start: it used to wait in init_process_group (24 h)
+    or in the store (10 min) for a worker that was already gone."""
+    marker = f"AUTODEPLOY_TEST_MARK={uuid.uuid4()}"
+    key, value = marker.split("=")
+    t0 = time.monotonic()
+    proc = _launch([*COMMON, "args.world_size=2", f"hydra.run.dir={tmp_path}"],
+                   env_extra={"AUTODEPLOY_TEST_RAISE_ON_RANK": fault, key: value}, timeout=120)
+    elapsed = time.monotonic() - t0
+    output = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, None), output[-2000:]
+    assert error in output
+    assert elapsed < 90
+    assert not (tmp_path / "results.json").exists()
+    time.sleep(1.0)
+    assert _alive_with_marker(marker) == []
+
+
+def test_readme_api_example_at_world_size_2_runs_as_a_plain_script(tmp_path):
+    """The README's Python API example with ``world_size=2``, at module level of a script without an
+    ``if __name__ == "__main__":`` guard: the workers never import the user's script (a spawned
+    multiprocessing child did, and died; rank 0 then waited 10 minutes for it)."""
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("### Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "LLM(" in example and "__main__" not in example
+    script = example.replace("LLM(", "LLM(world_size=2, device='cpu', ", 1)
+    script += "print('ranks', llm.ranks.world_size, len(llm.ranks.procs))\n"
+    (tmp_path / "example.py").write_text(script)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" -> ") == 2 and "ranks 2 1" in proc.stdout, proc.stdout
+
+
+def test_preflight_refuses_more_spawned_ranks_than_gpus(monkeypatch):
+    from autodeploy.config import ConfigError, compose_experiment, preflight
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"^args.world_size=3 needs 3 GPUs \(one per rank\) but 2 are visible"):
+        preflight(compose_experiment(["model=tiny_llama", "args.world_size=3"]))
+    preflight(compose_experiment(["model=tiny_llama", "args.world_size=2"]))
+    preflight(compose_experiment(["model=tiny_llama", "args.world_size=3", "args.device=cpu"]))  # no GPU limit
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    preflight(compose_experiment(["model=tiny_llama", "args.world_size=3"]))  # torchrun placed the ranks
+
+
 def test_tiny_moe_ep_experiment_runs_expert_parallel(tmp_path):
     proc = _launch(["experiment=tiny_moe_ep", "prompt.sp_kwargs.max_tokens=4", f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -185,6 +238,7 @@ def test_joined_ranks_leave_their_group_before_rank_0(monkeypatch):
     monkeypatch.setattr(ranks_mod.StepChannel, "send_stop", lambda self: events.append(("stop",)))
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: events.append(("destroy",)))
-    r = ranks_mod.Ranks(RankEnv(0, 3, 0, "127.0.0.1", 1, "torchrun"), Store(), torch.device("cpu"), [])
+    r = ranks_mod.Ranks(RankEnv(0, 3, 0, "127.0.0.1", 1, "torchrun"), Store(), [])
+    r.channel = ranks_mod.StepChannel(torch.device("cpu"))  # as connect() leaves it
     r.shutdown()
     assert events == [("stop",), ("wait", ["done/1", "done/2"], datetime.timedelta(seconds=30)), ("destroy",)]
