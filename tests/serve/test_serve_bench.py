@@ -13,7 +13,7 @@ import pytest
 
 from autodeploy.bench.serve import summarize
 
-from conftest import CPU_ARGS, ROOT, launch_argv
+from serve_helpers import CPU_ARGS, ROOT, launch_argv
 
 SMALL = ["benchmark.num_prompts=6", "benchmark.isl=24", "benchmark.osl=6", "benchmark.warmup=1"]
 

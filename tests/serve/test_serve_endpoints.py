@@ -16,7 +16,7 @@ import pytest
 
 from autodeploy.serve.protocol import HAS_LOGPROBS
 
-from conftest import MAX_SEQ_LEN
+from serve_helpers import MAX_SEQ_LEN
 
 GREEDY = dict(temperature=0, max_tokens=12)
 PROMPTS = ["The capital of France is", "Hello, my name is", [1, 40, 41, 42, 43]]

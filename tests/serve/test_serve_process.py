@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import CPU_ARGS, ServerProcess, alive, launch_argv
+from serve_helpers import CPU_ARGS, ServerProcess, alive, launch_argv
 
 
 def _serve_cli() -> list[str]:
