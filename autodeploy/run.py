@@ -206,7 +206,7 @@ def _plan_only(cfg: DictConfig, out_dir: Path, results: dict[str, Any]) -> dict[
         summary = results["sharding_summary"]
         print(f"world_size {summary['world_size']}: {summary['bytes_total'] / 2**30:.2f} GiB of weights in all, at most "
               f"{summary['bytes_per_rank_max'] / 2**30:.2f} GiB per rank, {summary['collectives_per_forward']} "
-              f"collectives per forward", flush=True)
+              f"collectives per forward\n{built.sharding.summary_line()}", flush=True)
     path = out_dir / "results.json"
     _write_json(path, results)
     log.info("results: %s", path)

@@ -109,7 +109,7 @@ class Branch:
     index: int
     start: fx.Node
     end: fx.Node
-    nodes: set[fx.Node] = field(default_factory=set)
+    nodes: list[fx.Node] = field(default_factory=list)  # in graph order, so plans and messages are stable
 
     @property
     def linears(self) -> list[fx.Node]:
@@ -162,13 +162,14 @@ def static_shape_or_sym(node) -> Optional[tuple]:
 def residual_branches(gm: fx.GraphModule) -> list[Branch]:
     """The graph's residual blocks in order (empty if there is no embedding to start from)."""
     start = embedding(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     branches: list[Branch] = []
     while start is not None:
         end = _next_residual_add(start)
         if end is None:
             break
         nodes = (ancestors([end]) & descendants([start])) - {start, end}
-        branches.append(Branch(len(branches), start, end, nodes))
+        branches.append(Branch(len(branches), start, end, sorted(nodes, key=order.__getitem__)))
         start = end
     return branches
 

@@ -29,8 +29,7 @@ def world_group(world: int) -> tuple[int, ...]:
     return tuple(range(world))
 
 
-def tp_layer(gm: fx.GraphModule, branch: Branch, world: int, source: str, name_counts: dict[int, int],
-             head_dim: Optional[int] = None) -> TPLayer:
+def tp_layer(gm: fx.GraphModule, branch: Branch, world: int, source: str, name_counts: dict[int, int]) -> TPLayer:
     """Column/row split of one branch; raises ``Unsupported`` / ``LayoutError`` when not exact."""
     openings, closings = branch.openings(), branch.closings()
     linears = branch.linears
@@ -57,7 +56,7 @@ def tp_layer(gm: fx.GraphModule, branch: Branch, world: int, source: str, name_c
         if attention:
             if len(attention) != 1:
                 raise Unsupported(f"layer {branch.index} has {len(attention)} attention ops")
-            unit = head_dim or int(attention[0].args[0].meta["val"].shape[-1])
+            unit = int(attention[0].args[0].meta["val"].shape[-1])  # heads stay whole
         layouts = {o: _opening_layout(o, unit) for o in openings}
     region = walk(gm, layouts, closing, world)
     colwise = [(linear_of(gm, o), layouts[o]) for o in openings]

@@ -77,12 +77,19 @@ class SliceInput:
 
 @dataclass(frozen=True)
 class Collective:
-    """``all_reduce`` (sum) or ``all_gather`` along ``dim`` right after ``node``, over ``group``."""
+    """``all_reduce`` (sum) or ``all_gather`` along ``dim`` right after ``node``, over ``group``;
+    ``bytes_per_token``: the full (reduced or gathered) result's size per token, for the summary."""
 
     node: str
     op: str
     group: str
     dim: int = -1
+    bytes_per_token: int = 0
+
+    def sent_per_token(self) -> float:
+        """Bytes each rank of the group sends per token (ring algorithms)."""
+        n = len(self.group.split(","))
+        return (2 if self.op == "all_reduce" else 1) * (n - 1) / n * self.bytes_per_token
 
 
 Edit = SliceParam | SetShapeDim | SetSplitSizes | DropBias | ShiftIds | SliceInput | Collective
@@ -98,10 +105,11 @@ class PlanRow:
     source: str
     dim: str
     bytes_per_rank: int  # the most any rank holds of this target's parameters
+    ranks: str = ""  # MoE layers: which ranks hold which experts ("experts 0-1: ranks 0,1 | ..."); else all ranks
 
     def to_dict(self) -> dict:
         return {"target": self.target, "strategy": self.strategy, "source": self.source, "dim": self.dim,
-                "bytes_per_rank": self.bytes_per_rank}
+                "bytes_per_rank": self.bytes_per_rank, "ranks": self.ranks}
 
 
 @dataclass(frozen=True)
@@ -156,8 +164,11 @@ class Claim(ABC):
         for target, strategy, params in self.targets():
             worst = max(sum(_sliced_bytes(p, ranks[p.fqn]) if p.fqn in ranks else p.nbytes for p in params)
                         for ranks in per_rank)
-            rows.append(PlanRow(target, strategy, self.source, self.dim, worst))
+            rows.append(PlanRow(target, strategy, self.source, self.dim, worst, self.ranks_text(world)))
         return rows
+
+    def ranks_text(self, world: int) -> str:
+        return ""
 
 
 @dataclass
@@ -212,7 +223,7 @@ class TPLayer(Claim):
             out.append(SliceParam(lin.weight.fqn, tuple((1, a, b) for a, b in local_ranges(layout, r, size))))
             if lin.bias is not None and r != 0:
                 out.append(DropBias(lin.node))
-            out.append(Collective(lin.node, "all_reduce", group_name(self.group)))
+            out.append(Collective(lin.node, "all_reduce", group_name(self.group), bytes_per_token=_out_bytes(lin)))
         return out
 
     def targets(self):
@@ -237,11 +248,21 @@ class SimpleShard(Claim):
         out: list[Edit] = [SliceParam(lin.weight.fqn, rows)]
         if lin.bias is not None:
             out.append(SliceParam(lin.bias.fqn, rows))
-        out.append(Collective(lin.node, "all_gather", group_name(self.group), dim=-1))
+        out.append(Collective(lin.node, "all_gather", group_name(self.group), dim=-1, bytes_per_token=_out_bytes(lin)))
         return out
 
     def targets(self):
         return [(self.linear.weight.module, "gather", _params(self.linear))]
+
+
+def grid_coords(rank: int, ep: int, tp: int, ep_major: bool) -> tuple[int, int]:
+    """(EP index, TP index) of ``rank`` in an ep x tp grid; the grid's last key has stride one."""
+    return (rank // tp, rank % tp) if ep_major else (rank % ep, rank // ep)
+
+
+def expert_rank_groups(ep: int, tp: int, ep_major: bool) -> list[list[int]]:
+    """For each EP index, the ranks that hold its experts (each with its TP slice of them)."""
+    return [[r for r in range(ep * tp) if grid_coords(r, ep, tp, ep_major)[0] == e] for e in range(ep)]
 
 
 @dataclass
@@ -259,15 +280,31 @@ class MoEShard(Claim):
     module: str = ""
 
     def coords(self, rank: int) -> tuple[int, int]:
-        if self.ep_major:
-            return rank // self.tp, rank % self.tp
-        return rank % self.ep, rank // self.ep
+        return grid_coords(rank, self.ep, self.tp, self.ep_major)
 
     def expert_range(self, ep_rank: int) -> tuple[int, int]:
         experts = self.w_gate_up.shape[0]
         per = experts // self.ep
         lo = ep_rank * per
         return lo, experts if ep_rank == self.ep - 1 else lo + per
+
+    def expert_groups(self, world: int) -> list[tuple[tuple[int, int], list[int]]]:
+        """((first expert, stop), ranks) for each EP index: the ranks that hold those experts, each
+        with its TP slice of every one of them (the seed's "EP group" of a ``process_grid``)."""
+        return [(self.expert_range(e), ranks) for e, ranks in enumerate(expert_rank_groups(self.ep, self.tp, self.ep_major))]
+
+    def ranks_text(self, world: int) -> str:
+        def span(lo, hi):
+            return f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}"
+        groups = [f"{span(*experts)}: {'rank' if len(ranks) == 1 else 'ranks'} {','.join(map(str, ranks))}"
+                  for experts, ranks in self.expert_groups(world)]
+        return f"ep {self.ep} x tp {self.tp}, experts " + " | ".join(groups)
+
+    def layout(self, world: int) -> dict:
+        """The summary's view of this layer: the grid and who holds which experts."""
+        (lo, hi), _ = max(self.expert_groups(world), key=lambda g: g[0][1] - g[0][0])
+        return {"ep": self.ep, "tp": self.tp, "experts": self.w_gate_up.shape[0], "experts_per_rank": hi - lo,
+                "expert_groups": [{"experts": list(experts), "ranks": ranks} for experts, ranks in self.expert_groups(world)]}
 
     def edits(self, rank: int, world: int) -> list[Edit]:
         e, t = self.coords(rank)
@@ -281,7 +318,8 @@ class MoEShard(Claim):
         out.append(SliceParam(self.w_down.fqn, experts + (((2, a, b),) if self.tp > 1 else ())))
         if lo:
             out.append(ShiftIds(self.node, self.ids_arg, lo))
-        out.append(Collective(self.node, "all_reduce", group_name(range(world))))
+        hidden = self.w_down.shape[1] * self.w_down.itemsize
+        out.append(Collective(self.node, "all_reduce", group_name(range(world)), bytes_per_token=hidden))
         return out
 
     def targets(self):
@@ -300,11 +338,13 @@ class BMMShard(Claim):
     def edits(self, rank: int, world: int) -> list[Edit]:
         size, r = len(self.group), self.group.index(rank)
         (a, b) = local_ranges((Part(self.param.shape[0]),), r, size)[0]
+        # [E, T, out] = bmm([E, T, in], [E, in, out]) (or [E, out, T] with the parameter first)
+        per_token = self.param.shape[0] * self.param.shape[2 if self.param_arg == 1 else 1] * self.param.itemsize
         return [SliceParam(self.param.fqn, ((0, a, b),)), SliceInput(self.node, 1 - self.param_arg, 0, a, b),
-                Collective(self.node, "all_gather", group_name(self.group), dim=0)]
+                Collective(self.node, "all_gather", group_name(self.group), dim=0, bytes_per_token=per_token)]
 
     def targets(self):
-        return [(self.param.module, "bmm", [self.param])]
+        return [(self.param.fqn, "bmm", [self.param])]  # the parameter: an experts module may hold several
 
 
 @dataclass
@@ -325,6 +365,10 @@ def _params(lin: Linear) -> list[Param]:
     return [lin.weight] + ([lin.bias] if lin.bias is not None else [])
 
 
+def _out_bytes(lin: Linear) -> int:
+    return lin.weight.shape[0] * lin.weight.itemsize
+
+
 def _merge_rows(rows):
     merged: dict[tuple[str, str], list[Param]] = {}
     for target, strategy, params in rows:
@@ -340,6 +384,10 @@ class Plan:
     world_size: int
     claims: list[Claim]
     param_bytes: dict[str, int]  # every parameter of the graph: full bytes (for the summary)
+    # why the plan is what it is: (logging level, message), repeated per-layer messages counted once
+    notes: list[tuple[int, str]] = field(default_factory=list)
+    # every linear is kept whole by a manual ``replicate`` entry: a plan that splits nothing was asked for
+    replicated_on_purpose: bool = False
 
     def claimed(self, node: str) -> bool:
         return any(node in c.nodes for c in self.claims)
@@ -352,6 +400,18 @@ class Plan:
 
     def rows(self) -> list[PlanRow]:
         return [row for c in self.claims for row in c.rows(self.world_size)]
+
+    def counts(self) -> dict[str, int]:
+        """Claims by what they do: split (a layer column/row, an MoE layer, a batched matmul),
+        gathered (one linear, column split + all-gather), replicated (kept whole on every rank)."""
+        kinds = {TPLayer: "split", MoEShard: "split", BMMShard: "split", SimpleShard: "gathered", Replicate: "replicated"}
+        out = {"split": 0, "gathered": 0, "replicated": 0}
+        for c in self.claims:
+            out[kinds[type(c)]] += 1
+        return out
+
+    def splits_nothing(self) -> bool:
+        return not any(isinstance(e, SliceParam) for r in range(self.world_size) for e in self.edits(r))
 
     def summary(self) -> dict:
         params = {}
@@ -367,6 +427,12 @@ class Plan:
         counts: dict[str, int] = {}
         for row in self.rows():
             counts[row.strategy] = counts.get(row.strategy, 0) + 1
+        moe: dict[str, dict] = {}  # MoE layers with one layout share an entry
+        for c in self.claims:
+            if isinstance(c, MoEShard):
+                layout = c.layout(self.world_size)
+                entry = moe.setdefault(repr(layout), {"layers": 0, **layout})
+                entry["layers"] += 1
         return {
             "world_size": self.world_size,
             "bytes_total": sum(self.param_bytes.values()),
@@ -374,22 +440,52 @@ class Plan:
             "collectives_per_forward": len(collectives),
             "all_reduce_per_forward": sum(e.op == "all_reduce" for e in collectives),
             "all_gather_per_forward": sum(e.op == "all_gather" for e in collectives),
+            # what rank 0 sends per token of a forward (ring all-reduce 2(n-1)/n, all-gather (n-1)/n of the result)
+            "comm_bytes_per_token": round(sum(e.sent_per_token() for e in collectives)),
             "strategies": counts,
+            **self.counts(),
+            "experts_per_rank_max": max((m["experts_per_rank"] for m in moe.values()), default=None),  # None: no MoE
+            "moe": list(moe.values()),
         }
+
+    def summary_line(self) -> str:
+        """The plan in one line: what is split, gathered and kept whole; what it costs."""
+        s = self.summary()
+        split = [f"{n} {what}" for what, n in (
+            ("column/row", sum(isinstance(c, TPLayer) for c in self.claims)),
+            ("MoE", sum(isinstance(c, MoEShard) for c in self.claims)),
+            ("batched matmul", sum(isinstance(c, BMMShard) for c in self.claims))) if n]
+        line = (f"{_count(s['split'], 'layer')} split"
+                + (f" ({', '.join(split)})" if split else "")
+                + f", {_count(s['gathered'], 'linear')} gathered, {s['replicated']} kept whole on every rank; "
+                f"{s['collectives_per_forward']} collectives per forward ({_human(s['comm_bytes_per_token'])} sent "
+                f"per token per rank), at most {_human(s['bytes_per_rank_max'])} of {_human(s['bytes_total'])} "
+                f"weights per rank")
+        for m in s["moe"]:
+            line += f"; {m['layers']} MoE layers: {m['experts_per_rank']} of {m['experts']} experts per rank"
+        return line
 
 
 def format_table(rows: Sequence[PlanRow]) -> str:
-    """The plan as a text table; layers that differ only in their index share one line (``*``)."""
+    """The plan as a text table; layers that differ only in their index share one line (``*``).
+    With MoE layers, a last column says which ranks hold which experts (other rows: all ranks)."""
     import re
 
     grouped: dict[tuple, list[PlanRow]] = {}
     for row in rows:
-        key = (re.sub(r"\.\d+\.", ".*.", row.target), row.strategy, row.source, row.dim, row.bytes_per_rank)
+        key = (re.sub(r"\.\d+\.", ".*.", row.target), row.strategy, row.source, row.dim, row.bytes_per_rank, row.ranks)
         grouped.setdefault(key, []).append(row)
-    lines = [f"{'target':<52} {'strategy':<9} {'source':<9} {'dim':<4} {'per rank':>10} {'count':>5}"]
-    for (target, strategy, source, dim, nbytes), members in grouped.items():
-        lines.append(f"{target:<52} {strategy:<9} {source:<9} {dim:<4} {_human(nbytes):>10} {len(members):>5}")
+    moe = any(row.ranks for row in rows)
+    lines = [f"{'target':<52} {'strategy':<9} {'source':<9} {'dim':<4} {'per rank':>10} {'count':>5}"
+             + ("  ranks" if moe else "")]
+    for (target, strategy, source, dim, nbytes, ranks), members in grouped.items():
+        lines.append(f"{target:<52} {strategy:<9} {source:<9} {dim:<4} {_human(nbytes):>10} {len(members):>5}"
+                     + (f"  {ranks or 'all'}" if moe else ""))
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _human(n: int) -> str:

@@ -76,7 +76,8 @@ def walk(gm: fx.GraphModule, openings: dict[fx.Node, Layout], closing: fx.Node, 
         raise Unsupported(f"the closing linear {closing.name} does not read the split features on its last axis")
     for part in sh.layout:
         if part.pieces(world) != world:
-            raise Unsupported(f"{closing.name} would sum replicated pieces (fewer heads/units than ranks)")
+            raise Unsupported(f"the closing linear {closing.name} would sum replicated pieces: {part.size // part.unit} "
+                              f"units of {part.unit} (heads) on {world} ranks")
     out.closing_layout = sh.layout
     return out
 

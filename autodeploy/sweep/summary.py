@@ -36,9 +36,15 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("ttft_p99_ms", "benchmark.ttft_ms.p99"),
     ("itl_p99_ms", "benchmark.itl_ms.p99"),
     ("e2e_p50_ms", "benchmark.e2e_ms.p50"),
+    # what tells sharding plans apart beyond their bytes (e.g. process grids): collectives and the bytes each
+    # rank sends per token of a forward, and the experts each rank holds (MoE models only)
+    ("collectives", "sharding_summary.collectives_per_forward"),
+    ("comm_bytes_per_token", "sharding_summary.comm_bytes_per_token"),
+    ("experts_per_rank", "sharding_summary.experts_per_rank_max"),
 )
 # The picture's metric when none is chosen: the first one any job has.
-PREFERRED_METRICS = ("decode_tok_s", "output_tok_s", "tpot_p50_ms", "ttft_p50_ms", "bytes_per_rank", "build_s")
+PREFERRED_METRICS = ("decode_tok_s", "output_tok_s", "tpot_p50_ms", "ttft_p50_ms", "experts_per_rank", "bytes_per_rank",
+                     "build_s")
 SKIP_DIRS = {".submitit", "wandb"}
 
 

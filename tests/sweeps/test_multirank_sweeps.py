@@ -53,4 +53,12 @@ def test_process_grid_sweep_file_plans_every_grid(tmp_path):
         (["tp", "ep"], {"ep": 4}), (["tp", "ep"], {"ep": 2, "tp": 2}), (["tp", "ep"], {"ep": 1, "tp": 4}), (["tp"], None)]
     for n, row in enumerate(rows):
         assert results(sweep / str(n))["sharding_summary"]["world_size"] == 4 and float(row["bytes_per_rank"]) > 0
+    # the same bytes per rank for every grid; the experts each rank holds tell them apart ({ep: 1, tp: 4} and pure
+    # TP are one plan: every rank holds a quarter of each expert), and the picture shows that column
+    assert len({row["bytes_per_rank"] for row in rows}) == 1
+    assert [float(row["experts_per_rank"]) for row in rows] == [1, 2, 4, 4]
+    assert all(float(row["collectives"]) > 0 and float(row["comm_bytes_per_token"]) > 0 for row in rows)
+    assert results(sweep / "1")["sharding_summary"]["moe"][0]["expert_groups"] == [
+        {"experts": [0, 2], "ranks": [0, 1]}, {"experts": [2, 4], "ranks": [2, 3]}]
+    assert "![experts_per_rank per job](summary.png)" in (sweep / "summary.md").read_text()
     assert_png(sweep / "summary.png")

@@ -79,6 +79,22 @@ def test_markdown_leaves_out_metrics_no_job_has(tmp_path):
     assert "decode_tok_s" in (tmp_path / "summary.csv").read_text().splitlines()[0]  # the CSV keeps every column
 
 
+def test_plan_only_grids_are_told_apart_by_their_experts_per_rank(tmp_path):
+    """Plan-only jobs of MoE grids hold the same bytes per rank; the picture shows the experts each rank holds."""
+    for num, (grid, experts) in enumerate([("{ep:4}", 1), ("{ep:2,tp:2}", 2), ("{ep:1,tp:4}", 4)]):
+        _job(tmp_path, num, [f"args.transforms.detect_sharding.process_grid={grid}"], {"build_s": 1.0, "sharding_summary": {
+            "bytes_per_rank_max": 1000, "collectives_per_forward": 5, "comm_bytes_per_token": 3072,
+            "experts_per_rank_max": experts}})
+    _job(tmp_path, 3, ["args.transforms.detect_sharding.process_grid=null"], {"build_s": 1.0, "sharding_summary": {
+        "bytes_per_rank_max": 1000, "collectives_per_forward": 5, "comm_bytes_per_token": 3072,
+        "experts_per_rank_max": None}})  # a plan without MoE layers has no expert count
+    summary = write_summary(tmp_path)
+    assert summary.metric == "experts_per_rank"
+    rows = summary_rows(tmp_path)
+    assert [r["experts_per_rank"] for r in rows] == ["1.0", "2.0", "4.0", ""]
+    assert {(r["collectives"], r["comm_bytes_per_token"]) for r in rows} == {("5.0", "3072.0")}
+
+
 def test_unknown_metric_is_named(sweep):
     with pytest.raises(ValueError, match="unknown summary metric 'tok_s'.*output_tok_s"):
         collect(sweep, metric="tok_s")

@@ -4,6 +4,7 @@ The fields of ``detect_sharding`` are the seed's, with its defaults (``conf/tran
 presets in ``conf/sharding/``). Both run on meta, before ``load_weights``: the executor gives each
 parameter its per-rank shape and records the slices the loader reads from the checkpoint. With
 ``world_size == 1`` both are skipped. ``plan_only=true`` stops the pipeline after this stage.
+A plan that splits nothing is refused unless every linear is kept whole on purpose (``sharding=replicate``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import fx
 
+from ...config.errors import UserError
 from ...sharding import ShardingOptions, apply_edits, detect, format_table
 from ...sharding.detect import PLAN_STRATEGIES
 from ...sharding.plan import DIMS, SOURCES
@@ -41,8 +43,11 @@ class ShardingConfig(TransformConfig):
     sharding_dims: List[str] = field(default_factory=lambda: ["tp", "ep", "bmm"])
     # {ep: E, tp: T} for MoE layers only; key order = rank layout (the last key has stride one)
     process_grid: Optional[Dict[str, int]] = None
+    # the optimizer's flag (every transform has one): propagate shapes first when an earlier transform left them
+    # stale; the plan reads every node's shape and stops, naming a node without one, if they are missing
     requires_shape_prop: bool = True
-    # {head_dim: int, tp_plan: {module-path pattern with * wildcards: colwise|rowwise|mamba|gather|replicate}}
+    # {head_dim: int (must equal the graph's attention heads), tp_plan: {pattern: colwise|rowwise|mamba|gather|
+    # replicate}}; a pattern names a module path's last components, "*" within one (sharding.detect.pattern_matches)
     manual_config: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
@@ -87,10 +92,16 @@ class DetectSharding(BaseTransform):
         ctx.shared["sharding_plan"] = plan
         rows = plan.rows()
         if ctx.rank == 0:
-            summary = plan.summary()
-            log.info("sharding plan for world_size %d (%d collectives per forward, at most %.2f GiB of weights per rank):\n%s",
-                     ctx.world_size, summary["collectives_per_forward"], summary["bytes_per_rank_max"] / 2**30,
-                     format_table(rows))
+            for level, message in plan.notes:
+                log.log(level, "%s", message)
+            log.info("sharding plan for world_size %d:\n%s\n%s", ctx.world_size, format_table(rows), plan.summary_line())
+        if plan.splits_nothing() and not plan.replicated_on_purpose:
+            reasons = [m for level, m in plan.notes if level >= logging.WARNING] or [m for _, m in plan.notes]
+            why = f" ({reasons[0]})" if reasons else ""
+            raise UserError(
+                f"sharding: the plan for world_size {ctx.world_size} splits nothing, so every rank would hold and run "
+                f"the whole model{why}; choose a world_size the model's heads and sizes divide by, or ask for whole "
+                f"replicas on purpose with sharding=replicate")
         sharded = sum(r.strategy != "replicate" for r in rows)
         return model, TransformInfo(num_matches=sharded, is_clean=True, has_valid_shapes=True,
                                     note=f"{sharded} of {len(rows)} targets sharded")
