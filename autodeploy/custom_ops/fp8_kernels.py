@@ -155,20 +155,20 @@ def fp8_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: Optional
 
 
 @triton.jit
-def _quantize_rows(x_ptr, q_ptr, s_ptr, K, s_xm, s_qm, FP8_MAX_: tl.constexpr, MIN_SCALE: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _quantize_rows(x_ptr, q_ptr, s_ptr, K, s_xm, s_qm, fp8_max, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([BLOCK], tl.float32)
     for k0 in range(0, K, BLOCK):
         ks = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * s_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0), MIN_SCALE) / FP8_MAX_
+    # IEEE divisions (div_rn), as torch's: the rounded e4m3 values then agree bit for bit
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), MIN_SCALE), fp8_max)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         ks = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * s_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX_), FP8_MAX_)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)
         tl.store(q_ptr + row * s_qm + ks, q.to(q_ptr.dtype.element_ty), mask=ks < K)
 
 
@@ -181,6 +181,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         block = min(triton.next_power_of_2(k), 4096)
-        _quantize_rows[(m,)](x, q, scale, k, x.stride(0), q.stride(0), FP8_MAX_=FP8_MAX, MIN_SCALE=1e-12,
+        _quantize_rows[(m,)](x, q, scale, k, x.stride(0), q.stride(0), FP8_MAX, MIN_SCALE=1e-12,
                              BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return q, scale
