@@ -3,7 +3,7 @@
 # one cannot eat the others. Run from the repo root on a CUDA machine with torch, triton and
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf and antlr4 into .whl/, which this script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [fp8]
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
 #   bash scripts/gpu_validate.sh perf            # ours with/without fusions at bs 1 and 32 + the anchor (~8.5 min)
 #   bash scripts/gpu_validate.sh tests kernels hf  # GPU tests, attention kernels, HF baselines (~9 min)
@@ -241,6 +241,13 @@ if [[ " $STEPS " == *" tp_anchor "* ]] && [[ -f .anchors/hand_decode.py ]]; then
   BS=1,32 timeout ${ANCHOR_TIMEOUT:-300} python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
     .anchors/hand_decode.py > "$OUT/anchor_tp2.txt" 2>&1
   echo "anchor tp=2 rc=$? in $((SECONDS - t0)) s"; grep RESULT "$OUT/anchor_tp2.txt"
+fi
+
+if [[ " $STEPS " == *" fp8 "* ]]; then
+  # issue 26 (~8 min on one H100/H200): bf16, FP8 on the fly and an FP8 checkpoint of the 8B shape at
+  # bs 1 and 32, cold and warm builds, GEMMs and accuracy; FP8_ARGS e.g. "--ckpt-block" or "--only kernels,tiny"
+  echo "=== fp8: scripts/fp8_gpu_check.py"
+  timeout ${FP8_TIMEOUT:-570} python3 scripts/fp8_gpu_check.py --out "$OUT/fp8" ${FP8_ARGS:-} 2>&1 | tee "$OUT/fp8.log"
 fi
 
 if [[ " $STEPS " == *" kernels "* ]]; then
