@@ -113,6 +113,11 @@ class BuildCache:
         directory = cache_dir()
         if directory is None or ctx.factory is None:
             return None
+        try:
+            from torch.fx._graph_pickler import GraphPickler  # noqa: F401  (torch >= 2.7)
+        except ImportError:
+            log.warning("build cache: torch %s has no torch.fx._graph_pickler; building from scratch", torch.__version__)
+            return None
         args = OmegaConf.to_container(ctx.args, resolve=True) if isinstance(ctx.args, DictConfig) else ctx.args
         factory = ctx.factory
         inputs = {
@@ -141,8 +146,13 @@ class BuildCache:
 
     def save(self, model: torch.fx.GraphModule, shared: dict[str, Any], records: list[Any], is_clean: bool) -> bool:
         """Write the entry (atomically: a concurrent build of the same key reads a whole one or none)."""
+        import dataclasses
+
         from torch.fx._graph_pickler import GraphPickler, Options
 
+        # every op allowed (ours included), every metadata key we keep (fields differ across torch versions)
+        names = {f.name for f in dataclasses.fields(Options)}
+        options = Options(**{k: None for k in ("ops_filter", "node_metadata_key_filter") if k in names})
         # node values are recomputed after weight_load anyway (the loader invalidates them): only the
         # inputs' (with their symbolic shapes) are kept, which shape propagation starts from; restoring
         # thousands of fake tensors took longer than propagating them again
@@ -151,7 +161,7 @@ class BuildCache:
             for node in model.graph.nodes:
                 node.meta = {k: v for k, v in node.meta.items()
                              if k == "nn_module_stack" or (k == "val" and node.op == "placeholder")}
-            graph = GraphPickler.dumps(model, Options(ops_filter=None, node_metadata_key_filter=None))
+            graph = GraphPickler.dumps(model, options)
             state = pickle.dumps({"shared": dict(shared), "records": list(records), "is_clean": is_clean,
                                   "has_valid_shapes": False})
         except Exception as e:  # noqa: BLE001 - an unpicklable graph is built every time, not an error

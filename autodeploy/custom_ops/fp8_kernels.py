@@ -23,17 +23,24 @@ import triton.language as tl
 
 from .fp8_linear import FP8, FP8_MAX
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates: one row (GEMV) and up to 64 rows (tl.dot)
-GEMV_CONFIGS = [(8, 1024, 4, 3), (16, 512, 4, 3), (4, 2048, 4, 3), (16, 1024, 8, 3)]
-DOT_CONFIGS = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3)]
-LARGE_M_CONFIG = (64, 128, 128, 8, 3)  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) past 64 rows (block scales)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) candidates: one row (GEMV) and up to 64 rows
+# (tl.dot). Every program of the tl.dot path reads all rows of x: a narrow BLOCK_N multiplies those
+# reads (from L2), a wide one leaves SMs idle on N = 4096 unless K is split (partial sums in fp32,
+# added by one reduction)
+GEMV_CONFIGS = [(8, 1024, 4, 3, 1), (16, 512, 4, 3, 1), (4, 2048, 4, 3, 1), (8, 1024, 4, 3, 2)]
+DOT_CONFIGS = [(16, 256, 4, 4, 1), (32, 256, 4, 3, 2), (64, 128, 4, 4, 4), (64, 256, 8, 3, 2), (128, 128, 8, 3, 4)]
+LARGE_M_CONFIG = (64, 128, 128, 8, 3, 1)  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K) past 64 rows
 DOT_MAX_M = 64
 
 
 @triton.jit
-def _fp8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_sn, s_ym,
+def _fp8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, k_split, s_xm, s_wn, s_sn, s_ym, s_yk,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr):
+    # program (n block, m block, k split): the columns' sum over K in [k_begin, k_end), which is
+    # all of K without split (y) or one partial sum (y[k split], fp32, added up by the caller)
+    k_begin = tl.program_id(2) * k_split
+    k_end = tl.minimum(k_begin + k_split, K)
     cols_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols_n < N
     rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -44,9 +51,9 @@ def _fp8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_sn, s_ym,
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     else:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
+        k_ok = ks < k_end
         w = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if DOT:
             x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -70,7 +77,7 @@ def _fp8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_sn, s_ym,
         y = y * tl.load(s_ptr + cols_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + rows_m.to(tl.int64)[:, None] * s_ym + cols_n[None, :]
+    out = y_ptr + tl.program_id(2) * s_yk + rows_m.to(tl.int64)[:, None] * s_ym + cols_n[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -81,22 +88,32 @@ def _tuning() -> bool:
     return os.environ.get("AUTODEPLOY_FP8_TUNE", "1") != "0"
 
 
-def _launch(x, w, scale, bias, y, block_size, config, block_m: int, dot: bool) -> None:
+def _launch(x, w, scale, bias, block_size, config, block_m: int, dot: bool) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
-    block_n, block_k, warps, stages = config
+    block_n, block_k, warps, stages, split = config
     scale_bn, scale_bk = block_size if block_size is not None else (0, 0)
     if scale_bk:
         block_k = min(block_k, scale_bk)  # a K tile within one scale block
         if scale_bk % block_k:
             raise ValueError(f"fp8 block size {list(block_size)}: K blocks must be a multiple of {block_k}")
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    split = max(1, min(split, triton.cdiv(k, block_k)))
+    k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per split
+    split = triton.cdiv(k, k_split)
+    y = x.new_empty((m, n)) if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     _fp8_mm[grid](
-        x, w, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), w.stride(0),
-        scale.stride(0) if scale_bk else 0, y.stride(0),
+        x, w, scale, bias if bias is not None else scale, y, m, n, k, k_split, x.stride(0), w.stride(0),
+        scale.stride(0) if scale_bk else 0, y.stride(-2), y.stride(0) if split > 1 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_BN=scale_bn, SCALE_BK=scale_bk,
-        HAS_BIAS=bias is not None, DOT=dot, num_warps=warps, num_stages=stages,
+        HAS_BIAS=bias is not None and split == 1, DOT=dot, num_warps=warps, num_stages=stages,
     )
+    if split == 1:
+        return y
+    y = y.sum(0)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
 
 
 def _pick(key: tuple, candidates: list, run) -> tuple:
@@ -123,7 +140,8 @@ def _pick(key: tuple, candidates: list, run) -> tuple:
 def fp8_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
            block_size: Optional[Sequence[int]] = None, config: Optional[tuple] = None) -> torch.Tensor:
     """``x[..., K]`` (16-bit) times FP8 ``w[N, K]`` with per-channel ``scale[N]`` or block scales
-    (``block_size``) -> ``[..., N]`` in ``x``'s dtype. ``config`` fixes (BLOCK_N, BLOCK_K, warps, stages)."""
+    (``block_size``) -> ``[..., N]`` in ``x``'s dtype. ``config`` fixes (BLOCK_N, BLOCK_K, warps,
+    stages, SPLIT_K)."""
     n, k = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -132,7 +150,6 @@ def fp8_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: Optional
     if w.stride(-1) != 1:
         raise ValueError(f"fp8_mm needs the weight's last dim contiguous, got strides {w.stride()}")
     m = x2.shape[0]
-    y = x2.new_empty((m, n))
     scale = scale.float().contiguous()
     if m == 1:
         dot, block_m, candidates = False, 1, GEMV_CONFIGS
@@ -144,14 +161,13 @@ def fp8_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: Optional
     block = tuple(block_size) if block_size is not None else None
 
     def run(cfg):
-        _launch(x2, w, scale, bias, y, block, cfg, block_m, dot)
+        return _launch(x2, w, scale, bias, block, cfg, block_m, dot)
 
     run.cuda = x2.is_cuda  # the interpreter (CPU tests) runs the first config
 
     if config is None:
         config = _pick((block_m, n, k, block, x2.dtype, bias is not None), candidates, run)
-    run(config)
-    return y.view(*lead, n)
+    return run(config).view(*lead, n)
 
 
 @triton.jit

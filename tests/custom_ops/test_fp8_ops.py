@@ -172,3 +172,21 @@ def test_triton_quantize_rows_matches_torch():
         power = b.abs() == 2.0 ** torch.floor(torch.log2(b.abs().clamp(min=1e-30)))
         same |= power & (a == b / 2)
     assert same.all()
+
+
+@triton_only
+@pytest.mark.parametrize("block", [None, (32, 32)])
+@pytest.mark.parametrize("rows,dtype", [(1, torch.bfloat16), (20, torch.float16)])
+@pytest.mark.parametrize("split", [1, 2, 3, 8])
+def test_triton_fp8_mm_split_k_adds_up(rows, dtype, block, split):
+    # K split over programs: fp32 partial sums added by one reduction (and the bias once)
+    pytest.importorskip("triton")
+    from autodeploy.custom_ops.fp8_kernels import fp8_mm
+
+    w = torch.randn(40, 96, generator=_gen(15))
+    q, s = fl.quantize_blocks(w, block) if block else fl.quantize_per_channel(w)
+    x = torch.randn(rows, 96, generator=_gen(16)).to(dtype)
+    bias = torch.randn(40, generator=_gen(17)).to(dtype)
+    ref = F.linear(x.float(), fl.dequantize(q, s, block), bias.float())
+    out = fp8_mm(x, q, s, bias, block, config=(16, 32, 4, 1, split))
+    assert out.dtype == dtype and ((out.float() - ref).abs().max() / ref.abs().max()) < 1e-2
