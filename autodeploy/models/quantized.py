@@ -157,7 +157,7 @@ def checkpoint_scale_source(scheme: Fp8Scheme, weight_key: str, full_shape: list
     def load(reader) -> torch.Tensor:
         ckpt = reader.checkpoint
         if pieces is None:
-            full = _scale_of(ckpt.read(_scale_key(weight_key, scheme)), full_shape, block, weight_key)
+            full = _scale_of(ckpt.read(scale_key(weight_key, scheme)), full_shape, block, weight_key)
         else:
             full = _stacked_scale(ckpt, pieces, scheme, weight_key)
         return slice_tensor(full, slices).contiguous().to(reader.device)
@@ -165,7 +165,7 @@ def checkpoint_scale_source(scheme: Fp8Scheme, weight_key: str, full_shape: list
     return load
 
 
-def _scale_key(weight_key: str, scheme: Fp8Scheme) -> str:
+def scale_key(weight_key: str, scheme: Fp8Scheme) -> str:
     return weight_key[: -len("weight")] + scheme.scale_name if weight_key.endswith("weight") else (
         f"{weight_key}_{scheme.scale_name.removeprefix('weight_')}")
 
@@ -200,7 +200,7 @@ def _stacked_scale(ckpt, pieces, scheme: Fp8Scheme, where: str) -> torch.Tensor:
             rows, cols = ckpt.key_shape(key)
             if scheme.block_size is not None and len(parts) > 1 and rows % scheme.block_size[0]:
                 raise ConfigError(f"{where}: fused gate/up experts need whole fp8 blocks of {scheme.block_size[0]} rows")
-            scales.append(canonical_scale(ckpt.read_key(_scale_key(key, scheme)), rows, cols, scheme.block_size, key))
+            scales.append(canonical_scale(ckpt.read_key(scale_key(key, scheme)), rows, cols, scheme.block_size, key))
         per_expert.append(torch.cat(scales, dim=0))
     return torch.stack(per_expert)
 

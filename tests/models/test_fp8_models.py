@@ -209,3 +209,22 @@ def test_unsupported_quantization_fails_before_model_work(tmp_path):
     (tmp_path / "nvfp4" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
     with pytest.raises(ConfigError, match=r"quant_algo='NVFP4': only FP8"):
         preflight(_compose(tmp_path / "nvfp4"))
+
+
+def test_scale_layouts_and_slices():
+    from autodeploy.models.quantized import canonical_scale, scale_slices
+
+    # one value per tensor, or per row group (gate|up stored with a scale each), becomes per channel
+    assert canonical_scale(torch.tensor(0.5), 4, 8, None, "w").tolist() == [0.5] * 4
+    assert canonical_scale(torch.tensor([[1.0], [2.0]]), 4, 8, None, "w").tolist() == [1.0, 1.0, 2.0, 2.0]
+    assert canonical_scale(torch.ones(2, 1), 4, 8, (2, 8), "w").shape == (2, 1)
+    with pytest.raises(ConfigError, match="3 scale values do not divide the weight's 4 rows"):
+        canonical_scale(torch.ones(3), 4, 8, None, "w")
+    # rows carry over, a split of K leaves per-channel scales whole and divides block scales
+    assert scale_slices((0, 2, 4), 2, None, [4, 8], "w") == [(0, 2, 4)]
+    assert scale_slices((1, 0, 4), 2, None, [4, 8], "w") is None
+    assert scale_slices([(0, 1, 2), (1, 0, 4)], 3, None, [3, 4, 8], "experts") == [(0, 1, 2), (1, 0, 4)]
+    assert scale_slices((1, 4, 8), 2, (2, 4), [4, 8], "w") == [(1, 1, 2)]
+    assert scale_slices((0, 4, 6), 2, (4, 4), [6, 8], "w") == [(0, 1, 2)]  # the last, partial block
+    with pytest.raises(ConfigError, match=r"w: the rank's slice \[2, 4\) of dim 0 does not fall"):
+        scale_slices((0, 2, 4), 2, (4, 4), [8, 8], "w")

@@ -29,11 +29,11 @@ import autodeploy.custom_ops.moe  # noqa: F401  registers torch.ops.autodeploy.f
 from ...models.checkpoint import SafetensorsCheckpoint
 from ...models.quantized import (
     Fp8Scheme,
-    _scale_key,
     checkpoint_scale_source,
     checkpoint_scheme,
     meta_param,
     on_the_fly_sources,
+    scale_key,
     static_input_source,
 )
 from ..graph_utils import get_attr_value
@@ -83,8 +83,8 @@ class _Plan:
             return False
         pieces = ckpt.pieces(key)
         if pieces is None:
-            return _scale_key(key, self.scheme) in ckpt
-        return all(ckpt.has_key(_scale_key(k, self.scheme)) for k, _, _ in pieces)
+            return scale_key(key, self.scheme) in ckpt
+        return all(ckpt.has_key(scale_key(k, self.scheme)) for k, _, _ in pieces)
 
     def wanted(self, key: str, module: str) -> bool:
         if self.scheme is not None:
