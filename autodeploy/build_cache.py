@@ -76,11 +76,15 @@ def library_versions() -> dict[str, Optional[str]]:
 
 
 def _checkpoint_files(factory: Any) -> Any:
-    directory = factory.source.local_dir
-    if directory is None:
-        return factory.source.location  # a card (its config is in the key) or a hub id
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(directory).iterdir())
-            if p.suffix in (".safetensors", ".json") and p.is_file()]
+    """Names, sizes and times of the checkpoint's files (a directory's, or one file such as a GGUF);
+    a hub id as it is."""
+    location = Path(factory.source.local_dir or factory.source.location)
+    if location.is_file():
+        return [(location.name, location.stat().st_size, location.stat().st_mtime_ns)]
+    if not location.is_dir():
+        return factory.source.location
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(location.iterdir())
+            if p.suffix in (".safetensors", ".json", ".gguf") and p.is_file()]
 
 
 def enable_torch_caches(directory: Path) -> None:
