@@ -5,8 +5,8 @@
   stay 16-bit (decode is bound by the weight bytes, not the math). One row (batch-1 decode) is a
   GEMV: products accumulate in fp32 registers, summed once at the end (as ``gemv.py``). More rows
   use ``tl.dot`` on the tiles converted to the activations' dtype. Per-channel scales multiply the
-  result once; block scales multiply each tile's partial product (a K tile never straddles a
-  scale block). The tile sizes are tuned per shape at the first call outside a CUDA-graph capture
+  result once; block scales multiply each tile's partial product (``tl.dot`` tiles never straddle a
+  scale block; the GEMV scales each element). The tile sizes are tuned per shape at the first call outside a CUDA-graph capture
   (a few configs timed with CUDA events), or fixed with ``AUTODEPLOY_FP8_TUNE=0``.
 - ``quantize_rows``: per-token activation scales (amax / 448) and the FP8 rows, one program per
   row, for ``torch._scaled_mm`` (prefill).
@@ -64,9 +64,10 @@ def _fp8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, k_split, s_xm, s_wn, s_s
             acc += part
         else:
             x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            if SCALE_BK > 0:
-                s = tl.load(s_ptr + (cols_n // SCALE_BN) * s_sn + k0 // SCALE_BK, mask=n_ok, other=0.0)
-                acc2 += w.to(tl.float32) * x[None, :] * s[:, None]
+            if SCALE_BK > 0:  # the tile may span scale blocks: each element's (cached) scale
+                s = tl.load(s_ptr + (cols_n // SCALE_BN)[:, None] * s_sn + (ks // SCALE_BK)[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc2 += w.to(tl.float32) * x[None, :] * s
             else:
                 acc2 += w.to(tl.float32) * x[None, :]
     if DOT:
@@ -93,7 +94,7 @@ def _launch(x, w, scale, bias, block_size, config, block_m: int, dot: bool) -> t
     n = w.shape[0]
     block_n, block_k, warps, stages, split = config
     scale_bn, scale_bk = block_size if block_size is not None else (0, 0)
-    if scale_bk:
+    if scale_bk and dot:
         block_k = min(block_k, scale_bk)  # a K tile within one scale block
         if scale_bk % block_k:
             raise ValueError(f"fp8 block size {list(block_size)}: K blocks must be a multiple of {block_k}")
