@@ -40,6 +40,7 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
     """Factory -> transform pipeline (with a progress bar) -> engine."""
     from tqdm.auto import tqdm
 
+    from .build_cache import BuildCache
     from .models.factory import create_factory
     from .runtime.engine import Engine
     from .runtime.kv_cache import CacheInterface
@@ -65,7 +66,7 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
             bar.set_postfix_str(name)
             bar.update(1)
 
-        model = optimizer(ctx, progress=started)
+        model = optimizer(ctx, progress=started, cache=BuildCache.for_build(ctx))
     t_pipeline = time.perf_counter()
     tokenizer = None if args.skip_tokenizer_init or rank > 0 else factory.init_tokenizer()
     engine = Engine(model, cache, tokenizer, eos_token_id=getattr(factory.config, "eos_token_id", None),

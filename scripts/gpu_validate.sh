@@ -4,7 +4,7 @@
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf, antlr4 and the server's stack (fastapi, uvicorn, pydantic, ...) into .whl/, which this
 # script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [multigpu] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [serve]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [multigpu] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [serve] [fp8]
 # `serve` (issue 23, ~5 min on one GPU): one 8B build, the offline benchmark at batch 1 and 32, then the
 # OpenAI server at concurrency 1 and 32 on the same engine, and the table of the serving targets.
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
@@ -252,6 +252,13 @@ if [[ " $STEPS " == *" tp_anchor "* ]] && [[ -f .anchors/hand_decode.py ]]; then
   BS=1,32 timeout ${ANCHOR_TIMEOUT:-300} python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
     .anchors/hand_decode.py > "$OUT/anchor_tp2.txt" 2>&1
   echo "anchor tp=2 rc=$? in $((SECONDS - t0)) s"; grep RESULT "$OUT/anchor_tp2.txt"
+fi
+
+if [[ " $STEPS " == *" fp8 "* ]]; then
+  # issue 26 (~8 min on one H100/H200): bf16, FP8 on the fly and an FP8 checkpoint of the 8B shape at
+  # bs 1 and 32, cold and warm builds, GEMMs and accuracy; FP8_ARGS e.g. "--ckpt-block" or "--only kernels,tiny"
+  echo "=== fp8: scripts/fp8_gpu_check.py"
+  timeout ${FP8_TIMEOUT:-570} python3 scripts/fp8_gpu_check.py --out "$OUT/fp8" ${FP8_ARGS:-} 2>&1 | tee "$OUT/fp8.log"
 fi
 
 if [[ " $STEPS " == *" kernels "* ]]; then

@@ -8,6 +8,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Builds start from scratch unless a test turns the build cache on (tests/test_build_cache.py): a
+# cached graph would hide what a test changes outside the cache key (a monkeypatched export).
+os.environ.setdefault("AUTODEPLOY_BUILD_CACHE", "0")
 
 
 def _has_cuda() -> bool:

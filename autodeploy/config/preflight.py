@@ -126,6 +126,7 @@ def check_model(args: Any) -> Any:
     that there are weights to load unless ``skip_loading_weights``."""
     from autodeploy.models.checkpoint import CheckpointError, find_checkpoint_files
     from autodeploy.models.factory import create_factory
+    from autodeploy.models.quantized import checkpoint_scheme
 
     factory = create_factory(args)  # ModelResolutionError / ConfigError name the problem
     if args.skip_loading_weights:
@@ -140,4 +141,5 @@ def check_model(args: Any) -> Any:
             find_checkpoint_files(factory.source.local_dir)
         except CheckpointError as e:
             raise ConfigError(f"{e}; set args.skip_loading_weights=true for random weights") from None
+    checkpoint_scheme(factory.config, factory.source.local_dir)  # quantization it cannot load fails here
     return factory

@@ -209,6 +209,26 @@ class SafetensorsCheckpoint:
             tensor = self._read_fused(key, self._fused[key], ranges)
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
+    def pieces(self, model_key: str) -> list[tuple[str, int, int]] | None:
+        """(checkpoint key, source pattern index, expert) of each tensor a fused model tensor is
+        stacked from (experts stored one by one); None for a tensor stored whole."""
+        fused = self._fused.get(self._require(model_key))
+        return None if fused is None else [(p.key, p.pattern_idx, p.expert) for p in fused.pieces]
+
+    def has_key(self, ckpt_key: str) -> bool:
+        """Whether the checkpoint stores a tensor under ``ckpt_key`` (as stored, before any renaming)."""
+        return ckpt_key in self._key_to_file
+
+    def key_shape(self, ckpt_key: str) -> list[int]:
+        """The shape of a tensor by its checkpoint key (as stored, before any renaming)."""
+        return list(self._open(ckpt_key).get_shape())
+
+    def read_key(self, ckpt_key: str, spec: SliceSpec = None) -> torch.Tensor:
+        """A tensor by its checkpoint key (as stored, before any renaming), on the CPU."""
+        if ckpt_key not in self._key_to_file:
+            raise CheckpointError(f"key {ckpt_key!r} not found in checkpoint {self.directory}")
+        return self._read_direct(ckpt_key, normalize_slices(spec))
+
     def _require(self, model_key: str) -> str:
         key = self.resolve(model_key)
         if key is None:

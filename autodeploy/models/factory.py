@@ -35,6 +35,7 @@ from ..config.errors import ConfigError, UserError
 from . import cards
 from .checkpoint import CheckpointError, SafetensorsCheckpoint, SliceSpec, normalize_slices
 from .materialize import (
+    ModelTensor,
     model_tensors,
     nonpersistent_buffer_values,
     random_tensor,
@@ -424,13 +425,16 @@ class ModelFactory:
 
         return Path(snapshot_download(self.source.location, allow_patterns=["*.safetensors", "*.json"]))
 
-    def load_weights(self, model: nn.Module, device: "str | torch.device", slices: Mapping[str, SliceSpec] | None = None) -> nn.Module:
+    def load_weights(self, model: nn.Module, device: "str | torch.device", slices: Mapping[str, SliceSpec] | None = None,
+                     sources: Mapping[str, Any] | None = None) -> nn.Module:
         """Materialize every parameter/buffer of ``model`` on ``device``, in place; returns ``model``.
 
         Checkpoint tensors are streamed one at a time (only ``slices[fqn] = (dim, start, stop)``
         when given). With ``skip_loading_weights`` (or a shape card) weights are random, HF-like
         and deterministic per name. Each loaded tensor must match the shape the model now has.
         For a GraphModule, ``device=meta`` literals baked in at export are re-pointed to ``device``.
+        ``sources[fqn](reader)`` makes a tensor instead (``WeightReader``: FP8 weights quantized
+        at load, scales in another layout than the checkpoint's; ``models/quantized.py``).
         """
         device = torch.device(device)
         slices = dict(slices or {})
@@ -444,13 +448,17 @@ class ModelFactory:
                 )
             checkpoint = SafetensorsCheckpoint(ckpt_dir, record.conversions, record.base_model_prefix)
         loaded: dict[tuple, torch.Tensor] = {}
+        sources = dict(sources or {})
+        reader = WeightReader(self, device, checkpoint, record)
         with torch.no_grad():
             for t in model_tensors(model):
                 spec = slices.get(t.fqn)
                 ranges = normalize_slices(spec)
                 cache_key = (id(t.tensor), tuple(ranges) if ranges else None)
                 value = loaded.get(cache_key)
-                if value is None:
+                if value is None and t.fqn in sources:
+                    value = sources[t.fqn](reader)
+                elif value is None:
                     value = self._materialize(t, spec, device, checkpoint, record)
                     if list(value.shape) != list(t.tensor.shape):
                         raise CheckpointError(
@@ -495,6 +503,22 @@ class ModelFactory:
         if full_shape is None:
             raise CheckpointError(f"{t.fqn}: unknown full shape for a sliced random init")
         return random_tensor(canonical, full_shape, dtype, device, record.init_std, spec)
+
+
+@dataclass
+class WeightReader:
+    """What a ``load_weights`` source reads from: ``read`` any tensor of the HF model by name, as
+    the loader would (checkpoint or random init, a slice of it), and ``checkpoint`` itself (None
+    for random weights)."""
+
+    factory: ModelFactory
+    device: torch.device
+    checkpoint: SafetensorsCheckpoint | None
+    record: "_BuildRecord"
+
+    def read(self, fqn: str, spec: SliceSpec = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        stub = torch.empty(self.record.shapes.get(fqn, [0]), dtype=dtype or self.factory.dtype, device="meta")
+        return self.factory._materialize(ModelTensor(fqn, stub, True), spec, self.device, self.checkpoint, self.record)
 
 
 @dataclass

@@ -25,6 +25,8 @@ from .interface import (
 
 log = logging.getLogger(__name__)
 
+CACHED_STAGES = Stage.SHARDING  # the build cache holds the graph as this stage leaves it
+
 
 def plan_pipeline(transforms: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, TransformConfig]]:
     """Validate every transform's options and order them by stage (stable: YAML order within a stage)."""
@@ -49,11 +51,25 @@ class InferenceOptimizer:
         self.pipeline = plan_pipeline(transforms)
         self.report: list[TransformRecord] = []
 
-    def __call__(self, ctx: BuildContext, model: nn.Module | None = None, progress=None) -> nn.Module:
+    def __call__(self, ctx: BuildContext, model: nn.Module | None = None, progress=None, cache=None) -> nn.Module:
+        """``cache``: a ``build_cache.BuildCache``; a hit starts at ``weight_load`` with the graph
+        it holds, a miss saves the graph as the ``sharding`` stage leaves it."""
+        restored = self._restore(cache, ctx) if cache is not None and model is None else None
         model = model if model is not None else nn.Module()
         state = TransformInfo(is_clean=False, has_valid_shapes=False)
+        if restored is not None:
+            model, state = restored
+        pending_save = cache is not None and restored is None
         for name, config in self.pipeline:
-            record = TransformRecord(name=name, stage=str(Stage.parse(config.stage)), enabled=config.enabled)
+            stage = Stage.parse(config.stage)
+            if restored is not None and stage <= CACHED_STAGES:
+                if progress is not None:
+                    progress(name)
+                continue
+            if pending_save and stage > CACHED_STAGES and isinstance(model, fx.GraphModule):
+                pending_save = False
+                self._save(cache, model, ctx, state)
+            record = TransformRecord(name=name, stage=str(stage), enabled=config.enabled)
             self.report.append(record)
             if progress is not None:
                 progress(name)
@@ -94,6 +110,32 @@ class InferenceOptimizer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return model
+
+    def _restore(self, cache, ctx: BuildContext):
+        t0 = time.perf_counter()
+        restored = cache.load()
+        if restored is None:
+            return None
+        ctx.shared.update(restored.shared)
+        for row in restored.records:
+            row.time_s, row.mem_change_mb = 0.0, 0.0
+            row.note = f"{row.note}; " if row.note else ""
+            row.note += "from the build cache"
+        self.report += restored.records
+        self.report.append(TransformRecord(name="build_cache", stage=str(Stage.EXPORT), enabled=True, num_matches=1,
+                                           time_s=time.perf_counter() - t0,
+                                           note=f"hit {cache.key[:12]}: {CACHED_STAGES} and the stages before skipped"))
+        log.info("build cache hit (%s): the graph after %s in %.2fs", cache.path, CACHED_STAGES,
+                 time.perf_counter() - t0)
+        return restored.model, TransformInfo(is_clean=restored.is_clean, has_valid_shapes=restored.has_valid_shapes)
+
+    def _save(self, cache, model: fx.GraphModule, ctx: BuildContext, state: TransformInfo) -> None:
+        t0 = time.perf_counter()
+        records = [TransformRecord(**r.to_dict()) for r in self.report]
+        saved = cache.save(model, ctx.shared, records, state.is_clean)
+        self.report.append(TransformRecord(name="build_cache", stage=str(CACHED_STAGES), enabled=True,
+                                           num_matches=int(saved), time_s=time.perf_counter() - t0,
+                                           note=f"miss {cache.key[:12]}: " + ("saved" if saved else "not cacheable")))
 
     @staticmethod
     def _prepare(model: nn.Module, config: TransformConfig, state: TransformInfo):

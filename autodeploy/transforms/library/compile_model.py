@@ -109,7 +109,8 @@ def _prefill_buckets(cfg: "CompileModelConfig", gm: fx.GraphModule, info, cache)
     max_seq_len = getattr(cache, "max_seq_len", None)
     if not cfg.cuda_graph_prefill_tokens or info is None or max_seq_len is None or info.max_batch_size < 2:
         return []
-    if any(n.op == "call_function" and str(n.target) == "autodeploy.moe.default" for n in gm.graph.nodes):
+    moe_ops = ("autodeploy.moe.default", "autodeploy.fp8_moe.default")
+    if any(n.op == "call_function" and str(n.target) in moe_ops for n in gm.graph.nodes):
         log.info("compile_model: the graph has MoE layers: one-prompt prefills run eagerly (no prefill graphs)")
         return []
     return prefill_buckets(cfg.cuda_graph_prefill_tokens, max_seq_len, info.max_num_tokens)

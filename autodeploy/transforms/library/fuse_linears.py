@@ -7,6 +7,10 @@ whose weights (and biases) are tensors of one dtype and device that no other nod
 weight is left alone). Split sizes are read from the weights as they are now, so after sharding
 each rank fuses its own local shards.
 
+FP8 linears (``autodeploy::fp8_linear``) fuse the same way among themselves: weights and scales
+concatenated along the rows (per-channel scales; block scales when every member's rows fill whole
+blocks), a static input scale the largest of the group's (no activation is clipped), one op.
+
 Memory: groups are fused one at a time and a group's old weights are deleted right after their
 concatenation, so the build never holds more than one group's weights twice.
 """
@@ -52,19 +56,35 @@ class _Linear:
     b_node: Optional[fx.Node]
     out_features: int
     key: tuple  # what must agree within a group
+    scale_node: Optional[fx.Node] = None  # fp8_linear: the weight scale
+    input_node: Optional[fx.Node] = None  # fp8_linear: the static input scale
+
+
+_FP8_LINEAR = "autodeploy.fp8_linear.default"
+
+
+def _is_fp8_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and str(node.target) == _FP8_LINEAR
 
 
 def _candidate(gm: fx.GraphModule, node: fx.Node, tied: set[str]) -> Optional[_Linear]:
-    w_node, b_node = node.args[1], arg(node, 2, "bias", None)
+    fp8 = _is_fp8_linear(node)
+    w_node = node.args[1]
+    b_node = node.args[4] if fp8 else arg(node, 2, "bias", None)
+    scale_node, input_node, block = (node.args[2], node.args[3], node.args[5]) if fp8 else (None, None, None)
     w, b = _tensor(gm, w_node), _tensor(gm, b_node)
     if w is None or w.dim() != 2 or (b_node is not None and (b is None or b.dim() != 1)):
         return None
-    attrs = [n for n in (w_node, b_node) if n is not None]
-    if any(len(n.users) != 1 or n.target in tied for n in attrs):
+    attrs = [n for n in (w_node, b_node, scale_node, input_node) if n is not None]
+    if any(_tensor(gm, n) is None or len(n.users) != 1 or n.target in tied for n in attrs):
         return None
+    if block is not None and w.shape[0] % block[0]:
+        return None  # its last block of scales would straddle the next member's rows
     bias_key = None if b is None else (b.dtype, b.device, isinstance(b, nn.Parameter))
     key = (w.dtype, w.device, w.shape[1], isinstance(w, nn.Parameter), bias_key)
-    return _Linear(node, w_node, b_node, w.shape[0], key)
+    if fp8:
+        key += (tuple(block) if block else None, input_node is not None)
+    return _Linear(node, w_node, b_node, w.shape[0], key, scale_node, input_node)
 
 
 def _tied_targets(gm: fx.GraphModule) -> set[str]:
@@ -82,7 +102,7 @@ def parallel_linear_groups(gm: fx.GraphModule) -> list[list[_Linear]]:
     for node in gm.graph.nodes:
         by_key: dict[tuple, list[_Linear]] = defaultdict(list)
         for user in node.users:
-            if is_op(user, aten.linear.default) and user.args[0] is node:
+            if (is_op(user, aten.linear.default) or _is_fp8_linear(user)) and user.args[0] is node:
                 lin = _candidate(gm, user, tied)
                 if lin is not None:
                     by_key[lin.key].append(lin)
@@ -102,9 +122,9 @@ def _owner_path(targets: list[str]) -> str:
 
 
 def _concat_attrs(gm: fx.GraphModule, nodes: list[fx.Node], kind: str, editor: GraphEditor,
-                  before: fx.Node) -> fx.Node:
-    """One new attribute holding the tensors of ``nodes`` stacked along dim 0 (the old ones are
-    deleted); returns its get_attr node."""
+                  before: fx.Node, combine=lambda ts: torch.cat(ts, dim=0)) -> fx.Node:
+    """One new attribute holding the tensors of ``nodes`` stacked along dim 0 (or ``combine``d; the
+    old ones are deleted); returns its get_attr node."""
     targets = [n.target for n in nodes]
     owner_path = _owner_path(targets)
     owner = gm.get_submodule(owner_path)
@@ -114,7 +134,7 @@ def _concat_attrs(gm: fx.GraphModule, nodes: list[fx.Node], kind: str, editor: G
         name += "_"
     is_param = isinstance(_lookup(gm, targets[0]), nn.Parameter)
     with torch.no_grad():
-        fused = torch.cat([_lookup(gm, t).detach() for t in targets], dim=0)
+        fused = combine([_lookup(gm, t).detach() for t in targets])
     for t in targets:
         module_path, _, attr = t.rpartition(".")
         delattr(gm.get_submodule(module_path), attr)
@@ -135,15 +155,24 @@ def fuse_group(gm: fx.GraphModule, group: list[_Linear], editor: GraphEditor) ->
     first = group[0].node
     weight = _concat_attrs(gm, [lin.w_node for lin in group], "weight", editor, first)
     bias = _concat_attrs(gm, [lin.b_node for lin in group], "bias", editor, first) if group[0].b_node else None
+    if group[0].scale_node is not None:  # fp8_linear: its scales too
+        scale = _concat_attrs(gm, [lin.scale_node for lin in group], "weight_scale", editor, first)
+        inputs = None
+        if group[0].input_node is not None:  # the largest: no activation of any member is clipped
+            inputs = _concat_attrs(gm, [lin.input_node for lin in group], "input_scale", editor, first,
+                                   combine=lambda ts: torch.stack(ts).amax(dim=0))
     with gm.graph.inserting_before(first):
-        fused = editor.call(aten.linear.default, first.args[0], weight, bias)
+        if group[0].scale_node is not None:
+            fused = editor.call(first.target, first.args[0], weight, scale, inputs, bias, first.args[5])
+        else:
+            fused = editor.call(aten.linear.default, first.args[0], weight, bias)
         parts = editor.call(aten.split_with_sizes.default, fused, [lin.out_features for lin in group], -1)
         outs = [editor.call(operator.getitem, parts, i) for i in range(len(group))]
     for lin, out in zip(group, outs):
         editor.replace(lin.node, out)
     editor.erase_unused([lin.node for lin in group])
     for lin in group:
-        for attr in (lin.w_node, lin.b_node):
+        for attr in (lin.w_node, lin.b_node, lin.scale_node, lin.input_node):
             if attr is not None and not attr.users:
                 gm.graph.erase_node(attr)
 

@@ -64,7 +64,7 @@ def find_lm_head(gm: fx.GraphModule) -> tuple[Optional[fx.Node], list[fx.Node]]:
             return None, []
         chain.append(node)
         node = tensor_args[0]
-    if node is None or not is_op(node, aten.linear.default):
+    if node is None or not (is_op(node, aten.linear.default) or str(node.target) == "autodeploy.fp8_linear.default"):
         return None, []
     hidden = val(node.args[0])
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:  # [B, S, H]

@@ -22,7 +22,8 @@ class LoadWeights(BaseTransform):
         if ctx.factory is None:
             raise RuntimeError("load_weights needs ctx.factory (a ModelFactory)")
         slices = ctx.shared.get("shard_slices")
-        model = ctx.factory.load_weights(model, ctx.device, slices=slices)
+        # tensors another transform makes at load (quantize_fp8: FP8 weights and their scales)
+        model = ctx.factory.load_weights(model, ctx.device, slices=slices, sources=ctx.shared.get("weight_sources"))
         source = "random init" if ctx.factory.skip_loading_weights else "checkpoint"
         note = f"{source} on {ctx.device}" + (f", {len(slices)} sliced" if slices else "")
         # only tensors and device literals changed: still clean, but nodes' fake values name the old device
