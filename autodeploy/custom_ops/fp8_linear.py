@@ -41,15 +41,22 @@ def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 in fp32, as an IEEE division on every device (a CUDA tensor divided by a Python number
+    is multiplied by its reciprocal instead, one ulp off at times): the Triton quantizer divides the same way."""
+    amax = amax.float().clamp(min=_MIN_SCALE)
+    return amax / torch.full_like(amax, FP8_MAX)
+
+
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w[..., N, K]`` -> (``q``, ``scale[..., N]``): one scale per output row, amax / 448."""
-    scale = w.abs().amax(dim=-1).float().clamp(min=_MIN_SCALE) / FP8_MAX
+    scale = _scale_of(w.abs().amax(dim=-1))
     return _to_fp8(w, scale.unsqueeze(-1)), scale
 
 
 def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` -> (``q``, a 0-dim ``scale``)."""
-    scale = w.abs().amax().float().clamp(min=_MIN_SCALE) / FP8_MAX
+    scale = _scale_of(w.abs().amax())
     return _to_fp8(w, scale), scale
 
 
@@ -65,7 +72,7 @@ def quantize_blocks(w: torch.Tensor, block_size: Sequence[int] = (128, 128)) -> 
     n, k = w.shape[-2:]
     padded = _pad_to_blocks(w.float(), block_size)
     blocks = padded.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bn))  # [..., N/bn, bn, K/bk, bk]
-    scale = blocks.abs().amax(dim=(-3, -1)).clamp(min=_MIN_SCALE) / FP8_MAX
+    scale = _scale_of(blocks.abs().amax(dim=(-3, -1)))
     q = _to_fp8(blocks, scale[..., :, None, :, None]).flatten(-2).flatten(-3, -2)
     return q[..., :n, :k].contiguous(), scale
 
@@ -98,7 +105,7 @@ def quantize_rows(x: torch.Tensor, input_scale: Optional[torch.Tensor] = None) -
     if input_scale is not None:
         scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
     else:
-        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_SCALE) / FP8_MAX
+        scale = _scale_of(x.abs().amax(dim=-1, keepdim=True))
     return _to_fp8(x, scale), scale
 
 
