@@ -77,13 +77,14 @@ class TokenDicts:
 
 
 def token_decoder(tokenizer: Optional[Any]) -> Callable[[int], Optional[str]]:
-    """``tokenizer.decode([token_id])``, cached; None for every token without a tokenizer."""
+    """``tokenizer.decode([token_id])`` (special tokens too: an EOS shows as itself), cached; None
+    for every token without a tokenizer."""
     if tokenizer is None:
         return lambda token: None
 
     @lru_cache(maxsize=1 << 16)
     def decode(token: int) -> str:
-        return tokenizer.decode([token])
+        return tokenizer.decode([token], skip_special_tokens=False)
 
     return decode
 

@@ -47,8 +47,8 @@ class Logprob:
     """One token's log-probability at one position (as vLLM's): ``log_softmax`` of the model's raw
     logits in fp32, before temperature, top-k or top-p (vLLM's default ``raw_logprobs``).
     ``rank``: 1-based, 1 + the number of tokens with a strictly larger log-probability (so the
-    greedy token has rank 1). ``decoded_token``: ``tokenizer.decode([token_id])``, None without a
-    tokenizer."""
+    greedy token has rank 1). ``decoded_token``: ``tokenizer.decode([token_id])`` (special tokens
+    included), None without a tokenizer."""
 
     logprob: float
     rank: Optional[int] = None
