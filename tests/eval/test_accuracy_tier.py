@@ -86,18 +86,22 @@ def _eval_cli(*args, timeout=600):
                           timeout=timeout)
 
 
-def test_cli_perplexity_and_compare_hf(tmp_path):
+def test_cli_perplexity_and_compare_hf(tmp_path, capsys):
+    """The commands' code path in this process (a subprocess per command doubled the test's time;
+    the error cases below run as a user does)."""
+    from autodeploy.eval.__main__ import main
+
     out = tmp_path / "ppl.json"
-    proc = _eval_cli("perplexity", "--model", "tiny_llama", "--text", str(TEXT), "--window", "48", "--stride", "24",
-                     "--hf", "--json", str(out), "args.device=cpu", "--args.max-num-tokens=32")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(["perplexity", "--model", "tiny_llama", "--text", str(TEXT), "--window", "48", "--stride", "24",
+                 "--hf", "--json", str(out), "args.device=cpu", "--args.max-num-tokens=32"]) == 0
     data = json.loads(out.read_text())
     assert data["window"] == 48 and abs(data["perplexity"] - data["hf_perplexity"]) / data["hf_perplexity"] < 1e-5
-    assert "| autodeploy |" in proc.stdout and "| HF transformers |" in proc.stdout
+    printed = capsys.readouterr().out
+    assert "| autodeploy |" in printed and "| HF transformers |" in printed
     assert math.isclose(math.log(data["perplexity"]), data["nll"], rel_tol=1e-9)
-    proc = _eval_cli("compare-hf", "--model", "tiny_llama", "--max-tokens", "6", "args.device=cpu")
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    assert "24 of 24 greedy tokens equal" in proc.stdout and "MISMATCH" not in proc.stdout
+    assert main(["compare-hf", "--model", "tiny_llama", "--max-tokens", "6", "args.device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "24 of 24 greedy tokens equal" in printed and "MISMATCH" not in printed
 
 
 @pytest.mark.parametrize("args,message", [
