@@ -1,7 +1,9 @@
 """The continuous-batching engine: requests in, ``RequestOutput`` out.
 
 One step = schedule -> build the flattened batch -> forward -> sample (launched: a "flight") ->
-land (the sampled ids reach the host: append, stop checks, release). The only host sync per step
+land (the sampled ids reach the host: append, stop checks, release). Requests that ask for
+logprobs get them from the same logits, computed with the flight and landed with its ids
+(``logprobs.py``). The only host sync per step
 is reading the sampled ids. With ``overlap`` (the overlap scheduler; default on CUDA) a step
 launches its flight before it lands the previous one, so the device never waits for the host:
 a token still on the device is fed to the next step by a device-side copy into its inputs
@@ -297,7 +299,7 @@ class Engine:
                 chunk = chunk + [0]
             tokens.append(chunk)
             offset += n
-        logprobs = None
+        logprobs = full = None
         if any(r.logprobs is not None or r.prompt_logprobs is not None for r in batch.requests):
             full = [r.wants_prompt_logits for r in batch.requests]  # prompt logprobs: every token's logits
             logprobs = StepLogprobs(batch.requests, batch.num_new_tokens, full)
@@ -306,7 +308,7 @@ class Engine:
             input_pos=[r.num_computed for r in batch.requests],
             pages=[r.pages for r in batch.requests],
             slots=[r.slot for r in batch.requests],
-            full_logits=full if logprobs is not None else None,
+            full_logits=full,
         )
         if patch_at:
             _copy_rows(inputs.named_args["input_ids"].view(-1), patch_at, self._in_flight.sampled, patch_from)
@@ -329,7 +331,8 @@ class Engine:
             return sampled, logprobs or None
 
     def forward(self, inputs) -> torch.Tensor:
-        """The model on one step's inputs (``SequenceInfo`` views): logits ``[1, T, V]``."""
+        """The model on one step's inputs (``SequenceInfo`` views): logits ``[1, T, V]``, or
+        ``[1, G, V]`` (the rows of ``logits_idx``) from a graph that gathers them."""
         args = {**inputs.named_args, **self.cache.tensors}
         if self._input_names is not None:
             args = {k: args[k] for k in self._input_names if k in args}
