@@ -69,8 +69,12 @@ class AutoDeployLM(TemplateLM):
         return getattr(self.tokenizer, "name_or_path", str(self.llm.config.model)).replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs: Any) -> list[int]:
-        # as lm-eval's HF model: no special tokens unless asked for (the contexts carry what they need)
-        return list(self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens)))
+        # as lm-eval's HF model: the tokenizer's default (its BOS, if it adds one) unless told, and
+        # no second BOS in front of a string that starts with one
+        if add_special_tokens is None:
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add_special_tokens = not (bos and string.startswith(bos))
+        return list(self.tokenizer.encode(string, add_special_tokens=add_special_tokens))
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
