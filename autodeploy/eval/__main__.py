@@ -22,16 +22,17 @@ from typing import Any, Optional
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m autodeploy.eval", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m autodeploy.eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
-    ppl = sub.add_parser("perplexity", help="perplexity of a text file over strided windows")
+    # no abbreviations: the config flags (--args.*) pass through to the run's config
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file over strided windows", allow_abbrev=False)
     ppl.add_argument("--text", required=True, help="a UTF-8 text file")
     ppl.add_argument("--window", type=int, default=None, help="tokens per window (default: args.max_seq_len)")
     ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window // 2)")
     ppl.add_argument("--hf", action="store_true", help="also HF transformers on the same weights and windows")
     ppl.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    cmp = sub.add_parser("compare-hf", help="greedy tokens and logprobs against HF transformers")
+    cmp = sub.add_parser("compare-hf", help="greedy tokens and logprobs against HF transformers", allow_abbrev=False)
     cmp.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
     cmp.add_argument("--atol", type=float, default=None,
                      help="tolerance on a log-probability (default: 1e-3 in float32, 0.1 in bfloat16, 0.05 in float16)")
