@@ -3,8 +3,9 @@
 One step = schedule -> build the flattened batch -> forward -> sample (launched: a "flight") ->
 land (the sampled ids reach the host: append, stop checks, release). Requests that ask for
 logprobs get them from the same logits, computed with the flight and landed with its ids
-(``logprobs.py``). The only host sync per step is reading the sampled ids. With ``overlap`` (the overlap scheduler; default on CUDA) a step
-launches its flight before it lands the previous one, so the device never waits for the host:
+(``logprobs.py``). The only host sync per step is reading the sampled ids. With ``overlap`` (the
+overlap scheduler; default on CUDA) a step launches its flight before it lands the previous one,
+so the device never waits for the host:
 a token still on the device is fed to the next step by a device-side copy into its inputs
 (``Request.num_inflight``), requests that its landing ends by length are not scheduled again,
 and a request that a landed token stops (EOS, stop string) wastes one row of the flight already
