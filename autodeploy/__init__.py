@@ -6,7 +6,7 @@
 """
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
 
 
 def __getattr__(name):
@@ -19,4 +19,8 @@ def __getattr__(name):
         from .runtime.sampling_params import SamplingParams
 
         return SamplingParams
+    if name in ("Logprob", "RequestOutput"):
+        from .runtime import outputs
+
+        return getattr(outputs, name)
     raise AttributeError(f"module 'autodeploy' has no attribute {name!r}")

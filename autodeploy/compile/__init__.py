@@ -15,7 +15,7 @@ sizes, its eager prefills and mixed batches, or torch-compile's steps). ``Compil
 the things that made dynamo compile again:
 - sizes 0/1 are specialized and equal sizes tied (``T == B`` in a decode batch): each call marks
   the batch dims (``BATCH_DIMS``: ``T`` of ``input_ids``/``position_ids``, ``B`` of the
-  per-sequence inputs): ``B`` unbacked, ``T`` dynamic but backed (``maybe_mark_dynamic``), so one
+  per-sequence inputs, ``G`` of ``logits_idx``): ``B`` and ``G`` unbacked, ``T`` dynamic but backed (``maybe_mark_dynamic``), so one
   token specializes: that is the second compile. Every other dim stays static (caches, page-table
   width). With ``T`` unbacked too (``compiles="one"``) a single compile serves every step, but
   inductor's kernels over the tokens were slower (H200, 8B: a 1024-token prefill forward 25.7 vs
@@ -51,7 +51,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import fx, nn
 
-from .cudagraph import SEQ_INPUTS, TOKEN_INPUTS, CudaGraphRunner
+from .cudagraph import LOGITS_INPUTS, SEQ_INPUTS, TOKEN_INPUTS, CudaGraphRunner
 from .inline import inline_for_inductor
 from .regions import CompiledRegion, Mark, cut_regions
 
@@ -102,8 +102,9 @@ def clamp_batch_sizes(sizes: Iterable[int], max_batch_size: int) -> list[int]:
     return [s for s in sizes if 1 <= s <= max_batch_size]
 
 
-# the dim of each graph input that follows the batch: T tokens ([1, T]), B sequences ([B, ...], cu_seqlen [B+1])
-BATCH_DIMS = {**dict.fromkeys(TOKEN_INPUTS, 1), **dict.fromkeys(SEQ_INPUTS, 0)}
+# the dim of each graph input that follows the batch: T tokens ([1, T]), B sequences ([B, ...], cu_seqlen [B+1]),
+# G logits rows (logits_idx [G]: B, or up to T with prompt logprobs)
+BATCH_DIMS = {**dict.fromkeys(TOKEN_INPUTS, 1), **dict.fromkeys(SEQ_INPUTS, 0), **dict.fromkeys(LOGITS_INPUTS, 0)}
 
 
 def _mark_unbacked() -> Optional[Callable]:
@@ -150,7 +151,7 @@ class CompiledGraph(nn.Module):
             return
         self.compiles = compiles
         for name, dim in self.batch_dims:
-            if name in TOKEN_INPUTS:
+            if name in TOKEN_INPUTS or name in LOGITS_INPUTS:
                 limit = max_num_tokens
             else:
                 limit = max_batch_size + (name == "cu_seqlen") if max_batch_size else None
@@ -184,7 +185,8 @@ class CompiledGraph(nn.Module):
         return CompiledRegion(_insert_size_checks(template, checks) if checks else template, marks, self._mark_dim)
 
     def _mark_dim(self, source: str, t: torch.Tensor, dim: int) -> None:
-        if self.compiles == "two" and source not in SEQ_INPUTS:
+        # logits_idx is unbacked like B: it has one row in every one-prompt step and batch-1 decode
+        if self.compiles == "two" and source not in SEQ_INPUTS and source not in LOGITS_INPUTS:
             torch._dynamo.maybe_mark_dynamic(t, dim)  # backed: one token specializes (its own compile)
         else:
             self._mark(t, dim)

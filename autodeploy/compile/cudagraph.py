@@ -8,8 +8,8 @@ replays the graph captured for the smallest captured size ``bs >= b``:
   are copied into the graph's static buffers, rows ``[0, b)``;
 - rows ``[b, bs)`` are padding: token 0 at position 0, one token (``seq_len`` 1), page-table row
   all 0, ``slot_idx`` 0. Page 0 and state slot 0 are scratch in the cache manager (never handed
-  to a request), so the padded rows only ever write there. ``seq_len`` (all ones) and
-  ``cu_seqlen`` (``arange``) are the same for every decode batch and are never copied;
+  to a request), so the padded rows only ever write there. ``seq_len`` (all ones), ``cu_seqlen``
+  and ``logits_idx`` (``arange``) are the same for every decode batch and are never copied;
 - every other input (the caches) must be the very tensors seen at capture, else the call runs
   eagerly (with one warning);
 - outputs are token-major (``[1, T, ...]``): the runner returns views of the graph's static
@@ -23,7 +23,8 @@ followed by one padding sequence of the other ``Tp - T`` tokens (at position 0, 
 all 0, slot 0: scratch, as above; the rows of its tokens keep whatever ids and positions they
 held, which only that sequence reads). Its launches (a prefill's host time: ~13-29 ms for the 8B
 model's 1024 tokens on the H200 hosts, against ~22 ms on the GPU) become one replay; the padding
-costs at most ``PREFILL_GRANULE - 1`` tokens of compute. Buckets stop below ``max_seq_len``
+costs at most ``PREFILL_GRANULE - 1`` tokens of compute. A step that wants every token's logits
+(``logits_idx`` longer than 1: prompt logprobs) runs eagerly. Buckets stop below ``max_seq_len``
 (the padding sequence's positions must have page-table columns) and need ``max_batch_size`` >= 2.
 
 Other prefill or mixed batches, larger batches, or a page table of another width run eagerly (for
@@ -48,8 +49,9 @@ log = logging.getLogger(__name__)
 
 TOKEN_INPUTS = ("input_ids", "position_ids")  # [1, T]
 SEQ_INPUTS = ("seq_len", "input_pos", "cu_seqlen", "page_table", "slot_idx")  # [B, ...] (cu_seqlen [B+1])
-BATCHED_INPUTS = TOKEN_INPUTS + SEQ_INPUTS
-_CONSTANT_IN_DECODE = ("seq_len", "cu_seqlen")
+LOGITS_INPUTS = ("logits_idx",)  # [G]: the rows whose logits a gathering graph computes (G == B in decode)
+BATCHED_INPUTS = TOKEN_INPUTS + SEQ_INPUTS + LOGITS_INPUTS
+_CONSTANT_IN_DECODE = ("seq_len", "cu_seqlen", "logits_idx")
 PREFILL_GRANULE = 64  # one-prompt prefill graphs are captured at multiples of this many tokens
 
 
@@ -73,6 +75,8 @@ def decode_pad_inputs(bs: int, like: Mapping[str, torch.Tensor]) -> dict[str, to
             out[name] = torch.ones(bs, dtype=t.dtype, device=t.device)
         elif name == "cu_seqlen":
             out[name] = torch.arange(bs + 1, dtype=t.dtype, device=t.device)
+        elif name == "logits_idx":  # each sequence's one token
+            out[name] = torch.arange(bs, dtype=t.dtype, device=t.device)
         elif name == "page_table":
             out[name] = torch.zeros((bs, t.shape[1]), dtype=t.dtype, device=t.device)
         else:
@@ -91,6 +95,8 @@ def prefill_pad_inputs(tokens: int, like: Mapping[str, torch.Tensor]) -> dict[st
         out["seq_len"][1] = tokens - 1
     if "cu_seqlen" in out:
         out["cu_seqlen"][2] = tokens
+    if "logits_idx" in out:
+        out["logits_idx"][1] = tokens - 1  # the padding sequence's last token
     return out
 
 
@@ -159,6 +165,7 @@ def blas_library(name: Optional[str]):
 
 
 _BLAS_REFUSED: set[str] = set()
+_ONE_ROW = torch.empty(1)  # a step without logits_idx (a graph that does not gather) keeps one row per sequence
 
 
 class CudaGraphRunner(nn.Module):
@@ -280,7 +287,7 @@ class CudaGraphRunner(nn.Module):
         b = kwargs["seq_len"].shape[0]
         t = kwargs["input_ids"].shape[-1]
         if t != b:  # prefill or mixed: a graph for one prompt's step, if one is big enough
-            if b != 1 or not self.prefill_graphs:
+            if b != 1 or not self.prefill_graphs or kwargs.get("logits_idx", _ONE_ROW).shape[0] != 1:
                 return None
             g = next((self.prefill_graphs[n] for n in self.captured_prefill_tokens if n >= t), None)
             return g if g is not None and self._same_static(kwargs, g) else None
@@ -338,8 +345,9 @@ class CudaGraphRunner(nn.Module):
         """The one sequence's rows in front, the padding sequence gets the other tokens."""
         t, inp = kwargs["input_ids"].shape[-1], g.inputs
         names = self.batched_names
+        # cu_seqlen [0, t]: the padding starts at t; logits_idx [t - 1]: the real sequence's last token
         dst = [inp[n][:, :t] if n in TOKEN_INPUTS else inp[n][:2] if n == "cu_seqlen" else inp[n][:1] for n in names]
-        torch._foreach_copy_(dst, [kwargs[n] for n in names])  # cu_seqlen [0, t]: the padding starts at t
+        torch._foreach_copy_(dst, [kwargs[n] for n in names])
         if "seq_len" in inp:
             inp["seq_len"][1:].fill_(g.tokens - t)
         self._prepare(inp)

@@ -3,8 +3,9 @@
 The ``gather_last_token_logits`` transform puts it before ``lm_head``, so the head (the largest
 GEMM of a prefill, and a ``[tokens, vocab]`` output) only runs for the tokens that are sampled.
 It is a sequence op like attention: in the runtime's flattened batch (docs/architecture.md) the
-last tokens are at ``cu_seqlen[1:] - 1``, so ``insert_cached_last_tokens`` (stage cache_init)
-replaces it with that index_select, and a graph that still holds it fails the cache checks.
+rows to keep are the graph input ``logits_idx`` (the last tokens, ``cu_seqlen[1:] - 1``, or every
+token of a request that asks for prompt logprobs), so ``insert_cached_last_tokens`` (stage
+cache_init) replaces it with that index_select, and a graph that still holds it fails the cache checks.
 """
 
 import torch
@@ -20,7 +21,3 @@ def last_tokens(x: torch.Tensor) -> torch.Tensor:
 def _last_tokens_fake(x):
     return x.new_empty((x.shape[0], 1, *x.shape[2:]))
 
-
-def cached_last_tokens(x: torch.Tensor, cu_seqlen: torch.Tensor) -> torch.Tensor:
-    """Flattened batch: ``x [1, T, ...]``, ``cu_seqlen [B+1]`` -> ``[1, B, ...]``."""
-    return x.index_select(1, cu_seqlen[1:].to(torch.int64) - 1)

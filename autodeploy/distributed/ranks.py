@@ -171,25 +171,25 @@ class StepChannel:
     """Rank 0 broadcasts each step's packed inputs; the workers receive them into the same buffer."""
 
     def __init__(self, device: torch.device):
-        self.header = torch.zeros(3, dtype=torch.int64, device=device)  # [go, num_seqs, num_tokens]
+        self.header = torch.zeros(4, dtype=torch.int64, device=device)  # [go, num_seqs, num_tokens, num_logits]
         # filled on the host and copied without a sync: a copy from pageable memory would wait for
         # the device to finish the step before (the overlap scheduler launches ahead of it)
         on_cuda = torch.device(device).type == "cuda"
-        self._host = torch.zeros(3, dtype=torch.int64, pin_memory=on_cuda)
+        self._host = torch.zeros(4, dtype=torch.int64, pin_memory=on_cuda)
         self._copied = torch.cuda.Event() if on_cuda else None
 
-    def _set_header(self, go: int, num_seqs: int = 0, num_tokens: int = 0) -> None:
+    def _set_header(self, go: int, num_seqs: int = 0, num_tokens: int = 0, num_logits: int = 0) -> None:
         if self._copied is not None:
             self._copied.synchronize()  # the previous header's copy (done long ago in steady state)
-        self._host[0], self._host[1], self._host[2] = go, num_seqs, num_tokens
+        self._host[0], self._host[1], self._host[2], self._host[3] = go, num_seqs, num_tokens, num_logits
         self.header.copy_(self._host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 
-    def send(self, info, num_seqs: int, num_tokens: int) -> None:
-        self._set_header(1, num_seqs, num_tokens)
+    def send(self, info, num_seqs: int, num_tokens: int, num_logits: int) -> None:
+        self._set_header(1, num_seqs, num_tokens, num_logits)
         dist.broadcast(self.header, 0)
-        dist.broadcast(info.buffer[: info.packed_size(num_seqs, num_tokens)], 0)
+        dist.broadcast(info.buffer[: info.packed_size(num_seqs, num_tokens, num_logits)], 0)
 
     def send_stop(self) -> None:
         self._set_header(0)
@@ -198,11 +198,11 @@ class StepChannel:
     def receive(self, info):
         """The next step's inputs, or None when rank 0 ends the run."""
         dist.broadcast(self.header, 0)
-        go, num_seqs, num_tokens = self.header.tolist()
+        go, num_seqs, num_tokens, num_logits = self.header.tolist()
         if not go:
             return None
-        dist.broadcast(info.buffer[: info.packed_size(num_seqs, num_tokens)], 0)
-        return info.views(num_seqs, num_tokens)
+        dist.broadcast(info.buffer[: info.packed_size(num_seqs, num_tokens, num_logits)], 0)
+        return info.views(num_seqs, num_tokens, num_logits)
 
 
 class Ranks:
@@ -271,11 +271,11 @@ class Ranks:
             time.sleep(0.05)
 
     # --- steps ---
-    def send(self, info, num_seqs: int, num_tokens: int) -> None:
+    def send(self, info, num_seqs: int, num_tokens: int, num_logits: int) -> None:
         self.check()
         self._busy += 1
         try:
-            self.channel.send(info, num_seqs, num_tokens)
+            self.channel.send(info, num_seqs, num_tokens, num_logits)
         except RuntimeError as e:
             raise self.failure(e) or e
         finally:

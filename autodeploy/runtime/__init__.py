@@ -13,6 +13,7 @@ _EXPORTS = {
     "Engine": "engine",
     "CacheInterface": "kv_cache",
     "CacheSpec": "kv_cache",
+    "Logprob": "outputs",
     "RequestMetrics": "outputs",
     "RequestOutput": "outputs",
     "SamplingParams": "sampling_params",

@@ -1,9 +1,11 @@
 """The continuous-batching engine: requests in, ``RequestOutput`` out.
 
 One step = schedule -> build the flattened batch -> forward -> sample (launched: a "flight") ->
-land (the sampled ids reach the host: append, stop checks, release). The only host sync per step
-is reading the sampled ids. With ``overlap`` (the overlap scheduler; default on CUDA) a step
-launches its flight before it lands the previous one, so the device never waits for the host:
+land (the sampled ids reach the host: append, stop checks, release). Requests that ask for
+logprobs get them from the same logits, computed with the flight and landed with its ids
+(``logprobs.py``). The only host sync per step is reading the sampled ids. With ``overlap`` (the
+overlap scheduler; default on CUDA) a step launches its flight before it lands the previous one,
+so the device never waits for the host:
 a token still on the device is fed to the next step by a device-side copy into its inputs
 (``Request.num_inflight``), requests that its landing ends by length are not scheduled again,
 and a request that a landed token stops (EOS, stop string) wastes one row of the flight already
@@ -20,6 +22,7 @@ metadata and cache tensors, see docs/architecture.md) and the ``CacheInterface``
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections import deque
@@ -32,10 +35,11 @@ from torch import fx, nn
 from ..compile.regions import nodes_through_regions
 from ..transforms.graph_utils import get_attr_value
 from .kv_cache import CacheInterface
+from .logprobs import StepLogprobs, token_decoder
 from .outputs import RequestOutput, StepTiming
 from .prompts import as_prompt_list, tokenize
 from .request import Request
-from .sampler import Sampler, SamplingBatch, fold_seed
+from .sampler import Sampler, SamplingBatch, _to_device, fold_seed
 from .sampling_params import SamplingParams
 from .scheduler import DEFAULT_PREFILL_CHUNK_SIZE, ScheduledBatch, Scheduler
 from .stopping import StopChecker
@@ -55,6 +59,7 @@ class Flight:
     landed: torch.Tensor  # [B] on the host (pinned), valid once `ready` has passed
     ready: Optional[torch.cuda.Event]
     host_s: float  # host time spent on it so far
+    logprobs: Optional[StepLogprobs] = None  # requests that asked for logprobs: their rows' results
 
 
 class Engine:
@@ -81,6 +86,7 @@ class Engine:
         self.sampler = Sampler()
         self.vocab_size = vocab_size or _embedding_rows(model)
         self.stop_checker = StopChecker(_eos_ids(eos_token_id, tokenizer), cache.max_seq_len, tokenizer)
+        self._decode_token = token_decoder(tokenizer)  # Logprob.decoded_token
         self._input_names = _graph_input_names(model)
         self._next_request_id = 0
         # None = on with a CUDA device; on the CPU the forward runs on the host, so nothing would
@@ -154,6 +160,10 @@ class Engine:
                 raise ValueError(
                     f"prompt has {request.prompt_len} tokens, more than max_seq_len={self.cache.max_seq_len}"
                 )
+            if params.logprobs is not None:
+                request.logprobs = []
+            if params.prompt_logprobs is not None:
+                request.prompt_logprobs = [None]  # nothing predicts the first prompt token
         except Exception as e:  # noqa: BLE001 - bad input (or a tokenizer error) fails this request only
             self._fail(request, f"invalid request: {e}")
             return request
@@ -207,7 +217,7 @@ class Engine:
     def _launch(self, batch: ScheduledBatch, start: float) -> Flight:
         """Forward and sampling of ``batch`` on the device, the ids' copy to the host started."""
         with self.ranks.busy() if self.ranks is not None else contextlib.nullcontext():
-            sampled = self._forward_and_sample(batch)
+            sampled, logprobs = self._forward_and_sample(batch)
         if sampled.is_cuda:
             landed = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
             landed.copy_(sampled, non_blocking=True)
@@ -221,7 +231,7 @@ class Engine:
             if not r.num_pending:  # its prompt is done (or it decoded): a token is on its way
                 r.num_inflight += 1
                 rows[r] = i
-        return Flight(batch, rows, sampled, landed, ready, host_s=time.perf_counter() - start)
+        return Flight(batch, rows, sampled, landed, ready, host_s=time.perf_counter() - start, logprobs=logprobs)
 
     def _land_in_flight(self) -> list[Request]:
         flight, self._in_flight = self._in_flight, None
@@ -251,12 +261,16 @@ class Engine:
                     self._fail(r, f"generation failed: {type(e).__name__}: {e}")
             return list(flight.batch.requests)
         synced = now = time.perf_counter()
+        logprobs = flight.logprobs
+        dicts = logprobs.land(self._decode_token) if logprobs else None  # prompt logprobs appended
         updated = []
         for request, row in flight.rows.items():
             request.num_inflight -= 1
             if request.finished:  # stopped, aborted or failed while this step ran: its token is dropped
                 continue
             request.token_ids.append(tokens[row])
+            if dicts is not None and request in logprobs.sampled:
+                request.logprobs.append(dicts(logprobs.sampled[request][1], tokens[row], request.params.logprobs))
             request.metrics.token_times.append(now)
             self.stop_checker(request)
             if request.finish_reason:
@@ -270,8 +284,9 @@ class Engine:
         ))
         return updated
 
-    def _forward_and_sample(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Launch the step's forward and sampling; returns the sampled ids [B] on the device."""
+    def _forward_and_sample(self, batch: ScheduledBatch) -> tuple[torch.Tensor, Optional[StepLogprobs]]:
+        """Launch the step's forward and sampling; returns the sampled ids [B] on the device, and the
+        logprobs of the requests that ask for them (launched, their copy to the host started)."""
         tokens, patch_at, patch_from = [], [], []
         offset = 0
         for r, n in zip(batch.requests, batch.num_new_tokens):
@@ -284,31 +299,43 @@ class Engine:
                 chunk = chunk + [0]
             tokens.append(chunk)
             offset += n
+        logprobs = full = None
+        if any(r.logprobs is not None or r.prompt_logprobs is not None for r in batch.requests):
+            full = [r.wants_prompt_logits for r in batch.requests]  # prompt logprobs: every token's logits
+            logprobs = StepLogprobs(batch.requests, batch.num_new_tokens, full)
         inputs = self.cache.info.build(
             tokens=tokens,
             input_pos=[r.num_computed for r in batch.requests],
             pages=[r.pages for r in batch.requests],
             slots=[r.slot for r in batch.requests],
+            full_logits=full,
         )
         if patch_at:
             _copy_rows(inputs.named_args["input_ids"].view(-1), patch_at, self._in_flight.sampled, patch_from)
         if self.ranks is not None:
-            self.ranks.send(self.cache.info, inputs.num_seqs, inputs.num_tokens)
+            self.ranks.send(self.cache.info, inputs.num_seqs, inputs.num_tokens, inputs.num_logits)
         with torch.inference_mode():
             logits = self.forward(inputs)[0]
-            if logits.shape[0] != inputs.num_seqs:  # every token's logits (no gather_last_token_logits)
-                logits = logits[inputs.last_token_idx]  # [B, V]
+            if logits.shape[0] != inputs.num_logits:  # every token's logits (no gather_last_token_logits)
+                logits = logits[inputs.logits_idx]  # [G, V]
+            last = logits  # [B, V]: each sequence's last token
+            if inputs.num_logits != inputs.num_seqs:
+                last = logits.index_select(0, _to_device(logprobs.last_rows, torch.int64, logits.device))
             sampling = SamplingBatch.from_params(
                 [r.params for r in batch.requests], [r.seed for r in batch.requests],
                 [r.num_generated + r.num_inflight for r in batch.requests],  # index of the token drawn
             )
-            return self.sampler(logits, sampling)
+            sampled = self.sampler(last, sampling)
+            if logprobs:
+                logprobs.compute(logits, sampled)  # the same logits the sampler got
+            return sampled, logprobs or None
 
     def forward(self, inputs) -> torch.Tensor:
-        """The model on one step's inputs (``SequenceInfo`` views): logits ``[1, T, V]``."""
+        """The model on one step's inputs (``SequenceInfo`` views): logits ``[1, T, V]``, or
+        ``[1, G, V]`` (the rows of ``logits_idx``) from a graph that gathers them."""
         args = {**inputs.named_args, **self.cache.tensors}
         if self._input_names is not None:
-            args = {k: args[k] for k in self._input_names}
+            args = {k: args[k] for k in self._input_names if k in args}
         with torch.inference_mode():
             return _logits(self.model(**args))
 
@@ -339,6 +366,9 @@ class Engine:
             stop_reason=request.stop_reason,
             error=request.error,
             metrics=request.metrics,
+            # copies: a streamed snapshot keeps what it had
+            logprobs=list(request.logprobs) if request.logprobs is not None else None,
+            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
         )
 
 
@@ -385,10 +415,16 @@ def _graph(model: nn.Module) -> Optional[fx.GraphModule]:
 
 
 def _graph_input_names(model: nn.Module) -> Optional[list[str]]:
-    """Placeholder names of a plain GraphModule (the engine passes only those); None otherwise."""
-    if not isinstance(model, fx.GraphModule):
+    """The inputs the model takes, of those a step offers (a graph that does not gather its logits
+    takes no ``logits_idx``): a plain GraphModule's placeholders, or the named parameters of a
+    ``forward`` without ``**kwargs``; None (pass everything) for one that takes any keyword
+    (the compiled wrappers ignore what the graph does not take)."""
+    if isinstance(model, fx.GraphModule):
+        return [n.target for n in model.graph.nodes if n.op == "placeholder"]
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return [n.target for n in model.graph.nodes if n.op == "placeholder"]
+    return [p.name for p in params]
 
 
 def _embedding_rows(model: nn.Module) -> Optional[int]:

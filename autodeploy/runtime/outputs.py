@@ -43,12 +43,34 @@ class StepTiming:
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability at one position (as vLLM's): ``log_softmax`` of the model's raw
+    logits in fp32, before temperature, top-k or top-p (vLLM's default ``raw_logprobs``).
+    ``rank``: 1-based, 1 + the number of tokens with a strictly larger log-probability (so the
+    greedy token has rank 1). ``decoded_token``: ``tokenizer.decode([token_id])`` (special tokens
+    included), None without a tokenizer."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# token id -> its Logprob: the token at that position and the top-k alternatives (k or k + 1 entries)
+TokenLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class RequestOutput:
     """One prompt's result. ``token_ids`` are the generated ids only (EOS included when hit).
 
     ``finish_reason``: ``"stop"`` (EOS, stop token or stop string), ``"length"`` (max_tokens or
     max_seq_len), ``"error"`` (``error`` says why; nothing was generated or generation failed),
     ``"aborted"``, or ``None`` while the request is still running (streaming).
+
+    ``logprobs`` (with ``SamplingParams.logprobs=k``): one dict per generated token (so far, while
+    streaming), holding that token and the k most likely ones. ``prompt_logprobs`` (with
+    ``SamplingParams.prompt_logprobs=k``): one entry per prompt token, the first ``None`` (nothing
+    predicts it), each dict holding the prompt token and the k most likely ones. None when not asked for.
     """
 
     request_id: int
@@ -60,6 +82,8 @@ class RequestOutput:
     stop_reason: Union[str, int, None] = None  # the stop string or stop token id that ended it
     error: Optional[str] = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    logprobs: Optional[list[TokenLogprobs]] = None
+    prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
 
     @property
     def finished(self) -> bool:

@@ -44,6 +44,9 @@ class Request:
     stop_reason: Any = None
     error: Optional[str] = None
     text: Optional[str] = None  # set at finish (or on demand for streaming)
+    # with SamplingParams.logprobs / prompt_logprobs: one dict per generated / prompt token so far
+    logprobs: Optional[list] = None
+    prompt_logprobs: Optional[list] = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.perf_counter()))
 
     @property
@@ -57,6 +60,13 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len:]
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Its next chunk (from ``num_computed``) holds prompt tokens whose logprobs are missing: it
+        needs every token's logits (the last prompt token's row only predicts the first output)."""
+        return (self.prompt_logprobs is not None and self.num_computed + 1 < self.prompt_len
+                and len(self.prompt_logprobs) < self.prompt_len)
 
     @property
     def num_pending(self) -> int:

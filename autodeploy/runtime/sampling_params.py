@@ -13,6 +13,8 @@ from typing import Optional, Union
 
 # below this temperature sampling is greedy (as in vLLM)
 GREEDY_EPS = 1e-5
+# the most top-k alternatives a request may ask for per token (vLLM's default max_logprobs)
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -27,6 +29,10 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # log-probabilities (``RequestOutput.logprobs`` / ``prompt_logprobs``): None = off, k = the chosen
+    # token plus the k most likely ones; raw log_softmax of the model's logits (before temperature, top-k/p)
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         self.check()
@@ -66,6 +72,10 @@ class SamplingParams:
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}] (MAX_LOGPROBS), got {k!r}")
 
 
 def _is_number(x) -> bool:

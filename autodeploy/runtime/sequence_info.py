@@ -4,10 +4,15 @@ Layout (docs/architecture.md, "Runtime contract"): all sequences' new tokens bac
 ``input_ids``/``position_ids`` ``[1, T]``, prefills first, then decodes; per sequence ``seq_len``,
 ``input_pos``, ``cu_seqlen``, ``page_table`` (padded with 0) and ``slot_idx``.
 
+``logits_idx [G]`` (int64) lists the rows of the flattened batch whose logits the step needs, in
+order: each sequence's last token, or every token of a sequence that asks for them (prompt
+logprobs, ``full_logits``); a graph that gathers its logits (``insert_cached_last_tokens``) computes
+the LM head for those rows only, so ``G == B`` unless a request wants prompt logprobs.
+
 Everything is packed on the host into one buffer and moved with a single copy (pinned and
 non-blocking on CUDA); the device tensors are views of one persistent buffer, so their addresses
 stay fixed between steps and a step launches no conversion kernel: the int64 inputs
-(``input_ids``, ``position_ids`` and ``last_token_idx``) lie at the start of the int32 buffer and are
+(``input_ids``, ``position_ids`` and ``logits_idx``) lie at the start of the int32 buffer and are
 viewed as int64, the int32 metadata follows.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Optional, Sequence
 
 import torch
 
@@ -25,10 +31,15 @@ METADATA_NAMES = ("seq_len", "input_pos", "cu_seqlen", "page_table", "slot_idx")
 
 @dataclass
 class BatchInputs:
-    named_args: dict[str, torch.Tensor]  # input_ids, position_ids and METADATA_NAMES
-    last_token_idx: torch.Tensor  # [B] int64: each sequence's last token in the flattened batch
+    named_args: dict[str, torch.Tensor]  # input_ids, position_ids, METADATA_NAMES and logits_idx
     num_tokens: int
     num_seqs: int
+    num_logits: int  # G: rows of logits_idx
+
+    @property
+    def logits_idx(self) -> torch.Tensor:
+        """``[G]`` int64: the flattened-batch rows whose logits the step needs (module docstring)."""
+        return self.named_args["logits_idx"]
 
 
 class SequenceInfo:
@@ -37,14 +48,14 @@ class SequenceInfo:
         self.max_num_tokens = max(max_num_tokens, max_batch_size)
         self.max_pages_per_seq = max_pages_per_seq
         self.device = torch.device(device)
-        # int32 slots: 2 per int64 value (2 per token, 1 per sequence), then the int32 metadata
-        size = 2 * (2 * self.max_num_tokens + max_batch_size) + max_batch_size * (4 + max_pages_per_seq) + 1
+        # int32 slots: 2 per int64 value (up to 3 per token), then the int32 metadata
+        size = self.packed_size(max_batch_size, self.max_num_tokens, self.max_num_tokens)
         on_cuda = self.device.type == "cuda"
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=on_cuda)
         self._device = torch.zeros(size, dtype=torch.int32, device=self.device) if on_cuda else self._host
         # the host buffer is reused: wait for the previous copy out of it (long done in steady state)
         self._copied = torch.cuda.Event() if on_cuda else None
-        self._views_by_shape: dict[tuple[int, int], BatchInputs] = {}  # decode steps repeat shapes
+        self._views_by_shape: dict[tuple[int, int, int], BatchInputs] = {}  # decode steps repeat shapes
 
     def build(
         self,
@@ -52,8 +63,10 @@ class SequenceInfo:
         input_pos: list[int],
         pages: list[list[int]],
         slots: list[int],
+        full_logits: Optional[Sequence[bool]] = None,
     ) -> BatchInputs:
-        """``tokens[i]``: the new tokens of sequence i; ``input_pos[i]``: how many it has cached."""
+        """``tokens[i]``: the new tokens of sequence i; ``input_pos[i]``: how many it has cached;
+        ``full_logits[i]``: True if every one of its tokens needs logits (else its last one only)."""
         num_seqs, max_pages = len(tokens), self.max_pages_per_seq
         seq_len = [len(t) for t in tokens]
         num_tokens = sum(seq_len)
@@ -63,12 +76,17 @@ class SequenceInfo:
                 f"max_batch_size={self.max_batch_size} / max_num_tokens={self.max_num_tokens}"
             )
         cu_seqlen = list(accumulate(seq_len, initial=0))
-        wide = array("q")  # int64: input_ids, position_ids, last_token_idx
+        wide = array("q")  # int64: input_ids, position_ids, logits_idx
         for t in tokens:
             wide.extend(t)
         for p, n in zip(input_pos, seq_len):
             wide.extend(range(p, p + n))
-        wide.extend(c - 1 for c in cu_seqlen[1:])
+        if full_logits is None or not any(full_logits):
+            wide.extend(c - 1 for c in cu_seqlen[1:])
+        else:
+            for start, end, full in zip(cu_seqlen, cu_seqlen[1:], full_logits):
+                wide.extend(range(start, end) if full else (end - 1,))
+        num_logits = len(wide) - 2 * num_tokens
         narrow = array("i", seq_len)  # int32 metadata
         narrow.extend(input_pos)
         narrow.extend(cu_seqlen)
@@ -84,41 +102,41 @@ class SequenceInfo:
         if self._copied is not None:
             self._device[:end].copy_(self._host[:end], non_blocking=True)
             self._copied.record()
-        return self._views(num_seqs, num_tokens)
+        return self._views(num_seqs, num_tokens, num_logits)
 
     @property
     def buffer(self) -> torch.Tensor:
         """The buffer every input of a step is a view of (what the other ranks receive each step)."""
         return self._device
 
-    def packed_size(self, num_seqs: int, num_tokens: int) -> int:
-        """Values ``build`` writes for a batch of this size (tokens, positions, metadata)."""
-        return 2 * (2 * num_tokens + num_seqs) + num_seqs * (4 + self.max_pages_per_seq) + 1
+    def packed_size(self, num_seqs: int, num_tokens: int, num_logits: int) -> int:
+        """Values ``build`` writes for a batch of this size (tokens, positions, logits rows, metadata)."""
+        return 2 * (2 * num_tokens + num_logits) + num_seqs * (4 + self.max_pages_per_seq) + 1
 
-    def views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
+    def views(self, num_seqs: int, num_tokens: int, num_logits: int) -> BatchInputs:
         """The inputs of a batch already in ``buffer`` (written by ``build`` or received from rank 0)."""
-        return self._views(num_seqs, num_tokens)
+        return self._views(num_seqs, num_tokens, num_logits)
 
-    def _views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
-        key = (num_seqs, num_tokens)
+    def _views(self, num_seqs: int, num_tokens: int, num_logits: int) -> BatchInputs:
+        key = (num_seqs, num_tokens, num_logits)
         if key not in self._views_by_shape:
             if len(self._views_by_shape) >= 256:
                 self._views_by_shape.clear()
-            self._views_by_shape[key] = self._make_views(num_seqs, num_tokens)
+            self._views_by_shape[key] = self._make_views(num_seqs, num_tokens, num_logits)
         views = self._views_by_shape[key]
-        return BatchInputs(dict(views.named_args), views.last_token_idx, views.num_tokens, views.num_seqs)
+        return BatchInputs(dict(views.named_args), views.num_tokens, views.num_seqs, views.num_logits)
 
-    def _make_views(self, num_seqs: int, num_tokens: int) -> BatchInputs:
-        buf, B, T, P = self._device, num_seqs, num_tokens, self.max_pages_per_seq
-        wide = buf[: 2 * (2 * T + B)].view(torch.int64)
-        views = {"input_ids": wide[:T].view(1, T), "position_ids": wide[T: 2 * T].view(1, T)}
+    def _make_views(self, num_seqs: int, num_tokens: int, num_logits: int) -> BatchInputs:
+        buf, B, T, G, P = self._device, num_seqs, num_tokens, num_logits, self.max_pages_per_seq
+        wide = buf[: 2 * (2 * T + G)].view(torch.int64)
+        views = {"input_ids": wide[:T].view(1, T), "position_ids": wide[T: 2 * T].view(1, T), "logits_idx": wide[2 * T:]}
         sizes = {"seq_len": B, "input_pos": B, "cu_seqlen": B + 1, "page_table": B * P, "slot_idx": B}
-        offset = 2 * (2 * T + B)
+        offset = 2 * (2 * T + G)
         for name, size in sizes.items():
             views[name] = buf[offset: offset + size]
             offset += size
         views["page_table"] = views["page_table"].view(B, P)
-        return BatchInputs(views, wide[2 * T:], num_tokens=T, num_seqs=B)
+        return BatchInputs(views, num_tokens=T, num_seqs=B, num_logits=G)
 
     # ---- sample batches (cache sizing, graph capture); they only touch the scratch page/slot 0 ----
 

@@ -124,6 +124,49 @@ def test_one_prompt_prefill_replay_pads_with_a_second_sequence():
     assert runner.num_prefill_replays == 5 and runner.num_eager == 2 and runner.num_replays == 2
 
 
+class _GatheringToyLM(torch.nn.Module):
+    """The toy LM with the cached graph's logits gather: only the rows of ``logits_idx``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = toy_graph()
+
+    def forward(self, input_ids, position_ids, seq_len, input_pos, cu_seqlen, page_table, logits_idx,
+                k_cache_0, v_cache_0, k_cache_1, v_cache_1):
+        logits = self.lm(input_ids, position_ids, seq_len, input_pos, cu_seqlen, page_table,
+                         k_cache_0, v_cache_0, k_cache_1, v_cache_1)
+        return logits.index_select(1, logits_idx)
+
+
+def test_replay_with_gathered_logits_rows():
+    """``logits_idx`` (the rows a gathering graph returns): arange in a decode graph, the real
+    sequence's last token in a one-prompt prefill graph; a step that wants every token's logits
+    (prompt logprobs) runs eagerly. Same rows as eager either way."""
+    gm = torch.fx.symbolic_trace(_GatheringToyLM())
+    runner = _CpuRunner(gm, placeholder_names(gm), [1, 2, 4], prefill_tokens=[16, 32])
+    caches_ref, caches_new = toy_caches(48), toy_caches(48)
+    b_ref, b_new = PagedBatcher(), PagedBatcher()
+
+    def batch(batcher, step, full=()):
+        b = batcher.batch(step)
+        ends = b["cu_seqlen"].tolist()
+        rows = [list(range(s, e)) if sid in full else [e - 1] for sid, s, e in zip(step, ends, ends[1:])]
+        return {**b, "logits_idx": torch.tensor(sum(rows, []), dtype=torch.int64)}
+
+    runner.capture({**batch(PagedBatcher(), {0: [0]}), **caches_new})
+    steps = [({0: [5, 6, 7, 8, 9]}, ()), ({1: list(range(10, 30))}, (1,)), ({0: [1], 1: [2]}, ()),
+             ({2: [3, 4, 5], 0: [6]}, (2,)), ({0: [7], 1: [8], 2: [9]}, ()), ({3: list(range(40, 51))}, ())]
+    with torch.inference_mode():
+        for i, (step, full) in enumerate(steps):
+            inputs = batch(b_new, step, full)
+            ref = gm(**batch(b_ref, step, full), **caches_ref)
+            new = runner(**inputs, **caches_new)
+            assert new.shape == ref.shape == (1, len(inputs["logits_idx"]), 97) and rel(new, ref) < 1e-5, f"step {i}"
+    # replays: the two decode-only steps and the two one-prompt prefills of one row each;
+    # eager: the prompt with every row, the mixed step
+    assert runner.num_replays == 2 and runner.num_prefill_replays == 2 and runner.num_eager == 2
+
+
 def test_prefill_buckets():
     assert prefill_buckets(1024, 2048, 8192) == list(range(64, 1025, 64))
     assert prefill_buckets(1024, 600, 8192)[-1] == 576  # below max_seq_len: the padding's positions

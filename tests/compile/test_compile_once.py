@@ -97,6 +97,19 @@ def test_torch_compile_compiles_once_for_every_batch(hf_tiny_llama, monkeypatch,
     reqs += [engine.add_requests([p], greedy(6))[0] for p in late]
     _run(engine)
     check(first + late, [6] * 4, reqs)
+    # prompt logprobs: every row of a prompt's chunks (logits_idx longer than the batch, G > B) and
+    # one row for the request beside it; the same compiled graphs, HF's log_softmax
+    asks = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+    with_logprobs = [[1] + list(range(30, 50)), [1, 2, 3]]  # 21 tokens: chunks of max_num_tokens=12
+    reqs = engine.add_requests(with_logprobs, [asks, greedy(4)])
+    _run(engine)
+    check(with_logprobs, [4, 4], reqs)
+    out = engine.output(reqs[0])
+    ids = out.prompt_token_ids + out.token_ids
+    with torch.no_grad():
+        ref = hf_tiny_llama(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    got = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:] + out.logprobs, ids[1:])]
+    assert len(got) == len(ids) - 1 and max(abs(g - ref[i, t].item()) for i, (g, t) in enumerate(zip(got, ids[1:]))) < 1e-4
 
     decodes = {b for t, b in shapes if t == b}
     assert {1, 2, 3} <= decodes, shapes

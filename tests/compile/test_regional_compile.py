@@ -95,8 +95,8 @@ def test_regional_llama_matches_hf_and_compiles_each_region_twice(deep_models):
         engine.step()
     assert engine.output(req).token_ids == hf_greedy(hf, one[0], 4)
     assert _compiles() - before == 6
-    # only what a region reads is copied (the last region reads cu_seqlen to gather the last tokens)
-    assert [n for n, _ in model._copied_dims] == ["input_ids", "position_ids", "cu_seqlen"]
+    # only what a region reads is copied (the last region reads logits_idx, the rows it gathers)
+    assert [n for n, _ in model._copied_dims] == ["input_ids", "position_ids", "logits_idx"]
     assert as_views and all(as_views)
 
 

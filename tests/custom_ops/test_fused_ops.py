@@ -10,7 +10,6 @@ import autodeploy.custom_ops.add_rms_norm  # noqa: F401
 import autodeploy.custom_ops.last_tokens  # noqa: F401
 import autodeploy.custom_ops.rms_norm  # noqa: F401
 import autodeploy.custom_ops.silu_mul  # noqa: F401
-from autodeploy.custom_ops.last_tokens import cached_last_tokens
 
 ops = torch.ops.autodeploy
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -53,12 +52,22 @@ def test_silu_mul_needs_two_halves():
         ops.silu_mul(torch.randn(3, 5))
 
 
-def test_last_tokens_both_layouts():
+def test_last_tokens_and_the_flattened_batch_rows():
+    from autodeploy.runtime.sequence_info import SequenceInfo
+
     x = torch.randn(3, 6, 8)
     torch.testing.assert_close(ops.last_tokens(x), x[:, -1:])
-    flat = torch.randn(1, 10, 8)  # sequences of 4, 1 and 5 tokens back to back
-    cu_seqlen = torch.tensor([0, 4, 5, 10], dtype=torch.int32)
-    torch.testing.assert_close(cached_last_tokens(flat, cu_seqlen), flat[:, [3, 4, 9]])
+    # in the flattened batch the cached graph keeps the rows of logits_idx: sequences of 4, 1 and 5
+    # tokens back to back -> their last tokens, or every token of the ones that ask (prompt logprobs)
+    info = SequenceInfo(4, 16, 2)
+    args = ([[1] * 4, [2], [3] * 5], [0, 0, 0], [[1], [2], [3]], [1, 2, 3])
+    assert info.build(*args).logits_idx.tolist() == [3, 4, 9]
+    full = info.build(*args, full_logits=[True, False, True])
+    assert full.logits_idx.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] and full.num_logits == 10
+    assert info.build(*args, full_logits=[False, True, False]).logits_idx.tolist() == [3, 4, 9]
+    # the metadata after the longer logits_idx is laid out right
+    assert full.named_args["input_ids"].tolist() == [[1, 1, 1, 1, 2, 3, 3, 3, 3, 3]]
+    assert full.named_args["cu_seqlen"].tolist() == [0, 4, 5, 10] and full.named_args["slot_idx"].tolist() == [1, 2, 3]
 
 
 def test_opcheck_and_meta():

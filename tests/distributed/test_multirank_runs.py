@@ -53,6 +53,35 @@ def test_llm_api_greedy_equals_hf_generate(name, world, extra):
     assert not any(p.is_alive() for p in procs)  # the context manager ended the workers
 
 
+def test_logprobs_at_world_size_2_equal_hf():
+    """Rank 0 samples and computes the logprobs from the gathered (vocab-sharded) logits; the
+    workers run each step's forward on what rank 0 broadcasts, the rows to gather included: a
+    prompt longer than the step's token budget, every row of its chunks, beside a request that
+    asks for nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from autodeploy.models.tiny import ensure_tiny_model
+
+    long_prompt = [1] + [(7 * i) % 500 + 3 for i in range(44)]  # 45 tokens: chunks of 16
+    asks = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3, prompt_logprobs=3)
+    with LLM("tiny_llama", world_size=2, **{**CPU, "max_num_tokens": 16}) as llm:
+        assert any(r.strategy != "replicate" for r in llm.sharding_plan.rows())
+        out, plain = llm.generate([long_prompt, PROMPTS[0]], [asks, GREEDY], use_tqdm=False)
+    assert out.token_ids == _hf_greedy("tiny_llama", long_prompt, 6)
+    assert plain.token_ids == _hf_greedy("tiny_llama", PROMPTS[0], 6) and plain.logprobs is None
+    hf = AutoModelForCausalLM.from_pretrained(ensure_tiny_model("tiny_llama"), dtype=torch.float32).eval()
+    ids = out.prompt_token_ids + out.token_ids
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    entries = out.prompt_logprobs[1:] + out.logprobs
+    assert out.prompt_logprobs[0] is None and len(entries) == len(ids) - 1
+    for i, (entry, token) in enumerate(zip(entries, ids[1:])):
+        assert token in entry and len(entry) in (3, 4)
+        assert max(abs(lp.logprob - ref[i, t].item()) for t, lp in entry.items()) < 1e-4
+        top = ref[i].topk(3).indices.tolist()
+        assert [t for t in entry if entry[t].rank <= 3 and t != token] == [t for t in top if t != token]
+
+
 def _launch(args: list[str], env_extra: dict | None = None, timeout: float = 300, module: list[str] | None = None):
     env = {**os.environ, **(env_extra or {})}
     cmd = [sys.executable, *(module or []), "launch.py", *args]

@@ -73,14 +73,14 @@ def test_every_attention_is_cached(family):
 def test_cached_graph_logits_equal_hf_eager(family):
     """One step with three prefills, then one with their decodes and a new prefill: every position."""
     engine = family.built.engine
-    cache, model = engine.cache, engine.model
+    cache = engine.cache
     prompts = PROMPTS[:3]
     pages = [cache.allocate_pages(-(-(len(p) + 2) // cache.page_size)) for p in prompts + [PROMPTS[3]]]
     try:
         def run(tokens, input_pos, seqs):
             inputs = cache.info.build(tokens, input_pos, [pages[i] for i in seqs], [0] * len(seqs))
             with torch.inference_mode():
-                return model(**inputs.named_args, **cache.tensors)[0]
+                return engine.forward(inputs)[0]
 
         out = run(prompts, [0] * 3, [0, 1, 2])
         start = 0

@@ -17,6 +17,11 @@ from autodeploy.runtime.sampling_params import SamplingParams
     ({"seed": "x"}, "seed"),
     ({"stop": ["", "ok"]}, "stop"),
     ({"stop_token_ids": [1, "2"]}, "stop_token_ids"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"prompt_logprobs": 2.0}, "prompt_logprobs"),
+    ({"prompt_logprobs": 100}, "prompt_logprobs"),
 ])
 def test_bad_values_raise_at_construction(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field} must"):
@@ -25,5 +30,6 @@ def test_bad_values_raise_at_construction(kwargs, field):
 
 def test_good_values_construct():
     for kwargs in ({}, {"temperature": 0}, {"top_k": -1}, {"top_k": 0}, {"top_k": 5, "top_p": 0.1, "seed": 3},
-                   {"stop": "x", "stop_token_ids": [2], "max_tokens": 1}):
+                   {"stop": "x", "stop_token_ids": [2], "max_tokens": 1},
+                   {"logprobs": 0, "prompt_logprobs": 0}, {"logprobs": 20, "prompt_logprobs": 20}):
         SamplingParams(**kwargs).check()

@@ -47,7 +47,7 @@ class Built:
         try:
             inputs = cache.info.build(prompts, [0] * len(prompts), pages, slots)
             with torch.no_grad():
-                out = self.engine.model(**inputs.named_args, **cache.tensors)
+                out = self.engine.forward(inputs)
         finally:
             for p in pages:
                 cache.free_pages(p)

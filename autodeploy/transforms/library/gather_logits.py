@@ -4,10 +4,13 @@
   input of the LM head (the ``linear`` that makes the graph's output, possibly followed by
   row-wise ops such as casts or logit soft-capping). A prefill of T tokens then runs the head's
   GEMM and writes logits for its sequences only, not ``[T, vocab]``.
-- ``insert_cached_last_tokens`` (stage cache_init, after the cached attention/SSM ops): in the
-  flattened batch the last tokens are ``cu_seqlen[1:] - 1``; the op becomes that index_select,
-  so the cached graph returns ``[1, B, vocab]`` (one row per sequence, in batch order). The engine
-  takes either form (``Engine._forward_and_sample``).
+- ``insert_cached_last_tokens`` (stage cache_init, after the cached attention/SSM ops): the op
+  becomes ``index_select`` of the rows in the graph input ``logits_idx [G]`` (int64), which the
+  runtime fills with each sequence's last token (``cu_seqlen[1:] - 1``, so ``G == B``) or, for a
+  request that asks for prompt logprobs, every token of its chunk (``SequenceInfo.build``): the
+  cached graph returns ``[1, G, vocab]`` in batch order. ``G`` is a batch dim like ``B`` (dynamic
+  for torch.compile, ``arange`` in a decode CUDA graph). The engine takes either form
+  (``Engine._forward_and_sample``).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from torch import fx
 import autodeploy.custom_ops.last_tokens  # noqa: F401  registers torch.ops.autodeploy.last_tokens
 
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
-from ..patterns.nodes import SLICE_TO_END, CAST_OPS, GraphEditor, is_op, set_fake_val, val
-from .kvcache import add_metadata_inputs, as_plain_graph_module, ensure_cache
+from ..patterns.nodes import CAST_OPS, GraphEditor, is_op, set_fake_val, val
+from .kvcache import _fake, add_input, add_metadata_inputs, as_plain_graph_module, ensure_cache
 
 aten = torch.ops.aten
 
@@ -116,13 +119,12 @@ class InsertCachedLastTokens(BaseTransform):
         if not nodes:
             return gm, TransformInfo(num_matches=0, note="no last_tokens op in the graph")
         gm = as_plain_graph_module(gm)
-        cu_seqlen = add_metadata_inputs(gm, ensure_cache(ctx))["cu_seqlen"]
+        cache = ensure_cache(ctx)
+        add_metadata_inputs(gm, cache)
+        index = add_input(gm, "logits_idx", _fake(gm, (cache.max_batch_size,), torch.int64, cache.device))
         editor = GraphEditor(gm)
         for node in nodes:
             with gm.graph.inserting_before(node):
-                ends = editor.call(aten.slice.Tensor, cu_seqlen, 0, 1, SLICE_TO_END)
-                ends = editor.call(aten._to_copy.default, ends, dtype=torch.int64)
-                index = editor.call(aten.sub.Tensor, ends, 1)
                 rows = editor.call(aten.index_select.default, node.args[0], 1, index)
             editor.replace(node, rows)
             gm.graph.erase_node(node)
