@@ -9,16 +9,11 @@ has (``top_k``, ``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``,
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..runtime.sampling_params import SamplingParams
-
-# the engine's logprobs arrive with SamplingParams.logprobs (a build without them answers 400)
-HAS_LOGPROBS = "logprobs" in {f.name for f in fields(SamplingParams)}
-MAX_LOGPROBS = 20
+from ..runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class RequestError(Exception):
@@ -102,8 +97,6 @@ class _Sampling(BaseModel):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         if logprobs is not None:
-            if not HAS_LOGPROBS:
-                raise RequestError("logprobs not supported by this build", param="logprobs")
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise RequestError(f"logprobs must be within [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
             kwargs["logprobs"] = logprobs
