@@ -78,7 +78,7 @@ def test_auto_compile_backend_on_cpu_is_torch_simple_without_warning(caplog):
     gm = toy_graph()
     with caplog.at_level("WARNING"):
         out, info = apply_compile(gm, "cpu", backend="auto")
-    assert out is gm and info.note == "torch-simple: graph runs as is"
+    assert out is gm and info.note.startswith("torch-simple: graph runs as is")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 

@@ -8,6 +8,13 @@ attention. Math runs in float32.
 A decode-only batch (T == B: every sequence has exactly one new token) is one batched computation
 without host syncs, so it can be captured in a CUDA graph. A batch with prefills reads the
 sequence lengths on the host once and handles each prefill on its own.
+
+On the CPU, plain causal attention (none of the variants) takes a shorter path: host syncs cost
+nothing there, so each sequence attends to exactly its cached prefix (a view of the cache when its
+pages are consecutive, as they mostly are) through ``F.scaled_dot_product_attention``, the kernel
+HF's SDPA attention runs; gathering every page of the page table and masking costs a decode step
+of SmolLM2-135M more than its matmuls (0.8 ms per layer with 4 pages, 2-3 ms with 32, against
+0.15 ms).
 """
 
 from __future__ import annotations
@@ -15,13 +22,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from ..attention import allowed_mask
+from ..attention import allowed_mask, causal_allowed_mask
 from . import AttentionBackend, register_backend
 
 
-@torch.library.custom_op("autodeploy::torch_cached_attention", mutates_args=("k_cache", "v_cache"))
-def torch_cached_attention(
+def cached_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -40,9 +47,11 @@ def torch_cached_attention(
 ) -> torch.Tensor:
     q, k, v = q[0], k[0], v[0]  # [T, heads, dim]
     num_tokens, num_seqs = q.shape[0], seq_len.shape[0]
-    write_kv_to_pages(k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache)
     attend = dict(scale=scale, sliding_window=sliding_window, logit_cap=logit_cap, sinks=sinks,
                   alibi_slopes=alibi_slopes, attention_chunk_size=attention_chunk_size)
+    if not q.is_cuda and all(a is None for a in (sliding_window, logit_cap, sinks, alibi_slopes, attention_chunk_size)):
+        return _host_causal(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale).unsqueeze(0)
+    write_kv_to_pages(k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache)
 
     if num_tokens == num_seqs:  # decode only
         out = _decode(q, input_pos, page_table, k_cache, v_cache, **attend)
@@ -70,6 +79,11 @@ def torch_cached_attention(
     return out.unsqueeze(0)
 
 
+# the op; the host's torch-simple graphs call ``cached_attention`` itself (compile/inline.py)
+torch_cached_attention = torch.library.custom_op(
+    "autodeploy::torch_cached_attention", mutates_args=("k_cache", "v_cache"))(cached_attention)
+
+
 @torch_cached_attention.register_fake
 def _(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale, sliding_window=None,
       logit_cap=None, sinks=None, alibi_slopes=None, attention_chunk_size=None):
@@ -90,6 +104,45 @@ def write_kv_to_pages(k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, 
     slot = position % page_size
     k_cache[page, slot] = k.to(k_cache.dtype)
     v_cache[page, slot] = v.to(v_cache.dtype)
+
+
+def _host_causal(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_cache, scale) -> torch.Tensor:
+    """Plain causal attention, sequence by sequence, with host-side lengths (CPU): ``[T, H, Dv]``."""
+    page_size = k_cache.shape[1]
+    lens, starts, cached = torch.stack([seq_len, cu_seqlen[:-1], input_pos]).tolist()
+    f32 = (lambda t: t) if q.dtype == k_cache.dtype == torch.float32 else (lambda t: t.float())  # math in float32
+    outs = []
+    for n, start, pos, table in zip(lens, starts, cached, page_table.tolist()):
+        if n == 0:  # a padding sequence
+            continue
+        total = pos + n
+        pages = table[: -(-total // page_size)]
+        if pages == list(range(pages[0], pages[0] + len(pages))):  # consecutive: one view of the cache
+            offset = pages[0] * page_size
+            keys, values = (c.view(-1, *c.shape[2:])[offset: offset + total] for c in (k_cache, v_cache))
+            keys[pos:], values[pos:] = k[start: start + n], v[start: start + n]
+        else:
+            _write_pages(k[start: start + n], v[start: start + n], pages, pos, k_cache, v_cache)
+            index = torch.tensor(pages)
+            keys, values = (c[index].flatten(0, 1)[:total] for c in (k_cache, v_cache))
+        mask = None if n == 1 else causal_allowed_mask(n, total, None, q.device)
+        # 4-D [1, heads, tokens, dim]: with three dims SDPA leaves its CPU flash kernel for the math one
+        q_i, keys, values = (f32(t.transpose(0, 1)[None]) for t in (q[start: start + n], keys, values))
+        attended = F.scaled_dot_product_attention(q_i, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        outs.append(attended[0].transpose(0, 1))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)  # the sequences' tokens are back to back
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def _write_pages(k, v, pages: list[int], pos: int, k_cache, v_cache) -> None:
+    """One sequence's new K/V (positions ``pos``...) into its pages, one slice per page touched."""
+    page_size, t, end = k_cache.shape[1], pos, pos + k.shape[0]
+    while t < end:
+        page, slot = pages[t // page_size], t % page_size
+        count = min(page_size - slot, end - t)
+        k_cache[page, slot: slot + count] = k[t - pos: t - pos + count]
+        v_cache[page, slot: slot + count] = v[t - pos: t - pos + count]
+        t += count
 
 
 def _decode(q, input_pos, page_table, k_cache, v_cache, **attend) -> torch.Tensor:
