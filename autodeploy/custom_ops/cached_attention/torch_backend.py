@@ -111,27 +111,58 @@ def _host_causal(q, k, v, seq_len, input_pos, cu_seqlen, page_table, k_cache, v_
     page_size = k_cache.shape[1]
     lens, starts, cached = torch.stack([seq_len, cu_seqlen[:-1], input_pos]).tolist()
     f32 = (lambda t: t) if q.dtype == k_cache.dtype == torch.float32 else (lambda t: t.float())  # math in float32
+    flat_k, flat_v = (c.view(-1, *c.shape[2:]) for c in (k_cache, v_cache))  # [pages * page_size, KV, D]
     outs = []
     for n, start, pos, table in zip(lens, starts, cached, page_table.tolist()):
         if n == 0:  # a padding sequence
             continue
         total = pos + n
         pages = table[: -(-total // page_size)]
-        if pages == list(range(pages[0], pages[0] + len(pages))):  # consecutive: one view of the cache
-            offset = pages[0] * page_size
-            keys, values = (c.view(-1, *c.shape[2:])[offset: offset + total] for c in (k_cache, v_cache))
-            keys[pos:], values[pos:] = k[start: start + n], v[start: start + n]
-        else:
-            _write_pages(k[start: start + n], v[start: start + n], pages, pos, k_cache, v_cache)
-            index = torch.tensor(pages)
-            keys, values = (c[index].flatten(0, 1)[:total] for c in (k_cache, v_cache))
-        mask = None if n == 1 else causal_allowed_mask(n, total, None, q.device)
+        _write_pages(k[start: start + n], v[start: start + n], pages, pos, k_cache, v_cache)
+        runs = [(flat_k[a: a + length], flat_v[a: a + length]) for a, length in _runs(pages, total, page_size)]
+        if n == 1:  # decode: the runs' scores side by side, no copy of the cache
+            outs.append(_attend_one(f32(q[start]), [(f32(a), f32(b)) for a, b in runs], scale))
+            continue
+        keys, values = runs[0] if len(runs) == 1 else (torch.cat([r[i] for r in runs]) for i in (0, 1))
         # 4-D [1, heads, tokens, dim]: with three dims SDPA leaves its CPU flash kernel for the math one
         q_i, keys, values = (f32(t.transpose(0, 1)[None]) for t in (q[start: start + n], keys, values))
-        attended = F.scaled_dot_product_attention(q_i, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        # a whole prompt is square causal attention (the flash kernel skips the masked blocks), a chunk
+        # after cached tokens needs the offset mask
+        mask = None if pos == 0 else causal_allowed_mask(n, total, None, q.device)
+        attended = F.scaled_dot_product_attention(q_i, keys, values, attn_mask=mask, is_causal=pos == 0, scale=scale,
+                                                  enable_gqa=True)
         outs.append(attended[0].transpose(0, 1))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)  # the sequences' tokens are back to back
     return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def _runs(pages: list[int], total: int, page_size: int) -> list[tuple[int, int]]:
+    """A sequence's first ``total`` cache rows as (flat start, length) runs of consecutive pages."""
+    runs, first, count = [], pages[0], 1
+    for page in pages[1:] + [None]:
+        if page is not None and page == first + count:
+            count += 1
+            continue
+        runs.append((first * page_size, count * page_size))
+        if page is not None:
+            first, count = page, 1
+    start, length = runs[-1]
+    runs[-1] = (start, length - (len(pages) * page_size - total))  # the last page is partly filled
+    return runs
+
+
+def _attend_one(q: torch.Tensor, runs: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
+    """One query ``[H, D]`` against keys/values in runs of ``[L_i, KV, D]`` views: ``[1, H, Dv]``. Two
+    small batched matmuls per run read the cache where it lies (SDPA wants one tensor, a gather)."""
+    heads, kv = q.shape[0], runs[0][0].shape[1]
+    qg = q.view(kv, heads // kv, q.shape[-1])  # query head h uses kv head h // group
+    scores = [torch.bmm(qg, keys.permute(1, 2, 0)) for keys, _ in runs]  # [KV, G, L_i]
+    probs = (scores[0] if len(scores) == 1 else torch.cat(scores, -1)).mul_(scale).softmax(-1)
+    parts = probs.split([keys.shape[0] for keys, _ in runs], -1) if len(runs) > 1 else [probs]
+    out = torch.bmm(parts[0], runs[0][1].transpose(0, 1))  # [KV, G, Dv]
+    for p, (_, values) in zip(parts[1:], runs[1:]):
+        out += torch.bmm(p, values.transpose(0, 1))
+    return out.view(1, heads, -1)
 
 
 def _write_pages(k, v, pages: list[int], pos: int, k_cache, v_cache) -> None:
