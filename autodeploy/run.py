@@ -41,13 +41,18 @@ def random_weights_note(cfg: DictConfig, factory: Any) -> str | None:
     """One line when the weights are random, so nobody reads meaning into the text."""
     from .models.cards import is_tiny
 
+    kind = getattr(getattr(factory, "source", None), "kind", None)
+    real_text = "the default model (smollm2_135m) or --model DIR|FILE.gguf (a local checkpoint) gives real text"
     if is_tiny(cfg.model):
         why = f"{cfg.model} is a built-in test model with random weights"
-    elif cfg.args.skip_loading_weights or getattr(getattr(factory, "source", None), "kind", None) == "card":
-        why = f"{cfg.model} runs with random weights (args.skip_loading_weights=true)"
+    elif kind == "card":
+        why = f"{cfg.model} is a shape card (a config without weights), so it runs with random weights"
+    elif cfg.args.skip_loading_weights:  # a checkpoint was given: its own weights are the fix
+        why, real_text = (f"{cfg.model} runs with random weights (args.skip_loading_weights=true)",
+                          "drop args.skip_loading_weights=true to load its weights")
     else:
         return None
-    return f"[note  ] {why}, so its text is noise: pass --model DIR (a local HF checkpoint) for real text"
+    return f"[note  ] {why}, so its text is noise: {real_text}"
 
 
 def environment(cfg: DictConfig) -> dict[str, Any]:

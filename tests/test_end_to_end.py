@@ -31,7 +31,9 @@ def results(run_dir: Path) -> dict:
 
 
 def test_default_run_writes_results(tmp_path):
-    proc, run_dir = launch(tmp_path, *FAST, "prompt.sp_kwargs.max_tokens=8", "prompt.sp_kwargs.temperature=0")
+    # the default run on the tiny model (the default model, SmolLM2, has tests of its own: tests/real/)
+    proc, run_dir = launch(tmp_path, "model=tiny_llama", *FAST, "prompt.sp_kwargs.max_tokens=8",
+                           "prompt.sp_kwargs.temperature=0")
     res = results(run_dir)
     assert res["config"]["model"] == "tiny_llama"
     assert {"config", "env", "transforms", "generations"} <= set(res)

@@ -7,12 +7,25 @@ round exactly where HF's ``LlamaRMSNorm`` rounds. On CUDA the op runs one Triton
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.to(torch.float32)
     variance = x32.pow(2).mean(-1, keepdim=True)
     normed = (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+    return weight * normed
+
+
+def rms_norm_host(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rms_norm_reference``'s values with fewer kernels, for the host's torch-simple graphs
+    (``compile/inline.py``). In float32 one call: ATen's CPU ``rms_norm`` runs the same ops in C++,
+    bitwise equal (tests/compile/test_inline_for_inductor.py checks it); it would round a half
+    type's product with the weight differently, so those keep the ops, the variance's in place."""
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    x32 = x.to(torch.float32)
+    normed = (x32 * x32.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
     return weight * normed
 
 

@@ -6,6 +6,8 @@ layout, repeat-interleaved ``[f0, f0, f1, f1, ..]`` for the interleaved (GPT-J /
 Only the first R of D dims rotate (partial rotary); the rest pass through.
 """
 
+import functools
+
 import torch
 
 
@@ -46,6 +48,25 @@ def rope_reference(
     """The op's math as plain torch code (``compile/inline.py`` hands it to inductor)."""
     _check(q, k, cos, sin)
     return apply_rope(q, cos, sin, interleaved), apply_rope(k, cos, sin, interleaved)
+
+
+def rope_host(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_reference``'s values with fewer kernels, for the host's graphs (``compile/inline.py``).
+
+    ``rotate_half(x) * sin`` is ``roll(x, D/2) * [-sin_lo, sin_hi]``: the same products, the sign
+    moved from x to sin (exact), one kernel for the rotation instead of four."""
+    rot = cos.shape[-1]
+    if interleaved or rot != q.shape[-1] or rot != k.shape[-1]:  # partial or GPT-J style: the reference
+        return rope_reference(q, k, cos, sin, interleaved)
+    cos, signed_sin = cos.unsqueeze(2), sin.unsqueeze(2) * _half_signs(rot, sin.dtype, sin.device)
+    return tuple(x * cos + x.roll(rot // 2, -1) * signed_sin for x in (q, k))
+
+
+@functools.lru_cache(maxsize=None)
+def _half_signs(rot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor([-1.0] * (rot // 2) + [1.0] * (rot // 2), dtype=dtype, device=device)
 
 
 @torch.library.custom_op("autodeploy::rope", mutates_args=())

@@ -2,8 +2,10 @@
 
 ``model`` may be
 - a local HF directory (config.json, safetensors shards, tokenizer files);
-- a card name: ``tiny_*`` (built on first use, see ``tiny.py``) or a shape card
-  (``cards/<name>.json``: config only, no weights, no tokenizer);
+- a GGUF file, or a directory holding one (config, tokenizer and weights from the file, ``gguf.py``);
+- a card name: ``tiny_*`` (built on first use, see ``tiny.py``), a packaged GGUF (``smollm2_135m``:
+  the file a Python package ships), or a shape card (``cards/<name>.json``: config only, no weights,
+  no tokenizer);
 - otherwise a hub id, loaded the ordinary way (``AutoConfig.from_pretrained``,
   ``AutoTokenizer.from_pretrained``, weights through ``huggingface_hub.snapshot_download``).
   Offline (``HF_HUB_OFFLINE=1``) or with the hub unreachable, a hub id resolves to its copy in the
@@ -34,6 +36,7 @@ from torch import fx, nn
 from ..config.errors import ConfigError, UserError
 from . import cards
 from .checkpoint import CheckpointError, SafetensorsCheckpoint, SliceSpec, normalize_slices
+from .gguf import find_gguf, open_gguf
 from .materialize import (
     ModelTensor,
     model_tensors,
@@ -65,9 +68,9 @@ class ModelResolutionError(UserError):
 
 @dataclass
 class ModelSource:
-    kind: str  # "dir" | "tiny" | "card" | "hub"
+    kind: str  # "dir" | "tiny" | "gguf" | "card" | "hub"
     name: str  # what the user passed
-    location: str  # a directory, a card JSON file, or a hub id
+    location: str  # a directory, a GGUF file, a card JSON file, or a hub id
 
     @property
     def local_dir(self) -> Path | None:
@@ -79,19 +82,28 @@ def resolve_model(model: str) -> ModelSource:
     if not model:
         raise ModelResolutionError("no model given: set model (a local HF directory, a card name or a hub id)")
     path = Path(os.path.expanduser(model))
+    if path.is_dir() and not (path / "config.json").exists():
+        gguf_file = find_gguf(path)
+        if gguf_file is None:
+            raise ModelResolutionError(f"model directory {path} has no config.json (nor a .gguf file)")
+        return ModelSource("gguf", model, str(gguf_file))
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelResolutionError(f"model directory {path} has no config.json")
         return ModelSource("dir", model, str(path))
+    if path.is_file() and find_gguf(path) is not None:
+        return ModelSource("gguf", model, str(path))
     if cards.is_tiny(model):
         from .tiny import ensure_tiny_model
 
         return ModelSource("tiny", model, str(ensure_tiny_model(model)))
+    if cards.is_packaged(model):
+        return ModelSource("gguf", model, str(cards.packaged_gguf(model)))
     card = cards.shape_card_path(model)
     if card is not None:
         return ModelSource("card", model, str(card))
     if path.exists():
-        raise ModelResolutionError(f"model {model} is a file, not a directory (pass the folder that holds config.json)")
+        raise ModelResolutionError(
+            f"model {model} is a file, not a directory (pass the folder that holds config.json, or a .gguf file)"
+        )
     if model.startswith(("/", "./", "../", "~")) or path.suffix == ".json":
         raise ModelResolutionError(f"model directory {model} does not exist")
     close = difflib.get_close_matches(model, cards.card_names(), n=1, cutoff=0.75)
@@ -301,6 +313,10 @@ class ModelFactory:
     def _load_config(self):
         from transformers import AutoConfig
 
+        if self.source.kind == "gguf":
+            config = open_gguf(self.source.location).config()
+            apply_config_overrides(config, self.model_kwargs)
+            return config
         try:
             config = AutoConfig.from_pretrained(self.source.location)
         except Exception as e:  # noqa: BLE001 - turned into a message that says what was tried
@@ -329,11 +345,11 @@ class ModelFactory:
     def check_checkpoint_fits(self, model: nn.Module) -> None:
         """Before export: every parameter of the configured model is in the local checkpoint, in the
         same shape (safetensors headers only). A misfit names the model_kwargs that caused it."""
-        if self.skip_loading_weights or self.source.local_dir is None:
+        if self.skip_loading_weights or self.source.kind not in ("dir", "tiny", "gguf"):
             return  # random weights, or a hub checkpoint (downloaded when the weights are loaded)
         record = self._record()
         try:
-            checkpoint = SafetensorsCheckpoint(self.source.local_dir, record.conversions, record.base_model_prefix)
+            checkpoint = self._open_checkpoint(record)
         except CheckpointError as e:
             raise ConfigError(f"{e}; set args.skip_loading_weights=true for random weights") from None
         mismatched, missing, seen = [], [], set()
@@ -365,7 +381,8 @@ class ModelFactory:
             parts.append(f"{fqn} is {mine} here but {theirs} in the checkpoint{more}")
         if missing:
             parts.append(f"{len(missing)} parameter(s) are not in the checkpoint ({missing[0]}, ...)")
-        original = AutoConfig.from_pretrained(self.source.location)
+        original = (open_gguf(self.source.location).config() if self.source.kind == "gguf"
+                    else AutoConfig.from_pretrained(self.source.location))
         changed = {k: (v, getattr(original, k, None)) for k, v in self.model_kwargs.items()
                    if k not in _BUILD_OPTIONS and getattr(original, k, None) != _plain(v)}
         # the keys whose new value shows up where the shapes differ (else every changed key)
@@ -376,7 +393,7 @@ class ModelFactory:
             culprits.update({k: vo for k, vo in changed.items() if isinstance(vo[0], int) and isinstance(vo[1], int)
                              and vo[0] > vo[1]})
         culprits = culprits or changed
-        where = f"checkpoint {self.source.local_dir} does not fit the configured model: {'; '.join(parts)}"
+        where = f"checkpoint {self.source.location} does not fit the configured model: {'; '.join(parts)}"
         if not culprits:
             return f"{where} (no model_kwargs changed it: the checkpoint does not match its own config.json)"
         keys = ", ".join(f"args.model_kwargs.{k}={new!r} (checkpoint: {old!r})" for k, (new, old) in culprits.items())
@@ -406,6 +423,8 @@ class ModelFactory:
         if name is None:
             if self.source.kind == "card":
                 return None
+            if self.source.kind == "gguf":
+                return open_gguf(self.source.location).tokenizer(padding_side="left", **self.tokenizer_kwargs)
             name = self.source.location
         elif cards.is_tiny(name):
             from .tiny import ensure_tiny_model
@@ -441,12 +460,7 @@ class ModelFactory:
         record = self._record()
         checkpoint = None
         if not self.skip_loading_weights:
-            ckpt_dir = self.checkpoint_dir()
-            if ckpt_dir is None:
-                raise CheckpointError(
-                    f"model {self.model!r} is a shape card without weights; set skip_loading_weights=true"
-                )
-            checkpoint = SafetensorsCheckpoint(ckpt_dir, record.conversions, record.base_model_prefix)
+            checkpoint = self._open_checkpoint(record)
         loaded: dict[tuple, torch.Tensor] = {}
         sources = dict(sources or {})
         reader = WeightReader(self, device, checkpoint, record)
@@ -473,7 +487,19 @@ class ModelFactory:
             replace_device_literals(model, device)
         return model
 
-    def _materialize(self, t, spec: SliceSpec, device: torch.device, checkpoint: SafetensorsCheckpoint | None,
+    def _open_checkpoint(self, record: "_BuildRecord") -> "SafetensorsCheckpoint | Any":
+        """The checkpoint reader for this model: a GGUF file, or the safetensors of a directory."""
+        if self.source.kind == "gguf":
+            cfg = self.config
+            return open_gguf(self.source.location).checkpoint(
+                cfg.num_hidden_layers, cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)
+                or cfg.num_attention_heads)
+        ckpt_dir = self.checkpoint_dir()
+        if ckpt_dir is None:
+            raise CheckpointError(f"model {self.model!r} is a shape card without weights; set skip_loading_weights=true")
+        return SafetensorsCheckpoint(ckpt_dir, record.conversions, record.base_model_prefix)
+
+    def _materialize(self, t, spec: SliceSpec, device: torch.device, checkpoint: "SafetensorsCheckpoint | Any",
                      record: "_BuildRecord") -> torch.Tensor:
         dtype = t.tensor.dtype
         if not t.is_param and not t.persistent:

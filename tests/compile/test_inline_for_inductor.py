@@ -84,3 +84,31 @@ def test_linear_op_is_a_plain_linear_where_the_trace_has_more_than_one_token():
     op = torch.ops.autodeploy.linear.default
     assert op not in graphs[0] and F.linear in graphs[0]
     assert op in graphs[1] and op in graphs[2]
+
+
+def test_host_functions_equal_the_ops_bitwise():
+    """The CPU's torch-simple graphs call lean host functions instead of the ops (inline_for_host):
+    the same values, bit for bit, in float32 and bfloat16 (HF's rounding either way)."""
+    from autodeploy.compile.inline import host_impls
+    from autodeploy.custom_ops.add_rms_norm import fused_add_rms_norm_host, fused_add_rms_norm_reference
+    from autodeploy.custom_ops.rms_norm import rms_norm_host, rms_norm_reference
+    from autodeploy.custom_ops.rope import rope_host, rope_reference
+
+    ops = {str(op).rsplit(".", 1)[0] for op in host_impls() if str(op).startswith("autodeploy.")}
+    assert ops == {*ROW_WISE, "autodeploy.torch_cached_attention"}
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens in (1, 7, 300):
+            x, r = (torch.randn(1, tokens, 576, generator=gen).mul(3).to(dtype) for _ in range(2))
+            w = torch.randn(576, generator=gen).to(dtype)
+            assert torch.equal(rms_norm_host(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))
+            for a, b in zip(fused_add_rms_norm_host(x, r, w, 1e-5), fused_add_rms_norm_reference(x, r, w, 1e-5)):
+                assert torch.equal(a, b)
+            q, k = torch.randn(1, tokens, 9, 64, generator=gen).to(dtype), torch.randn(1, tokens, 3, 64, generator=gen).to(dtype)
+            angles = torch.randn(1, tokens, 32, generator=gen)
+            cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+            for a, b in zip(rope_host(q, k, cos, sin, False), rope_reference(q, k, cos, sin, False)):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+            for a, b in zip(rope_host(q, k, cos[..., :32], sin[..., :32], False),  # partial: the reference
+                            rope_reference(q, k, cos[..., :32], sin[..., :32], False)):
+                assert torch.equal(a, b)

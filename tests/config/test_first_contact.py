@@ -66,6 +66,7 @@ def test_gpu_experiments_still_compose_and_dry_run_on_cpu(no_cuda):
 
 def test_the_default_fits_the_device(no_cuda):
     cfg = compose_experiment([])
+    assert cfg.model == "smollm2_135m"
     assert cfg.args.compile_backend == "auto" and cfg.args.attn_backend == "torch"
     preflight(cfg)  # no error, and auto is torch-simple here (see test_auto_compile_backend_on_cpu)
 
@@ -77,7 +78,7 @@ def test_auto_compile_backend_on_cpu_is_torch_simple_without_warning(caplog):
     gm = toy_graph()
     with caplog.at_level("WARNING"):
         out, info = apply_compile(gm, "cpu", backend="auto")
-    assert out is gm and info.note == "torch-simple: graph runs as is"
+    assert out is gm and info.note.startswith("torch-simple: graph runs as is")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
@@ -182,7 +183,7 @@ def test_user_error_is_one_line_exit_2_and_a_traceback_on_request(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "Error: unknown model 'tiny-llama': did you mean tiny_llama? (cards: tiny_hybrid, tiny_llama, tiny_mixtral, "
-        "llama3_70b, llama3_8b, mixtral_8x7b)"
+        "smollm2_135m, llama3_70b, llama3_8b, mixtral_8x7b)"
     ]
     assert "building" not in proc.stdout  # nothing built
     full = cli("--model", "tiny-llama", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
@@ -306,14 +307,31 @@ def test_completion_after_seed_flags_prints_candidates_not_a_usage_error(tmp_pat
 
 
 def test_first_run_has_no_warning_and_explains_itself(tmp_path):
-    proc = cli("prompt.sp_kwargs.max_tokens=3", "prompt.batch_size=4", cwd=tmp_path)
+    # the default prompts on the tiny model (the default model, SmolLM2, is covered in tests/real/)
+    proc = cli("model=tiny_llama", "prompt.sp_kwargs.max_tokens=3", "prompt.batch_size=4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "WARNING" not in out and "WARNING" not in proc.stderr
-    assert ("[note  ] tiny_llama is a built-in test model with random weights, so its text is noise: "
-            "pass --model DIR (a local HF checkpoint) for real text") in out.splitlines()
+    assert ("[note  ] tiny_llama is a built-in test model with random weights, so its text is noise: the default "
+            "model (smollm2_135m) or --model DIR|FILE.gguf (a local checkpoint) gives real text") in out.splitlines()
     assert "[prompt] user: 'Name three primary colors.'" in out.splitlines()  # chat messages, readable
     assert "[prompt] 'In simple words and a single sentence, explain the concept of gravity: '" in out.splitlines()
     run = tmp_path / "run"
     assert (run / "autodeploy.log").is_file() and not (run / "cli.log").exists()
     assert "compile_model] applied matches=0" in (run / "autodeploy.log").read_text()  # auto -> torch-simple
+
+
+def test_random_weights_note_names_the_fix_that_applies(tiny_llama_dir):
+    from types import SimpleNamespace
+
+    from autodeploy.run import random_weights_note
+
+    def note(argv, kind):
+        return random_weights_note(compose_experiment(argv), SimpleNamespace(source=SimpleNamespace(kind=kind)))
+
+    # a directory was passed: its own weights are the fix, not "pass --model DIR"
+    given_dir = note(["--model", str(tiny_llama_dir), "args.skip_loading_weights=true"], "dir")
+    assert "pass --model" not in given_dir and "drop args.skip_loading_weights=true to load its weights" in given_dir
+    assert "shape card (a config without weights)" in note(["model=llama3_8b"], "card")
+    assert "the default model (smollm2_135m)" in note(["model=tiny_llama"], "tiny")
+    assert note([], "gguf") is None  # the default model has real weights

@@ -86,7 +86,7 @@ def test_precedence_matrix(layer_files, style, use_inner, use_outer, use_cli):
     assert cfg.args.compile_backend == ("torch-compile" if use_outer else "auto")
     assert cfg.args.transforms.compile_model.stage == "compile"
     assert cfg.prompt.sp_kwargs.max_tokens == (7 if use_outer else 100)
-    assert cfg.prompt.sp_kwargs.temperature == 1.0  # untouched sibling
+    assert cfg.prompt.sp_kwargs.temperature == 0.2  # untouched sibling
 
 
 def test_explicit_cli_value_equal_to_default_still_wins(layer_files):

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["args.device=cpu", "transforms/compile=torch-simple", "prompt.sp_kwargs.max_tokens=4", "prompt.batch_size=1"]
+FAST = ["model=tiny_llama", "args.device=cpu", "transforms/compile=torch-simple", "prompt.sp_kwargs.max_tokens=4",
+        "prompt.batch_size=1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -32,6 +32,7 @@ from ...compile import (
     resolve_auto,
 )
 from ...compile.cudagraph import prefill_buckets
+from ...compile.inline import inline_for_host
 from ...runtime.kv_cache import CacheInterface
 from ...runtime.scheduler import DEFAULT_PREFILL_CHUNK_SIZE
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
@@ -203,6 +204,9 @@ class CompileModel(BaseTransform):
         if used == "torch-simple":
             fell_back = backend not in (used, "auto")
             note = "torch-simple: graph runs as is" + (f" ({backend} needs CUDA)" if fell_back else "")
+            host = inline_for_host(compiled) if ctx.device.type == "cpu" else 0
+            if host:
+                note += f", {host} canonical ops call their host code (CPU)"
             return compiled, TransformInfo(num_matches=0, is_clean=True, note=note)
         note = used
         regions = getattr(getattr(compiled, "model", compiled), "regions", None)  # CompiledGraph, maybe in the runner
