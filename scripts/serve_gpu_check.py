@@ -7,18 +7,34 @@ One build (the 8B shape, random bf16 weights, triton attention, torch-opt with C
 batches 1 and 32), then on that engine:
 1. the offline benchmark (bench/benchmark.py) at batch 1 and 32: ``warmup`` + ``num`` rounds;
 2. the server (port 0, loopback) with the serving benchmark's client in a process of its own
-   (bench/serve_client.py): concurrency 1 (``8 * num`` requests) and 32 (``32 * num`` requests, all
-   at once, at most 32 in flight), random prompts of ``isl`` tokens, exactly ``osl`` tokens each.
+   (bench/serve_client.py, connections kept alive): concurrency 1 (2 untimed requests, then
+   ``8 * num`` timed ones) and 32 (one untimed pass of 32 requests at concurrency 32, as the
+   offline batch 32 has its untimed rounds, then ``32 * num`` timed ones, all at once, at most 32
+   in flight), random prompts of ``isl`` tokens, exactly ``osl`` tokens each.
 Prints the table of issue 23's targets (TPOT and TTFT at c=1 against batch 1; output tok/s at c=32
-against batch 32) and writes every figure to DIR/serve_check.json. On a machine without CUDA it
-runs the tiny Llama on the CPU (``--model tiny_llama``): a check of the script, not of the targets.
+against batch 32) and, for every server phase, what the engine and the threads did meanwhile
+(``Probe``): engine steps by kind and their host time, the engine's idle time and its longest
+stall, garbage-collector pauses, kernels and graphs compiled during the phase, CUDA-graph replays
+against eager steps, and the CPU time of the HTTP thread per token. Everything goes to
+DIR/serve_check.json. On a machine without CUDA it runs the tiny Llama on the CPU (``--model
+tiny_llama``): a check of the script, not of the targets.
+
+Both throughputs are output tokens over wall time with the ramp included: offline, a round's
+``bs * osl`` over the time from its submission to its last token (median of ``num`` rounds); through
+the server, every request's tokens over the time from the first request sent to the last one done
+(``num`` waves of 32, each new request sent when one finishes).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
+import os
+import statistics
+import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,19 +52,157 @@ def offline(engine, bs: int, args) -> dict:
             "output_tok_s": r["output_tok_s"], "decode_tok_s": r["decode_tok_s"]}
 
 
-def served(url: str, engine, concurrency: int, num_prompts: int, args) -> dict:
+class Probe:
+    """What the server's engine loop and threads do during a phase: the engine's ``step`` and the
+    loop's inbox wait are wrapped on their instances (the product code is untouched)."""
+
+    def __init__(self, server):
+        """On the thread that will run ``server.run`` (it steps the engine)."""
+        self.engine, self.loop = server.engine, server.loop
+        self.engine_thread = threading.current_thread().name
+        self.calls: list[tuple[float, float]] = []  # each engine.step() call: start, end
+        self.idle = 0.0  # the loop blocked on its inbox: nothing to run
+        self.pauses: list[tuple[int, float]] = []  # garbage collections: generation, seconds
+        step, take = self.engine.step, self.loop._take_inbox
+
+        def timed_step():
+            t0 = time.perf_counter()
+            try:
+                return step()
+            finally:
+                self.calls.append((t0, time.perf_counter()))
+
+        def timed_take(block: bool):
+            t0 = time.perf_counter()
+            try:
+                return take(block)
+            finally:
+                if block:
+                    self.idle += time.perf_counter() - t0
+
+        self.engine.step, self.loop._take_inbox = timed_step, timed_take
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._gc_start))
+
+    def start(self) -> None:
+        self.calls.clear()
+        self.pauses.clear()
+        self.idle = 0.0
+        self.engine.step_timings.clear()
+        self._t0, self._cpu0, self._compiled0 = time.perf_counter(), thread_cpu(), compiled()
+        self._graphs0 = graph_counters(self.engine.model)
+
+    def stop(self, output_tokens: int) -> dict:
+        wall = time.perf_counter() - self._t0
+        cpu, compiled1, graphs1 = thread_cpu(), compiled(), graph_counters(self.engine.model)
+        steps = list(self.engine.step_timings)
+        decode = [s for s in steps if s.is_decode]
+        prompt = [s for s in steps if not s.is_decode]
+        gaps = [b[0] - a[1] for a, b in zip(self.calls, self.calls[1:])]
+        http = cpu.get("autodeploy-http", 0.0) - self._cpu0.get("autodeploy-http", 0.0)
+        engine_thread = self.engine_thread
+        return {
+            "wall_s": wall, "engine_idle_s": self.idle, "steps": len(steps), "decode_steps": len(decode),
+            "prompt_steps": len(prompt), "mean_batch": statistics.mean(s.num_seqs for s in steps) if steps else 0.0,
+            "decode_host_ms_p50": _p50([s.host_s * 1e3 for s in decode]),
+            "prompt_host_ms_p50": _p50([s.host_s * 1e3 for s in prompt]),
+            "prompt_host_s": sum(s.host_s for s in prompt), "prompt_wait_s": sum(s.wait_s for s in prompt),
+            "longest_step_call_ms": max((b - a for a, b in self.calls), default=0.0) * 1e3,
+            "longest_gap_between_steps_ms": max(gaps, default=0.0) * 1e3,
+            "gc_pauses": len(self.pauses), "gc_full": sum(g == 2 for g, _ in self.pauses),
+            "gc_max_ms": max((d for _, d in self.pauses), default=0.0) * 1e3,
+            "gc_total_ms": sum(d for _, d in self.pauses) * 1e3,
+            "compiled_during": {k: compiled1[k] - self._compiled0.get(k, 0) for k in compiled1},
+            "graphs_during": {k: graphs1[k] - self._graphs0.get(k, 0) for k in graphs1},
+            "http_cpu_us_per_token": http * 1e6 / max(output_tokens, 1),
+            "engine_thread_cpu_s": cpu.get(engine_thread, 0.0) - self._cpu0.get(engine_thread, 0.0),
+        }
+
+
+def _p50(values: list) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process by name (Linux: /proc/self/task/*/schedstat, ns)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        name = names.get(int(tid), f"tid-{tid}")
+        out[name] = out.get(name, 0.0) + ns / 1e9
+    return out
+
+
+def compiled() -> dict[str, int]:
+    """Kernels and graphs compiled so far: Triton JIT kernels of autodeploy's modules, dynamo graphs."""
+    kernels = 0
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        JITFunction = None
+    if JITFunction is not None:
+        for name, module in list(sys.modules.items()):
+            if name.startswith("autodeploy") and module is not None:
+                for obj in list(vars(module).values()):
+                    if isinstance(obj, JITFunction):
+                        caches = getattr(obj, "device_caches", None) or {}
+                        kernels += sum(len(c[0]) for c in caches.values())
+    from torch._dynamo.utils import counters
+
+    return {"triton_kernels": kernels, "dynamo_graphs": int(counters["stats"].get("unique_graphs", 0))}
+
+
+def graph_counters(model) -> dict[str, int]:
+    """The CUDA-graph runner's counts (compile/cudagraph.py): decode replays, prefill replays, eager steps."""
+    return {k: int(getattr(model, k)) for k in ("num_replays", "num_prefill_replays", "num_eager") if hasattr(model, k)}
+
+
+def served(url: str, engine, probe: Probe, concurrency: int, num_prompts: int, args, warmup: int = 2) -> dict:
     from autodeploy.bench.serve import random_requests, run_client, summarize, table
 
     bench = SimpleNamespace(isl=args.isl, osl=args.osl, request_rate=float("inf"), max_concurrency=concurrency,
-                            warmup=2, seed=concurrency, dataset=None)
-    requests = random_requests(num_prompts, args.isl, args.osl, engine.vocab_size, seed=concurrency)
-    result = summarize(run_client(url, bench, requests), bench, url)
+                            warmup=warmup, seed=concurrency, dataset=None)
+    requests = random_requests(num_prompts, args.isl, args.osl, engine.vocab_size, seed=concurrency + num_prompts)
+    probe.start()
+    raw = run_client(url, bench, requests)
+    result = summarize(raw, bench, url)
+    diag = probe.stop(result["total_output_tokens"])
     print(table(result), flush=True)
     if result["failed"]:
         raise RuntimeError(f"{result['failed']} requests failed: {result['errors']}")
     return {"ttft_ms_p50": result["ttft_ms"]["p50"], "tpot_ms_p50": result["tpot_ms"]["p50"],
             "itl_ms_p50": result["itl_ms"]["p50"], "output_tok_s": result["output_tok_s"],
-            "num_prompts": num_prompts, "duration_s": result["duration_s"]}
+            "num_prompts": num_prompts, "duration_s": result["duration_s"], "ttft_ms": result["ttft_ms"],
+            "probe": diag}
+
+
+def describe(name: str, s: dict) -> str:
+    d = s["probe"]
+    host = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    return (f"{name}: {s['output_tok_s']:.1f} tok/s over {s['duration_s']:.2f} s, TTFT p50/mean/p99 "
+            f"{s['ttft_ms']['p50']:.1f}/{s['ttft_ms']['mean']:.1f}/{s['ttft_ms']['p99']:.1f} ms\n"
+            f"  engine: {d['steps']} steps ({d['decode_steps']} decode-only, {d['prompt_steps']} with prompt tokens), "
+            f"mean batch {d['mean_batch']:.1f}, host ms p50 decode {host(d['decode_host_ms_p50'])} / with prompts "
+            f"{host(d['prompt_host_ms_p50'])}, idle {d['engine_idle_s']:.2f} s of {d['wall_s']:.2f} s, longest step "
+            f"call {d['longest_step_call_ms']:.1f} ms, longest gap between steps {d['longest_gap_between_steps_ms']:.1f} ms\n"
+            f"  during it: compiled {d['compiled_during']}, graphs {d['graphs_during']}, gc {d['gc_pauses']} pauses "
+            f"({d['gc_full']} full, max {d['gc_max_ms']:.1f} ms, {d['gc_total_ms']:.1f} ms in all); HTTP thread "
+            f"{d['http_cpu_us_per_token']:.1f} us CPU per token, engine thread {d['engine_thread_cpu_s']:.2f} s CPU")
 
 
 def main() -> None:
@@ -59,7 +213,12 @@ def main() -> None:
     parser.add_argument("--isl", type=int, default=1024 if torch.cuda.is_available() else 64)
     parser.add_argument("--osl", type=int, default=128 if torch.cuda.is_available() else 16)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="LLM keyword overrides, dotted")
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="torch threads on the CPU: the server's HTTP thread and the client need cores too (a "
+                             "2-core machine with 2 intra-op threads ran even the offline batch 1 ~80x slower)")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.cpu_threads)
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -79,10 +238,16 @@ def main() -> None:
     record["offline_bs1"] = offline(engine, 1, args)
     record["offline_bs32"] = offline(engine, 32, args)
 
-    def client(url: str) -> dict:
-        return {"c1": served(url, engine, 1, 8 * args.num, args), "c32": served(url, engine, 32, 32 * args.num, args)}
+    server = Server(engine, args.model, port=0, shutdown_grace_s=5)
+    probe = Probe(server)
 
-    record.update(Server(engine, args.model, port=0, shutdown_grace_s=5).run(client))
+    def client(url: str) -> dict:
+        out = {"c1": served(url, engine, probe, 1, 8 * args.num, args)}
+        out["c32_warmup"] = served(url, engine, probe, 32, 32, args, warmup=0)  # untimed, as offline's warm-up rounds
+        out["c32"] = served(url, engine, probe, 32, 32 * args.num, args, warmup=0)
+        return out
+
+    record.update(server.run(client))
     llm.shutdown()
     (args.out / "serve_check.json").write_text(json.dumps(record, indent=2))
 
@@ -100,8 +265,11 @@ def main() -> None:
     print(f"{'figure':<30}{'offline':>10}{'server':>10}{'ratio/diff':>12}  target")
     for (name, off, srv, ratio, target), ok in zip(rows, passed):
         print(f"{name:<30}{off:>10.2f}{srv:>10.2f}{ratio:>12.3f}  {target} {'PASS' if ok else 'MISS'}")
+    for name in ("c1", "c32_warmup", "c32"):
+        print(describe(name, record[name]))
     print(f"RESULT serve_check tpot_ratio={rows[0][3]:.3f} ttft_diff_ms={rows[1][3]:.2f} "
-          f"tok_s_ratio={rows[2][3]:.3f} c1_itl_p50_ms={s1['itl_ms_p50']:.2f} bs1_itl_p50_ms={o1['itl_ms_p50']:.2f}")
+          f"tok_s_ratio={rows[2][3]:.3f} c1_itl_p50_ms={s1['itl_ms_p50']:.2f} bs1_itl_p50_ms={o1['itl_ms_p50']:.2f} "
+          f"c32_warmup_tok_s_ratio={record['c32_warmup']['output_tok_s'] / o32['output_tok_s']:.3f}")
 
 
 if __name__ == "__main__":

@@ -189,15 +189,14 @@ class _Reply:
         else:
             text = self.texts[i].add(u.new_token_ids)
         if lp is None and finish is None and not (self.chat and first):  # most chunks: no dict, one dumps
-            body = f'"delta":{{"content":{json.dumps(text, ensure_ascii=False)}}}' if self.chat else \
-                f'"text":{json.dumps(text, ensure_ascii=False)}'
+            body = f'"delta":{{"content":{_sse_json(text)}}}' if self.chat else f'"text":{_sse_json(text)}'
             return f'{{"index":{i},{body},"logprobs":null,"finish_reason":null}}'
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
-        return json.dumps(choice, ensure_ascii=False, separators=(",", ":"))
+        return _sse_json(choice)
 
     async def events(self, updates: asyncio.Queue) -> AsyncIterator[str]:
         """Server-sent events: a chunk per update of each choice, usage if asked, ``[DONE]``.
@@ -265,6 +264,17 @@ class _Reply:
                 choices.append({"index": i, "text": out.text, "logprobs": lp, "finish_reason": reason})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.server.model_name, "choices": choices, "usage": self._usage()}
+
+
+# characters that Python's str.splitlines (so httpx's aiter_lines) ends a line at, and JSON keeps as they are
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _sse_json(obj: Any) -> str:
+    """Compact JSON for an SSE data line: non-ASCII text as is, but no character that a
+    line-splitting client would break the line at."""
+    s = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return s if s.isascii() else s.translate(_LINE_BREAKS)
 
 
 def _failure(out) -> RequestError:

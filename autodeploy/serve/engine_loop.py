@@ -12,6 +12,7 @@ the collectives that every step broadcasts all stay on that thread).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -26,6 +27,7 @@ from ..runtime.sampling_params import SamplingParams
 log = logging.getLogger("autodeploy.serve")
 
 SHUTDOWN_MESSAGE = "the server is shutting down"
+HANDOFF_S = 0.002  # at most this long the engine thread waits for the HTTP thread to write a step's tokens
 
 
 @dataclass
@@ -130,7 +132,9 @@ class EngineLoop:
                     self._take_inbox(block=False)  # requests that slipped in are turned away
                     return
             if self.engine.has_unfinished_requests:
-                self._publish(self.engine.step())
+                written = self._publish(self.engine.step())
+                if written is not None and self.engine.overlap and HANDOFF_S:
+                    written.wait(HANDOFF_S)
             elif stopping:
                 time.sleep(0.005)
             elif ranks is not None:
@@ -175,7 +179,7 @@ class EngineLoop:
         self.engine.abort([h.request for h in handles])
         self._publish([h.request for h in handles])
 
-    def _publish(self, requests: list[Request]) -> None:
+    def _publish(self, requests: list[Request]) -> Optional[threading.Event]:
         updates, generated = [], 0
         for r in requests:
             h = self._live.get(r.request_id)
@@ -195,24 +199,30 @@ class EngineLoop:
                     self.metrics.observe_finished(r)
         if generated and self.metrics is not None:
             self.metrics.generation_tokens.inc(generated)
-        self._send(updates)
+        return self._send(updates)
 
     @staticmethod
-    def _send(updates: list[tuple[Handle, Update]]) -> None:
-        """One wake-up of each event loop per step, not one per request."""
+    def _send(updates: list[tuple[Handle, Update]]) -> Optional[threading.Event]:
+        """One wake-up of each event loop per step, not one per request. Returns an event that
+        is set once an event loop has handed the updates on (None if nothing was sent)."""
         by_loop: dict[Any, list] = {}
         for h, u in updates:
             by_loop.setdefault(h.loop, []).append((h.deliver, u))
+        written = threading.Event() if by_loop else None
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver_all, items)
+                loop.call_soon_threadsafe(_deliver_all, items, written)
             except RuntimeError:  # the HTTP loop is closed (the server is gone): nobody to tell
-                pass
+                written.set()
+        return written
 
 
-def _deliver_all(items: list) -> None:
+def _deliver_all(items: list, written: Optional[threading.Event] = None) -> None:
     for deliver, update in items:
         deliver(update)
+    if written is not None:
+        # after the tasks these deliveries woke (they were scheduled first): set once their chunks are out
+        asyncio.get_running_loop().call_soon(written.set)
 
 
 def _refused(h: Handle, message: str) -> RequestOutput:

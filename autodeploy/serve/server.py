@@ -113,7 +113,9 @@ class Server:
 
     def _listen(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto given: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP (0 by default);
+        # without it Nagle holds each streamed chunk until the client's delayed ACK (~40 ms)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self.port))

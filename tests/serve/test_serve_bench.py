@@ -105,3 +105,51 @@ def test_summary_follows_vllm_definitions():
     assert sorted(r["tpot_ms"].values())[0] == pytest.approx(200.0)  # (0.5 - 0.1) / 2 and (0.9 - 0.3) / 2
     assert r["tpot_ms"]["mean"] == pytest.approx(250.0) and r["e2e_ms"]["mean"] == pytest.approx(700.0)
     assert r["itl_ms"]["mean"] == pytest.approx(250.0) and r["itl_trace"]["t_s"] == [0.3, 0.5, 0.9, 1.4]
+
+
+def test_client_keeps_its_connections_and_splits_lines_at_line_feeds_only():
+    """The benchmark's client reads each stream to its end, so requests reuse their connections
+    (a connection per request cost 1-3 ms of TTFT), and a chunk whose JSON holds U+2028 (where
+    httpx's aiter_lines would split the line) still parses."""
+    import asyncio
+    import threading
+
+    from autodeploy.bench import serve_client
+
+    text = json.dumps({"choices": [{"index": 0, "text": "a\u2028b\x85"}]}, ensure_ascii=False)
+    events = [f"data: {text}\n\n", 'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+              "data: [DONE]\n\n"]
+    body = "".join(f"{len(e.encode()):x}\r\n{e}\r\n" for e in events).encode() + b"0\r\n\r\n"
+    connections = []
+
+    async def handle(reader, writer):
+        connections.append(writer)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                length = int(next(line.split(":")[1] for line in head.split("\r\n")
+                                  if line.lower().startswith("content-length")))
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                             + body)
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        raw = asyncio.run(serve_client.run(url, [{"prompt": [1, 2, 3], "max_tokens": 2}] * 6, "m", max_concurrency=2))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        for writer in connections:
+            writer.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+    records = raw["records"]
+    assert [(r["ok"], r["output_tokens"], r["error"]) for r in records] == [(True, 2, "")] * 6
+    assert len(connections) <= 2  # at most max_concurrency connections for six requests

@@ -300,3 +300,22 @@ def test_chat_logprobs(client):
         assert len(entry.top_logprobs) == 2 and entry.bytes == list(entry.token.encode())
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+
+
+def test_streamed_chunks_leave_at_once_on_a_kept_alive_connection(server):
+    """TCP_NODELAY on the server's connections: without it a chunk written while the previous one
+    waits for its ACK is held back (Nagle) until the client's delayed ACK, ~40 ms on Linux, which
+    a kept-alive connection (the openai client's) hit at every first token."""
+    import socket
+
+    body = {"model": "tiny_llama", "prompt": "Hi", "max_tokens": 3, "stream": True}
+    with httpx.Client() as http:  # one connection, kept alive
+        for _ in range(2):
+            with http.stream("POST", f"{server.url}/v1/completions", json=body) as resp:
+                lines = resp.iter_lines()
+                next(lines)  # the response is open: its connection is the server's
+                transports = [c.transport for c in server._http.server_state.connections]
+                assert transports
+                for t in transports:
+                    assert t.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                list(lines)

@@ -3,6 +3,7 @@ logprobs API), the streamed text, request checks and `autodeploy serve`'s flags.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Optional
 
@@ -139,3 +140,44 @@ def test_progress_without_a_terminal_logs_counts_and_eta(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("benchmark bs=8: 1/4 rounds") and "ETA" in lines[0]
     assert lines[-1].startswith("benchmark bs=8: 4/4 rounds") and "ETA" not in lines[-1]
+
+
+def test_sse_json_has_no_character_a_line_splitter_breaks_at():
+    from autodeploy.serve.app import _sse_json
+
+    text = "a\u2028b\x85c\u2029d é 中\n"
+    line = _sse_json({"text": text})
+    assert len(f"data: {line}".splitlines()) == 1 and json.loads(line) == {"text": text}
+    assert _sse_json("plain") == '"plain"'
+
+
+def test_engine_updates_are_handed_on_before_the_engine_goes_on():
+    """``EngineLoop._send``'s event is set once the event loop delivered the updates and the tasks
+    they woke have run (the engine thread waits for it while the device has the next step)."""
+    import asyncio
+    import threading
+
+    from autodeploy.serve.engine_loop import EngineLoop, Handle, Update
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    queue: asyncio.Queue = asyncio.Queue()
+    seen: list[list[int]] = []
+
+    async def reader(steps: int):
+        for _ in range(steps * 3):
+            seen.append((await queue.get()).new_token_ids)
+
+    done = asyncio.run_coroutine_threadsafe(reader(3), loop)
+    handles = [Handle([1, 2], None, i, queue.put_nowait, loop) for i in range(3)]
+    try:
+        for step in range(3):
+            written = EngineLoop._send([(h, Update(h.index, [step])) for h in handles])
+            assert written.wait(5) and seen[-3:] == [[step]] * 3  # the reader took all three already
+        assert EngineLoop._send([]) is None
+        done.result(5)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
