@@ -42,7 +42,10 @@ class OneKernel:
         self.pad_ptrs = torch.tensor(list(self.handle.signal_pad_ptrs), dtype=torch.int64, device=device)
         self.rank, self.world = self.handle.rank, self.handle.world_size
         pad_bytes = symm_mem.get_signal_pad_size() if hasattr(symm_mem, "get_signal_pad_size") else self.handle.signal_pad_size
-        self.max_programs = int(pad_bytes) // 4 // self.world  # one int32 flag per (program, rank)
+        # one int32 flag per (program, rank); and no more programs than SMs: a program waits for its
+        # peer's twin, so all of them must be running at once (more rows: a program takes several)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.max_programs = max(1, min(int(pad_bytes) // 4 // self.world, sms))
         self.max_bytes = nbytes
 
     def takes(self, x: torch.Tensor, residual: torch.Tensor) -> bool:

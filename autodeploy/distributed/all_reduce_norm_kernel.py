@@ -60,7 +60,8 @@ def _all_reduce_add_rms_norm(
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for peer in tl.static_range(WORLD):
             src = tl.load(buf_ptrs + peer).to(tl.pointer_type(dtype))
-            acc += tl.load(src + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+            # .cg: from L2 (the owner's, over NVLink), never an L1 line from before the barrier
+            acc += tl.load(src + row * N + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
         reduced = acc.to(dtype)
         r = tl.load(r_ptr + row * s_r + offs, mask=mask, other=0.0)
         total = (reduced.to(tl.float32) + r.to(tl.float32)).to(dtype)
