@@ -19,9 +19,11 @@ the real path, symmetric-memory set-up included):
   reads, per rank: see ``moe_floor``).
 - ``mixtral_greedy`` (~3 min): Mixtral shape cut to 4 layers in fp32: greedy tokens of the three.
 
-On the device tool's 10-minute calls: ``--parts llama greedy`` in one, ``--parts mixtral
-mixtral_greedy`` in another (nvidia-h200-x2), then ``--table DIR1 DIR2`` here. Writes
-``DIR/<run>.json`` per run and prints the table of DIR's runs at the end.
+On the device tool's 10-minute calls: ``--parts llama greedy`` in one, ``--parts mixtral`` in
+another and ``--parts mixtral_greedy`` in a third (nvidia-h200-x2), then ``--table DIR1 DIR2 DIR3``. Writes
+``DIR/<run>.json`` per run (and its log, or in ``--logs``) and prints the table of DIR's runs at the end.
+Not run yet on GPUs (written without two GPUs at hand); ``--smoke`` runs it with the tiny models on
+the CPU, which checks the script, not the targets.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,7 +115,7 @@ def _smoke(overrides: list[str], args: dict) -> tuple[list[str], dict]:
             "experiment=mixtral_ep2": ["model=tiny_mixtral", "sharding=ep"]}
     overrides = [o for x in overrides if not x.startswith(("backend=", "transforms/compile=")) for o in tiny.get(x, [x])]
     args = {k: v for k, v in args.items() if k in ("transforms", "max_batch_size")}
-    return overrides, {**args, "device": "cpu", "dtype": "float32", "max_seq_len": 128, "compile_backend": "torch-simple"}
+    return overrides, {**args, "device": "cpu", "dtype": "float32", "max_seq_len": 1024, "compile_backend": "torch-simple"}
 
 
 def run_one(name: str, out: Path, smoke: bool = False) -> None:
@@ -162,14 +165,15 @@ def run_one(name: str, out: Path, smoke: bool = False) -> None:
 # ----- the driver and the table ------------------------------------------------------------------
 
 
-def run_parts(parts: list[str], out: Path, smoke: bool = False) -> None:
+def run_parts(parts: list[str], out: Path, logs: Path, smoke: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "AUTODEPLOY_BUILD_CACHE": "0", "PYTHONUNBUFFERED": "1"}
     for name, (part, _, _, world, _, timeout) in RUNS.items():
         if part not in parts:
             continue
         t0 = time.perf_counter()
-        log = out / f"{name}.log"
+        log = logs / f"{name}.log"
         devices = "0" if world == 1 else ",".join(str(i) for i in range(world))
         cmd = [sys.executable, __file__, "--run", name, "--out", str(out), *(["--smoke"] if smoke else [])]
         with open(log, "w") as f:
@@ -230,7 +234,9 @@ def table(dirs: list[Path]) -> str:
                 continue
             same = sum(x == y for x, y in zip(ta, tb))
             pos = sum(p == q for x, y in zip(ta, tb) for p, q in zip(x, y))
-            lines.append(f"greedy fp32 {a} vs {b}: {same}/{len(tb)} sequences equal, {pos}/{sum(map(len, tb))} tokens")
+            errors = len(runs[a].get("errors") or []) + len(runs[b].get("errors") or [])
+            lines.append(f"greedy fp32 {a} vs {b}: {same}/{len(tb)} sequences equal, {pos}/{sum(map(len, tb))} tokens"
+                         + (f", {errors} request errors (see the JSON)" if errors else ""))
     lines += _targets(runs)
     fusion = {n: r.get("fusion") for n, r in runs.items() if r.get("world_size", 1) > 1 and r.get("fusion")}
     lines += [f"fusion {n}: {note}" for n, note in fusion.items()]
@@ -265,6 +271,7 @@ def main() -> None:
                         choices=["llama", "greedy", "mixtral", "mixtral_greedy"])
     parser.add_argument("--run", help=argparse.SUPPRESS)  # a child: one run of RUNS
     parser.add_argument("--table", type=Path, nargs="+", help="print the table of these folders' runs")
+    parser.add_argument("--logs", type=Path, help="the runs' logs (default: --out)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks this script, not the targets")
     args = parser.parse_args()
     if args.table:
@@ -274,7 +281,9 @@ def main() -> None:
     else:
         if args.out is None:
             parser.error("--out DIR is required")
-        run_parts(args.parts, args.out, args.smoke)
+        # a `timeout` that ends this driver ends the run it waits for too (subprocess.run kills it on the way out)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        run_parts(args.parts, args.out, args.logs or args.out, args.smoke)
         print(table([args.out]))
 
 
