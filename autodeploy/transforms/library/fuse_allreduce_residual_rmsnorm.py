@@ -83,7 +83,7 @@ class FuseAllReduceResidualRmsNorm(BaseTransform):
             editor.replace(norm, fused)  # its getitem users read (normed, sum) as before
             editor.erase_unused([norm, *views, reduced])
             groups.add(group)
-            hidden, dtype = vy.shape[-1], vy.dtype
+            hidden, dtype = vo.shape[-1], vo.dtype  # the residual stream's rows
             matches += 1
         note = ""
         if groups:
