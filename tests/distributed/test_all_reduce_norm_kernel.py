@@ -2,7 +2,8 @@
 with real ranks: one process per rank, each mapping every rank's buffer and signal pad from shared
 files, as symmetric memory maps the peers' on a GPU. It checks the kernel's logic (the rows each
 program copies and reads, the barrier's flags across processes, the sums and the norm); not the
-memory ordering of real GPUs (tests/gpu/test_multigpu.py).
+memory ordering of real GPUs (tests/gpu/test_multigpu.py). A last test compiles it with the real
+compiler for sm_90 (no GPU needed) and checks its flags' memory semantics in the PTX.
 
 The interpreter rounds float32 to bfloat16 by truncation (a GPU rounds to nearest), so bfloat16 is
 checked within a tolerance; float32 bit for bit on the sum.
@@ -101,3 +102,45 @@ def test_kernel_equals_the_all_reduce_then_add_norm(tmp_path, world, rows, hidde
                 assert float((normed.float() - ref_normed.float()).norm() / ref_normed.float().norm()) < 2e-2
     # every flag a rank raised was consumed by its peer: the pads are clean for the next call
     assert all(int(p.count_nonzero()) == 0 for p in pads)
+
+
+COMPILE = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from autodeploy.distributed.all_reduce_norm_kernel import _all_reduce_add_rms_norm
+
+found = []
+for dtype, block, world, warps in (("bf16", 4096, 2, 16), ("fp32", 8192, 4, 16), ("fp16", 64, 2, 1)):
+    signature = {name: f"*{dtype}" for name in ("x_ptr", "r_ptr", "w_ptr", "out_ptr", "sum_ptr")}
+    signature.update({"buf_ptrs": "*i64", "pad_ptrs": "*i64", "rows": "i32", "N": "i32", "eps": "fp32",
+                      **dict.fromkeys(("s_x", "s_r", "s_o", "s_s"), "i32"),
+                      **dict.fromkeys(("RANK", "WORLD", "BLOCK"), "constexpr")})
+    source = ASTSource(fn=_all_reduce_add_rms_norm, signature=signature,
+                       constexprs={"RANK": world - 1, "WORLD": world, "BLOCK": block})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = kernel.asm["ptx"]
+    found.append({"cubin": len(kernel.asm["cubin"]), "world": world,
+                  "release": ptx.count("atom.global.release.sys.cas.b32"),
+                  "acquire": ptx.count("atom.global.acquire.sys.cas.b32")})
+json.dump(found, sys.stdout)
+"""
+
+
+def test_kernel_compiles_for_hopper_with_system_scope_flags():
+    """The real compiler (not the interpreter) down to an sm_90 cubin with Triton's own ptxas, no GPU
+    needed: each barrier is one release compare-and-swap per peer and one acquire per peer, at
+    system scope (visible across GPUs), twice per call."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
+        pytest.skip("triton without its NVIDIA backend binaries")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for f in json.loads(proc.stdout):
+        peers = f["world"] - 1
+        assert f["cubin"] > 0 and f["release"] == f["acquire"] == 2 * peers, f
