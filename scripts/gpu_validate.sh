@@ -4,7 +4,7 @@
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf, antlr4 and the server's stack (fastapi, uvicorn, pydantic, ...) into .whl/, which this
 # script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [multigpu] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [serve] [fp8]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [multigpu] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [serve] [fp8] [tp2]
 # `serve` (issue 23, ~5 min on one GPU): one 8B build, the offline benchmark at batch 1 and 32, then the
 # OpenAI server at concurrency 1 and 32 on the same engine, and the table of the serving targets.
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
@@ -31,6 +31,17 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AUTODEPLOY_CACHE=${AUTODEPLOY_CACHE:-
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 git rev-parse --short HEAD 2>/dev/null || true
+
+# ---- issue 25 on two GPUs (nvidia-h200-x2): TP=2 vs TP=1 with the fused all-reduce + add + RMSNorm
+# on and off, fp32 greedy TP=2 == TP=1, the Mixtral shape under EP/TP/one GPU (scripts/tp2_gpu_check.py).
+# One call per part group: TP2_PARTS="llama greedy" (~6 min), TP2_PARTS=mixtral (~8 min, world_size 1
+# needs an H200), TP2_PARTS=mixtral_greedy (~3 min); `python3 scripts/tp2_gpu_check.py --table DIR...`
+# prints the calls' table together.
+if [[ " $STEPS " == *" tp2 "* ]]; then
+  echo "=== tp2: parts ${TP2_PARTS:-llama greedy}"
+  timeout ${TP2_TIMEOUT:-590} python3 scripts/tp2_gpu_check.py --out "$OUT" --logs /tmp/tp2_logs --parts ${TP2_PARTS:-llama greedy}
+  tail -c 20000 /tmp/tp2_logs/*.log > "$OUT/tp2_logs.txt" 2>/dev/null
+fi
 
 if [[ " $STEPS " == *" tests "* ]]; then
   echo "=== gpu tests"

@@ -11,6 +11,9 @@ between consecutive tokens; throughput = tokens / wall time of a round. Derived 
 - ``host_ms_per_step`` / ``decode_host_ms_per_step``: the engine's own time per step (scheduling,
   metadata, launches, sampling, commit: everything but waiting for the device), all steps / decode
   steps; ``decode_wait_ms_per_step``: the wait for the device in decode steps;
+- ``decode_host_ms_per_step_by_rank`` / ``decode_wait_ms_per_step_by_rank``: the mean per decode
+  step of every rank, rank 0 first (as above); a worker's host time runs from the step's inputs in
+  hand to its forward launched, its wait is for rank 0's message (``distributed/ranks.py`` StepTimes);
 - ``roofline`` (CUDA only, else None): the copy bandwidth and matmul rate measured in this run,
   the bytes a decode step must read, the floors they give, ``decode_fraction`` = decode step floor
   / ITL p50 and ``prefill_fraction`` = bs prompts' matmul floor / the last TTFT (the floor at the
@@ -77,6 +80,8 @@ def run_batch_size(engine: Any, bench: Any, bs: int) -> dict[str, Any]:
         _round(engine, prompts, params)
         progress.update()
     engine.step_timings.clear()
+    ranks = getattr(engine, "ranks", None)
+    workers_before = ranks.worker_step_times() if ranks is not None else {}
     ttft, tpot, itl, e2e, walls, trace = [], [], [], [], [], {}
     for _ in range(num):
         outs, start, wall = _round(engine, prompts, params)
@@ -99,6 +104,7 @@ def run_batch_size(engine: Any, bench: Any, bs: int) -> dict[str, Any]:
     wall = statistics.median(walls)
     steps = list(engine.step_timings)
     decode_steps = [s for s in steps if s.is_decode]
+    workers_after = ranks.worker_step_times() if ranks is not None else {}
     result = {
         "bs": bs, "isl": isl, "osl": osl, "num": int(bench.num), "warmup": int(bench.warmup),
         "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot), "itl_ms": percentiles(itl),
@@ -112,14 +118,29 @@ def run_batch_size(engine: Any, bench: Any, bs: int) -> dict[str, Any]:
         "host_ms_per_step": percentiles([s.host_s * 1e3 for s in steps]),
         "decode_host_ms_per_step": percentiles([s.host_s * 1e3 for s in decode_steps]),
         "decode_wait_ms_per_step": percentiles([s.wait_s * 1e3 for s in decode_steps]),
+        "decode_host_ms_per_step_by_rank": _per_rank(decode_steps, "host_s", workers_before, workers_after),
+        "decode_wait_ms_per_step_by_rank": _per_rank(decode_steps, "wait_s", workers_before, workers_after),
         "roofline": None,
         "itl_trace": trace,
     })
+    by_rank = result["decode_host_ms_per_step_by_rank"]
     log.info("benchmark bs=%d isl=%d osl=%d: %.1f output tok/s, %.1f decode tok/s, TTFT p50 %.1f ms, "
-             "TPOT p50 %.2f ms, host %.2f ms/decode step", bs, isl, osl, result["output_tok_s"],
+             "TPOT p50 %.2f ms, host %.2f ms/decode step%s", bs, isl, osl, result["output_tok_s"],
              result["decode_tok_s"] or float("nan"), result["ttft_ms"].get("p50", float("nan")),
-             result["tpot_ms"].get("p50", float("nan")), result["decode_host_ms_per_step"].get("p50", float("nan")))
+             result["tpot_ms"].get("p50", float("nan")), result["decode_host_ms_per_step"].get("p50", float("nan")),
+             f" (mean by rank: {', '.join('-' if m is None else f'{m:.2f}' for m in by_rank)})" if len(by_rank) > 1 else "")
     return result
+
+
+def _per_rank(decode_steps: list, field: str, before: dict, after: dict) -> list[Optional[float]]:
+    """Mean ms per decode step of rank 0 (its step timings) and of each worker (the difference of
+    its totals over the timed rounds)."""
+    means = [statistics.fmean(getattr(s, field) for s in decode_steps) * 1e3 if decode_steps else None]
+    for rank in sorted(after):
+        steps = after[rank]["decode_steps"] - before[rank]["decode_steps"]
+        seconds = after[rank][f"decode_{field}"] - before[rank][f"decode_{field}"]
+        means.append(seconds * 1e3 / steps if steps else None)
+    return means
 
 
 def with_roofline(result: dict[str, Any], ceilings: Optional[dict[str, Any]]) -> dict[str, Any]:

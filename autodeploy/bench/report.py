@@ -58,6 +58,7 @@ def jsonl_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "decode_tok_s": r["decode_tok_s"], "tpot_tok_s": r["tpot_tok_s"],
             "host_ms_per_step_p50": _p(r["host_ms_per_step"]),
             "decode_host_ms_per_step_p50": _p(r["decode_host_ms_per_step"]),
+            "decode_host_ms_per_step_by_rank": r.get("decode_host_ms_per_step_by_rank"),
             "copy_bw_tb_s": roof.get("copy_bw_tb_s"), "decode_floor_tok_s": roof.get("decode_floor_tok_s"),
             "decode_fraction": roof.get("decode_fraction"), "prefill_fraction": roof.get("prefill_fraction"),
         })

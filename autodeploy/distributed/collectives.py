@@ -49,8 +49,11 @@ def get_group(name: str) -> "dist.ProcessGroup":
 
 
 def reset_groups() -> None:
+    from .all_reduce_norm import ONE_KERNEL
+
     _GROUPS.clear()
     _SYMM.clear()
+    ONE_KERNEL.clear()
 
 
 # ----- low-latency all-reduce for small (decode-sized) messages on GPUs ----------------------------

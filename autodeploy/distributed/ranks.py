@@ -5,7 +5,8 @@ the one scheduler and sampler. With no external launcher it spawns ranks 1..N-1 
 torchrun or SLURM those ranks already exist and run ``worker_main`` (``cli.main`` and ``run.run``
 send them there). Rank 0 puts the resolved config into the rendezvous store, every rank builds
 the same pipeline on its own shard, and each step rank 0 broadcasts the step's packed inputs
-(``SequenceInfo.buffer``); the workers run the same forward on them and drop the logits.
+(``SequenceInfo.buffer``, its header included: one message for a decode step, ``StepChannel``); the
+workers run the same forward on them and drop the logits.
 
 Spawned workers are processes of their own (``python -m autodeploy.distributed.worker``), not
 ``multiprocessing`` children, so the user's main module is never imported again in them. On the
@@ -25,7 +26,9 @@ import atexit
 import contextlib
 import datetime
 import faulthandler
+import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -48,6 +51,7 @@ ERROR_KEY = "error/{rank}"
 ERROR_SEQ_KEY = "error_seq/{rank}"  # the order in which ranks failed: the first is the cause, the others its echoes
 READY_KEY = "ready/{rank}"  # a worker has its config and device and joins the group now (value: its CPU threads)
 DONE_KEY = "done/{rank}"  # a worker has left its process group (rank 0 then leaves its own)
+STEP_TIMES_KEY = "step_times/{rank}/{seq}"  # a worker's StepTimes, the seq-th time rank 0 asked
 # collectives wait this long; idle workers wait for rank 0's next step inside one
 TIMEOUT = datetime.timedelta(hours=int(os.environ.get("AUTODEPLOY_DIST_TIMEOUT_H", "24")))
 # how long a watchdog lets rank 0 notice a dead rank by itself before it ends the process
@@ -168,41 +172,81 @@ def spawn_workers(world: int, port: int, threads: "int | None") -> list[Worker]:
 
 
 class StepChannel:
-    """Rank 0 broadcasts each step's packed inputs; the workers receive them into the same buffer."""
+    """Rank 0 sends each step's packed inputs to the workers in one broadcast of ``size`` int32
+    values: the start of ``SequenceInfo.buffer``, its header ``[STEP, B, T, G]`` and the inputs of
+    any decode step (``sequence_info.message_size``); a step with more (a prefill) sends the rest
+    in a second one. The workers read B, T, G from the header and view the rest in place. Rank 0's
+    other messages (stop, report your step times) have the same size and another first value."""
 
-    def __init__(self, device: torch.device):
-        self.header = torch.zeros(4, dtype=torch.int64, device=device)  # [go, num_seqs, num_tokens, num_logits]
-        # filled on the host and copied without a sync: a copy from pageable memory would wait for
-        # the device to finish the step before (the overlap scheduler launches ahead of it)
-        on_cuda = torch.device(device).type == "cuda"
-        self._host = torch.zeros(4, dtype=torch.int64, pin_memory=on_cuda)
-        self._copied = torch.cuda.Event() if on_cuda else None
+    STOP, STEP, REPORT = 0, 1, 2
 
-    def _set_header(self, go: int, num_seqs: int = 0, num_tokens: int = 0, num_logits: int = 0) -> None:
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous header's copy (done long ago in steady state)
-        self._host[0], self._host[1], self._host[2], self._host[3] = go, num_seqs, num_tokens, num_logits
-        self.header.copy_(self._host, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+    def __init__(self, device: torch.device, size: int):
+        self.size = size
+        self._control = torch.zeros(size, dtype=torch.int32, device=device)  # rank 0's stop and report messages
+        self._checked = False
+
+    def _check(self, info) -> None:
+        if not self._checked:
+            if info.message_size != self.size:
+                raise RuntimeError(f"step channel of {self.size} values, but the sequence buffer's message has "
+                                   f"{info.message_size} (the two sizes must come from the same args)")
+            self._checked = True
 
     def send(self, info, num_seqs: int, num_tokens: int, num_logits: int) -> None:
-        self._set_header(1, num_seqs, num_tokens, num_logits)
-        dist.broadcast(self.header, 0)
-        dist.broadcast(info.buffer[: info.packed_size(num_seqs, num_tokens, num_logits)], 0)
+        self._check(info)
+        end = info.packed_size(num_seqs, num_tokens, num_logits)
+        dist.broadcast(info.buffer[: self.size], 0)
+        if end > self.size:
+            dist.broadcast(info.buffer[self.size: end], 0)
+
+    def send_control(self, code: int, arg: int = 0) -> None:
+        self._control[0], self._control[1] = code, arg
+        dist.broadcast(self._control, 0)
 
     def send_stop(self) -> None:
-        self._set_header(0)
-        dist.broadcast(self.header, 0)
+        self.send_control(self.STOP)
 
-    def receive(self, info):
-        """The next step's inputs, or None when rank 0 ends the run."""
-        dist.broadcast(self.header, 0)
-        go, num_seqs, num_tokens, num_logits = self.header.tolist()
-        if not go:
-            return None
-        dist.broadcast(info.buffer[: info.packed_size(num_seqs, num_tokens, num_logits)], 0)
-        return info.views(num_seqs, num_tokens, num_logits)
+    def receive(self, info) -> tuple[int, Any]:
+        """``(STEP, the step's inputs)``, or ``(STOP | REPORT, rank 0's argument)``."""
+        from ..runtime.sequence_info import HEADER
+
+        self._check(info)
+        buf = info.buffer
+        dist.broadcast(buf[: self.size], 0)
+        code, num_seqs, num_tokens, num_logits = buf[:HEADER].tolist()
+        if code != self.STEP:
+            return code, num_seqs
+        end = info.packed_size(num_seqs, num_tokens, num_logits)
+        if end > self.size:
+            dist.broadcast(buf[self.size: end], 0)
+        return code, info.views(num_seqs, num_tokens, num_logits)
+
+
+def step_message_size(args: Any) -> int:
+    """The step channel's message for these args: ``sequence_info.message_size`` of the sequence
+    buffer that ``CacheInterface.from_args`` makes (checked against it at the first step)."""
+    from ..runtime.sequence_info import message_size
+
+    return message_size(int(args.max_batch_size), math.ceil(int(args.max_seq_len) / int(args.attn_page_size)))
+
+
+class StepTimes:
+    """A worker's time per step: ``host_s`` from the step's inputs in hand to its forward launched
+    (on the CPU: done), ``wait_s`` in the receive (waiting for rank 0, the transfer, the header read);
+    decode steps (one token per sequence) also apart."""
+
+    def __init__(self):
+        self.totals = dict.fromkeys(("steps", "host_s", "wait_s", "decode_steps", "decode_host_s", "decode_wait_s"), 0)
+
+    def add(self, inputs, host_s: float, wait_s: float) -> None:
+        t = self.totals
+        t["steps"] += 1
+        t["host_s"] += host_s
+        t["wait_s"] += wait_s
+        if inputs.num_tokens == inputs.num_seqs:
+            t["decode_steps"] += 1
+            t["decode_host_s"] += host_s
+            t["decode_wait_s"] += wait_s
 
 
 class Ranks:
@@ -220,6 +264,7 @@ class Ranks:
         self._failure: Optional[RankFailure] = None
         self._closed = False
         self._busy = 0  # > 0 while rank 0 is inside a step (a collective may block)
+        self._reports = 0  # REPORT messages sent (worker_step_times)
         atexit.register(self.shutdown)
         if procs:
             threading.Thread(target=self._watch, name="autodeploy-rank-watchdog", daemon=True).start()
@@ -242,7 +287,7 @@ class Ranks:
         self._await_workers()
         with self.busy():  # a worker that fails inside the group's set-up: the watchdog ends the wait
             _init_group(self.env, self.store, self.device)
-        self.channel = StepChannel(self.device)
+        self.channel = StepChannel(self.device, step_message_size(config.args))
         threads = ""
         if self.device.type == "cpu":
             chosen = ("OMP_NUM_THREADS of the environment" if self.cpu_threads is None
@@ -280,6 +325,20 @@ class Ranks:
             raise self.failure(e) or e
         finally:
             self._busy -= 1
+
+    def worker_step_times(self, timeout_s: float = 60.0) -> dict[int, dict]:
+        """Each worker's ``StepTimes`` totals so far, by rank: asked over the step channel (between
+        steps), answered through the store."""
+        self.check()
+        self._reports += 1
+        keys = {r: STEP_TIMES_KEY.format(rank=r, seq=self._reports) for r in range(1, self.world_size)}
+        try:
+            with self.busy():
+                self.channel.send_control(StepChannel.REPORT, self._reports)
+                self.store.wait(list(keys.values()), datetime.timedelta(seconds=timeout_s))
+            return {r: json.loads(self.store.get(k).decode()) for r, k in keys.items()}
+        except RuntimeError as e:
+            raise self.failure(e) or e
 
     @contextlib.contextmanager
     def busy(self):
@@ -451,7 +510,11 @@ def worker_main(env: RankEnv) -> None:
         _init_group(env, store, device)
         injected_fault(env.rank, "group")
         built = build_engine(config.args, rank=env.rank, world_size=env.world_size, progress=False)
-        serve(built.engine, StepChannel(device))
+
+        def report(seq: int, times: StepTimes) -> None:
+            store.set(STEP_TIMES_KEY.format(rank=env.rank, seq=seq), json.dumps(times.totals))
+
+        serve(built.engine, StepChannel(device, step_message_size(config.args)), report)
     except BaseException as e:
         try:
             store.set(ERROR_SEQ_KEY.format(rank=env.rank), str(store.add("errors", 1)))
@@ -468,10 +531,19 @@ def worker_main(env: RankEnv) -> None:
             pass
 
 
-def serve(engine, channel: StepChannel) -> None:
+def serve(engine, channel: StepChannel, report=None) -> None:
+    """Run rank 0's steps until it says stop; ``report(seq, times)`` answers its REPORT messages."""
     info = engine.cache.info
+    times = StepTimes()
     while True:
-        inputs = channel.receive(info)
-        if inputs is None:
+        t0 = time.perf_counter()
+        code, payload = channel.receive(info)
+        t1 = time.perf_counter()
+        if code == StepChannel.STOP:
             return
-        engine.forward(inputs)
+        if code == StepChannel.REPORT:
+            if report is not None:
+                report(payload, times)
+            continue
+        engine.forward(payload)
+        times.add(payload, host_s=time.perf_counter() - t1, wait_s=t1 - t0)

@@ -11,9 +11,10 @@ the LM head for those rows only, so ``G == B`` unless a request wants prompt log
 
 Everything is packed on the host into one buffer and moved with a single copy (pinned and
 non-blocking on CUDA); the device tensors are views of one persistent buffer, so their addresses
-stay fixed between steps and a step launches no conversion kernel: the int64 inputs
-(``input_ids``, ``position_ids`` and ``logits_idx``) lie at the start of the int32 buffer and are
-viewed as int64, the int32 metadata follows.
+stay fixed between steps and a step launches no conversion kernel. The int32 buffer starts with a
+header ``[1, B, T, G]`` (what the other ranks of a multi-rank run read first: the buffer is the one
+message a step sends them, ``distributed/ranks.py``); the int64 inputs (``input_ids``,
+``position_ids`` and ``logits_idx``) follow, viewed as int64, then the int32 metadata.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ import torch
 
 # graph inputs added by insert_cached_attention, in placeholder order
 METADATA_NAMES = ("seq_len", "input_pos", "cu_seqlen", "page_table", "slot_idx")
+HEADER = 4  # int32 values before the inputs: [1, num_seqs, num_tokens, num_logits] (keeps the int64 views aligned)
+
+
+def packed_size(num_seqs: int, num_tokens: int, num_logits: int, max_pages_per_seq: int) -> int:
+    """int32 values ``build`` writes for a batch of this size: header, tokens, positions, logits rows
+    (int64: 2 values each), metadata."""
+    return HEADER + 2 * (2 * num_tokens + num_logits) + num_seqs * (4 + max_pages_per_seq) + 1
+
+
+def message_size(max_batch_size: int, max_pages_per_seq: int) -> int:
+    """The leading part of the buffer that another rank receives in one message each step: the
+    header and the inputs of any decode step (one token per sequence)."""
+    return packed_size(max_batch_size, max_batch_size, max_batch_size, max_pages_per_seq)
 
 
 @dataclass
@@ -48,8 +62,9 @@ class SequenceInfo:
         self.max_num_tokens = max(max_num_tokens, max_batch_size)
         self.max_pages_per_seq = max_pages_per_seq
         self.device = torch.device(device)
-        # int32 slots: 2 per int64 value (up to 3 per token), then the int32 metadata
+        # int32 slots: the header, 2 per int64 value (up to 3 per token), then the int32 metadata
         size = self.packed_size(max_batch_size, self.max_num_tokens, self.max_num_tokens)
+        self.message_size = message_size(max_batch_size, max_pages_per_seq)
         on_cuda = self.device.type == "cuda"
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=on_cuda)
         self._device = torch.zeros(size, dtype=torch.int32, device=self.device) if on_cuda else self._host
@@ -87,18 +102,19 @@ class SequenceInfo:
             for start, end, full in zip(cu_seqlen, cu_seqlen[1:], full_logits):
                 wide.extend(range(start, end) if full else (end - 1,))
         num_logits = len(wide) - 2 * num_tokens
-        narrow = array("i", seq_len)  # int32 metadata
-        narrow.extend(input_pos)
-        narrow.extend(cu_seqlen)
+        packed = array("i", (1, num_seqs, num_tokens, num_logits))  # the header, then the int64 inputs
+        packed.frombytes(wide.tobytes())
+        packed.extend(seq_len)  # int32 metadata
+        packed.extend(input_pos)
+        packed.extend(cu_seqlen)
         for row in pages:
-            narrow.extend(row)
-            narrow.extend([0] * (max_pages - len(row)))
-        narrow.extend(slots)
-        start32, end = 2 * len(wide), 2 * len(wide) + len(narrow)
+            packed.extend(row)
+            packed.extend([0] * (max_pages - len(row)))
+        packed.extend(slots)
+        end = len(packed)
         if self._copied is not None:
             self._copied.synchronize()
-        self._host[:start32].view(torch.int64).copy_(torch.frombuffer(wide, dtype=torch.int64))
-        self._host[start32:end].copy_(torch.frombuffer(narrow, dtype=torch.int32))
+        self._host[:end].copy_(torch.frombuffer(packed, dtype=torch.int32))
         if self._copied is not None:
             self._device[:end].copy_(self._host[:end], non_blocking=True)
             self._copied.record()
@@ -110,8 +126,8 @@ class SequenceInfo:
         return self._device
 
     def packed_size(self, num_seqs: int, num_tokens: int, num_logits: int) -> int:
-        """Values ``build`` writes for a batch of this size (tokens, positions, logits rows, metadata)."""
-        return 2 * (2 * num_tokens + num_logits) + num_seqs * (4 + self.max_pages_per_seq) + 1
+        """Values ``build`` writes for a batch of this size (the module's ``packed_size``)."""
+        return packed_size(num_seqs, num_tokens, num_logits, self.max_pages_per_seq)
 
     def views(self, num_seqs: int, num_tokens: int, num_logits: int) -> BatchInputs:
         """The inputs of a batch already in ``buffer`` (written by ``build`` or received from rank 0)."""
@@ -128,10 +144,10 @@ class SequenceInfo:
 
     def _make_views(self, num_seqs: int, num_tokens: int, num_logits: int) -> BatchInputs:
         buf, B, T, G, P = self._device, num_seqs, num_tokens, num_logits, self.max_pages_per_seq
-        wide = buf[: 2 * (2 * T + G)].view(torch.int64)
+        offset = HEADER + 2 * (2 * T + G)
+        wide = buf[HEADER: offset].view(torch.int64)
         views = {"input_ids": wide[:T].view(1, T), "position_ids": wide[T: 2 * T].view(1, T), "logits_idx": wide[2 * T:]}
         sizes = {"seq_len": B, "input_pos": B, "cu_seqlen": B + 1, "page_table": B * P, "slot_idx": B}
-        offset = 2 * (2 * T + G)
         for name, size in sizes.items():
             views[name] = buf[offset: offset + size]
             offset += size

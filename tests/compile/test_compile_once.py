@@ -216,10 +216,10 @@ def test_torch_opt_first_call_is_a_prefill(monkeypatch, compiles):
 
 @pytest.mark.parametrize("compiles", ["one", "two"])
 def test_engine_views_at_storage_offsets_compile_once(compiles):
-    """The engine's inputs are views of one buffer (``SequenceInfo``): position_ids starts at T,
-    which is 1 for a one-token step, the metadata further on. Dynamo specializes storage offsets
-    0 and 1 as it does sizes: no compile for those ("two": one more for the one-token steps)."""
-    from autodeploy.runtime.sequence_info import SequenceInfo
+    """The engine's inputs are views of one buffer (``SequenceInfo``): after the header (two int64
+    slots) input_ids, then position_ids at 2 + T, the metadata further on. Storage offsets are no
+    reason to compile again ("two": one more for the one-token steps)."""
+    from autodeploy.runtime.sequence_info import HEADER, SequenceInfo
 
     gm = toy_graph()
     compiled, _ = apply_compile(toy_graph(), "cpu", backend="torch-compile", compiles=compiles)
@@ -232,7 +232,8 @@ def test_engine_views_at_storage_offsets_compile_once(compiles):
             batch = batcher.batch(step)
             views = info.build(list(step.values()), batch["input_pos"].tolist(), batch["page_table"].tolist(),
                                [0] * len(step)).named_args
-            assert views["position_ids"].storage_offset() == batch["input_ids"].shape[1]
+            assert views["input_ids"].storage_offset() == HEADER // 2
+            assert views["position_ids"].storage_offset() == HEADER // 2 + batch["input_ids"].shape[1]
             ref = gm(**batch, **caches_ref)
             new = compiled(**{n: views[n] for n in names if n in views}, **caches_new)
             assert rel(new, ref) < 1e-5

@@ -268,6 +268,6 @@ def test_joined_ranks_leave_their_group_before_rank_0(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: events.append(("destroy",)))
     r = ranks_mod.Ranks(RankEnv(0, 3, 0, "127.0.0.1", 1, "torchrun"), Store(), [])
-    r.channel = ranks_mod.StepChannel(torch.device("cpu"))  # as connect() leaves it
+    r.channel = ranks_mod.StepChannel(torch.device("cpu"), 16)  # as connect() leaves it
     r.shutdown()
     assert events == [("stop",), ("wait", ["done/1", "done/2"], datetime.timedelta(seconds=30)), ("destroy",)]

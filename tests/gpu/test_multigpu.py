@@ -1,5 +1,6 @@
 """Collectives and multi-rank runs on two GPUs (NCCL): the one-shot symmetric-memory all-reduce
-against NCCL, TP/EP over two GPUs against one, and a world_size larger than the GPUs.
+and the one-kernel all-reduce + add + RMSNorm against NCCL, TP/EP over two GPUs against one, and a
+world_size larger than the GPUs.
 
 Run on a machine with 2+ GPUs: ``pytest -m multigpu tests/gpu/test_multigpu.py`` or
 ``bash scripts/gpu_validate.sh multigpu``; skipped with fewer GPUs (tests/conftest.py).
@@ -79,3 +80,43 @@ def test_more_ranks_than_gpus_fail_in_preflight():
                       "visible: lower args.world_size, make more GPUs visible (CUDA_VISIBLE_DEVICES), or use "
                       "args.device=cpu"], proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_all_reduce_add_rms_norm_one_kernel_equals_the_two_ops(dtype):
+    """The fused op's one kernel over symmetric memory against NCCL's all-reduce then the add+norm
+    op, eagerly at decode sizes and past its 1 MiB buffer (the two ops), and from a CUDA graph
+    replayed with new inputs. Two ranks sum a + b once either way (the sums are expected bit for
+    bit, ``sum_equal``); checked within bf16's rounding, as the kernels' variance sums may differ in order."""
+    from fused_norm_ranks import run
+
+    tol = 1e-5 if dtype == "float32" else 8e-3
+    for rank, f in enumerate(run(2, dtype)):
+        assert f["groups"] == ["0,1"], f"rank {rank}: the one kernel was not set up (its self-check failed; see the log)"
+        for e in f["eager"]:
+            nbytes = e["rows"] * 4096 * (2 if dtype == "bfloat16" else 4)
+            assert e["kernel"] == (nbytes <= 1 << 20), e
+            assert e["sum_rel_err"] < tol and e["normed_rel_err"] < tol, (rank, e)
+        assert len(f["replays"]) == 5 and f["kernel_calls_in_replays"] == 0
+        for r in f["replays"]:
+            assert r["sum_rel_err"] < tol and r["normed_rel_err"] < tol, (rank, r)
+
+
+def test_fused_all_reduce_norm_in_cuda_graphs_gives_the_unfused_tokens():
+    """tiny_llama over two GPUs with torch-cudagraph (decode graphs hold the one kernel), the fusion
+    on and off, fp32: the same greedy tokens over prompts past the chunk size and many KV pages;
+    the fused build used the one kernel."""
+    from autodeploy import LLM, SamplingParams
+
+    kwargs = dict(device="cuda", dtype="float32", max_batch_size=4, max_seq_len=1024, attn_page_size=16,
+                  max_num_tokens=512, prefill_chunk_size=128, compile_backend="torch-cudagraph")
+    prompts = _random_prompts([700, 150, 13, 6])
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    off = {"transforms": {"fuse_allreduce_residual_rmsnorm": {"enabled": False}}}
+    with LLM("tiny_llama", world_size=2, **kwargs, **off) as llm:
+        expected = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with LLM("tiny_llama", world_size=2, **kwargs) as llm:
+        row = next(r for r in llm.build_report if r["name"] == "fuse_allreduce_residual_rmsnorm")
+        assert row["num_matches"] == 4 and "one kernel over symmetric memory" in row["note"], row
+        got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
