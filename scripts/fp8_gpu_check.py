@@ -20,8 +20,9 @@ loader draws them per name), triton attention, torch-opt, CUDA graphs for decode
 6. ``fp8_ckpt``: build from that checkpoint, benchmark, logits;
 7. ``tiny``: tiny_llama on the GPU in bf16, on the fly and from a 32x32-block FP8 checkpoint, against
    HF with the dequantized weights (greedy tokens, prefill logits);
-8. ``ppl``: with a SmolLM2 card (``--ppl-model``, default smollm2_135m): perplexity of a fixed text,
-   bf16 against FP8 on the fly (issue target: within 2 %); skipped without one.
+8. ``ppl``: with a SmolLM2 card (``--ppl-model``, default smollm2_135m): perplexity of
+   tests/data/perplexity.txt, bf16 against HF bf16 (within 1 %) and FP8 on the fly against bf16
+   (within 2 %); skipped without the model.
 A step the budget cannot fit is reported as skipped: ``--only tiny,ppl`` runs it in another call
 (``--only`` keeps the cache folder's contents only for steps after ``bf16_cold``: every run empties it).
 """
@@ -49,23 +50,6 @@ GPU_ARGS = dict(dtype="bfloat16", max_seq_len=2048, max_batch_size=32, attn_back
 ISL, OSL = 1024, 128
 DEVICE = "cuda"  # a CPU dry run of the steps' code sets "cpu" (and smaller GPU_ARGS)
 FP8_ON_THE_FLY = {"quantize_fp8": {"stage": "weight_load", "on_the_fly": True}}
-TEXT = (
-    "The river town woke slowly. Fishermen pushed their boats from the gravel banks while the baker opened "
-    "her shutters and set the first loaves on the sill to cool. Children ran along the stone wall that kept "
-    "the spring floods from the market square, counting the barges that drifted down toward the sea. In the "
-    "square, the clockmaker argued with the mayor about the tower clock, which had lost four minutes every "
-    "week since the storm. The mayor said the town could not afford a new mechanism; the clockmaker said the "
-    "town could not afford to be late. By noon the argument had drawn a small crowd, and someone suggested a "
-    "vote. The vote was held the following Sunday, after the harvest festival, when most of the farmers from "
-    "the valley had come down with carts of apples, pears and late plums. Nearly everyone voted to repair the "
-    "clock, and the clockmaker spent the rest of the autumn on the tower, replacing worn gears one by one. "
-    "When he finished, the bells rang exactly on the hour for the first time in years, and the baker, who had "
-    "always timed her bread by them, said the loaves had never been better. Winter came early that year. Ice "
-    "closed the river for two months, the barges stayed in the harbour, and the town lived on what it had "
-    "stored: dried fish, apples in the cellars, flour in the mill. In the evenings people gathered in the inn "
-    "to tell stories, and the clockmaker, now something of a hero, told the story of the storm and the clock "
-    "so many times that the children could recite it word for word."
-)
 
 
 def log(msg: str) -> None:
@@ -348,35 +332,32 @@ def child_tiny(out: Path) -> dict:
 
 
 def child_ppl(out: Path, model: str) -> dict:
-    import torch
-    import torch.nn.functional as F
-
+    """Perplexity of tests/data/perplexity.txt (windows of 256, stride 128, through prompt_logprobs):
+    bf16 and FP8 on the fly, each beside HF bf16 on the same (unquantized) weights."""
     from autodeploy import LLM
+    from autodeploy.eval.perplexity import hf_perplexity, perplexity
+    from autodeploy.eval.reference import hf_model
     from autodeploy.models.factory import ModelResolutionError
 
+    text = (Path(__file__).resolve().parents[1] / "tests" / "data" / "perplexity.txt").read_text()
     result = {}
-    for name, extra in (("bf16", {}), ("fp8_on_the_fly", {"transforms": FP8_ON_THE_FLY})):
-        transforms = {**extra.get("transforms", {}), "gather_last_token_logits": {"stage": "post_load_fusion",
-                                                                                   "enabled": False}}
+    for name, transforms in (("bf16", {}), ("fp8_on_the_fly", FP8_ON_THE_FLY)):
         try:
-            llm = LLM(model, dtype="bfloat16", max_batch_size=2, max_seq_len=1024, transforms=transforms,
+            llm = LLM(model, dtype="bfloat16", max_batch_size=8, max_seq_len=1024, transforms=transforms,
                       **{k: GPU_ARGS[k] for k in ("attn_backend", "compile_backend")})
         except ModelResolutionError as e:
             return {"skipped": f"no model {model!r}: {e}"}
-        ids = llm.tokenizer(TEXT)["input_ids"][:1000]
-        cache = llm.engine.cache
-        pages, slot = cache.allocate_pages(cache.pages_needed(len(ids))), cache.allocate_slot()
-        inputs = cache.info.build([ids], [0], [pages], [slot])
-        with torch.inference_mode():
-            logits = llm.engine.model(**inputs.named_args, **cache.tensors)
-        logits = (logits if isinstance(logits, torch.Tensor) else logits["logits"])[0].float()
-        nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:], device=logits.device))
-        result[name] = {"tokens": len(ids), "ppl": float(torch.exp(nll))}
+        ids = list(llm.tokenizer.encode(text))
+        ours = perplexity(llm, ids, 256, 128)
+        result[name] = {"tokens": len(ids), "ppl": ours.perplexity}
+        if name == "bf16":  # HF on the bf16 weights (the FP8 run quantizes the same ones)
+            result["hf_bf16"] = {"tokens": len(ids), "ppl": hf_perplexity(hf_model(llm), ids, 256, 128).perplexity}
         log(f"ppl {model} {name}: {result[name]}")
-        cache.free_pages(pages)
-        cache.free_slot(slot)
         llm.shutdown()
+    result["bf16_vs_hf_bf16"] = result["bf16"]["ppl"] / result["hf_bf16"]["ppl"] - 1
     result["fp8_vs_bf16"] = result["fp8_on_the_fly"]["ppl"] / result["bf16"]["ppl"] - 1
+    log(f"ppl {model}: bf16 vs HF bf16 {result['bf16_vs_hf_bf16']:+.3%}, FP8 on the fly vs bf16 "
+        f"{result['fp8_vs_bf16']:+.3%} (targets: 1 %, 2 %)")
     return result
 
 

