@@ -343,7 +343,8 @@ def child_ppl(out: Path, model: str) -> dict:
     result = {}
     for name, transforms in (("bf16", {}), ("fp8_on_the_fly", FP8_ON_THE_FLY)):
         try:
-            llm = LLM(model, dtype="bfloat16", max_batch_size=8, max_seq_len=1024, transforms=transforms,
+            llm = LLM(model, dtype="bfloat16", max_batch_size=8, max_seq_len=1024,
+                      **({"transforms": transforms} if transforms else {}),
                       **{k: GPU_ARGS[k] for k in ("attn_backend", "compile_backend")})
         except ModelResolutionError as e:
             return {"skipped": f"no model {model!r}: {e}"}

@@ -65,7 +65,12 @@ def test_op_in_a_cuda_graph():
         assert not torch.equal(out, eager)
 
 
-def test_tiny_model_on_the_fly_under_torch_opt_matches_hf_dequantized():
+def test_tiny_model_on_the_fly_under_torch_opt_matches_hf_with_the_same_fp8_linears():
+    """The pipeline's FP8 graph (quantize_fp8 on the fly, torch-opt, triton attention) against HF's
+    own modeling code whose linears call the same ``autodeploy::fp8_linear`` on the same quantized
+    weights: what differs is the graph around them (attention, norms, fusions, CUDA graphs). The op
+    itself is checked against torch above. (Against plain dequantized weights, the e4m3 activations
+    flip near-tied greedy picks of a random model: no exact reference.)"""
     from transformers import AutoModelForCausalLM
 
     from autodeploy import LLM, SamplingParams
@@ -77,19 +82,24 @@ def test_tiny_model_on_the_fly_under_torch_opt_matches_hf_dequantized():
     rows = {r["name"]: r for r in llm.build_report}
     assert "14 linears" in rows["quantize_fp8"]["note"], rows["quantize_fp8"]["note"]
     hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).cuda().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith(".weight") and p.dim() == 2 and "embed" not in name and "lm_head" not in name:
-                q, s = fl.quantize_per_channel(p)
-                p.copy_(fl.dequantize(q, s, dtype=p.dtype))
+    quantized = 0
+    for name, module in hf.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            q, s = fl.quantize_per_channel(module.weight.detach())
+            module.forward = lambda x, q=q, s=s, b=module.bias: torch.ops.autodeploy.fp8_linear(x, q, s, None, b)
+            quantized += 1
+    assert quantized == 14
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (100, 20, 3)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-    same = 0
-    for prompt, out in zip(prompts, outs):
-        ids = torch.tensor([prompt], device="cuda")
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        same += out.token_ids[:4] == ref[:4]  # bf16 and the prefill's e4m3 activations: the first tokens agree
-    assert same >= 2, (same, [o.token_ids for o in outs])
+    refs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device="cuda")
+            refs.append(hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist())
+    ours = [o.token_ids for o in outs]
+    # bf16 attention and norms in another order: allow a late flip, never an early one
+    assert all(a[:4] == b[:4] for a, b in zip(ours, refs)), (ours, refs)
+    assert sum(a == b for a, b in zip(ours, refs)) >= 2, (ours, refs)
     llm.shutdown()

@@ -125,7 +125,8 @@ def _example_inputs(ctx: BuildContext, names: list[str]):
     if not tensors or info is None or not hasattr(info, "decode_batch"):
         return None
     example = {**info.decode_batch(1).named_args, **tensors}
-    return example if all(n in example for n in names) else None
+    # only what the graph takes: one that does not gather its logits has no logits_idx
+    return {n: example[n] for n in names} if all(n in example for n in names) else None
 
 
 @dataclass
