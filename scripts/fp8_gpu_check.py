@@ -22,7 +22,7 @@ loader draws them per name), triton attention, torch-opt, CUDA graphs for decode
    HF with the dequantized weights (greedy tokens, prefill logits);
 8. ``ppl``: with a SmolLM2 card (``--ppl-model``, default smollm2_135m): perplexity of
    tests/data/perplexity.txt, bf16 against HF bf16 (within 1 %) and FP8 on the fly against bf16
-   (within 2 %); skipped without the model.
+   (within 2 %), and FP8 with the down projections kept 16-bit; skipped without the model.
 A step the budget cannot fit is reported as skipped: ``--only tiny,ppl`` runs it in another call
 (``--only`` keeps the cache folder's contents only for steps after ``bf16_cold``: every run empties it).
 """
@@ -341,7 +341,9 @@ def child_ppl(out: Path, model: str) -> dict:
 
     text = (Path(__file__).resolve().parents[1] / "tests" / "data" / "perplexity.txt").read_text()
     result = {}
-    for name, transforms in (("bf16", {}), ("fp8_on_the_fly", FP8_ON_THE_FLY)):
+    keep_down = {"quantize_fp8": {**FP8_ON_THE_FLY["quantize_fp8"],
+                                  "exclude": ["lm_head", "*.gate", "*.router", "*.down_proj"]}}
+    for name, transforms in (("bf16", {}), ("fp8_on_the_fly", FP8_ON_THE_FLY), ("fp8_keep_down_proj", keep_down)):
         try:
             llm = LLM(model, dtype="bfloat16", max_batch_size=8, max_seq_len=1024,
                       **({"transforms": transforms} if transforms else {}),
@@ -357,8 +359,10 @@ def child_ppl(out: Path, model: str) -> dict:
         llm.shutdown()
     result["bf16_vs_hf_bf16"] = result["bf16"]["ppl"] / result["hf_bf16"]["ppl"] - 1
     result["fp8_vs_bf16"] = result["fp8_on_the_fly"]["ppl"] / result["bf16"]["ppl"] - 1
+    result["fp8_keep_down_proj_vs_bf16"] = result["fp8_keep_down_proj"]["ppl"] / result["bf16"]["ppl"] - 1
     log(f"ppl {model}: bf16 vs HF bf16 {result['bf16_vs_hf_bf16']:+.3%}, FP8 on the fly vs bf16 "
-        f"{result['fp8_vs_bf16']:+.3%} (targets: 1 %, 2 %)")
+        f"{result['fp8_vs_bf16']:+.3%} (targets: 1 %, 2 %); down_proj kept 16-bit: "
+        f"{result['fp8_keep_down_proj_vs_bf16']:+.3%}")
     return result
 
 
