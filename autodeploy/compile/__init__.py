@@ -19,7 +19,7 @@ the things that made dynamo compile again:
   token specializes: that is the second compile. Every other dim stays static (caches, page-table
   width). With ``T`` unbacked too (``compiles="one"``) a single compile serves every step, but
   inductor's kernels over the tokens are slower (norms split into two kernels, the RoPE table
-  lookup recomputed per layer: docs/performance-history.md#compiles-two-h200-2026-11-30);
+  lookup recomputed per layer: docs/performance-history.md#two-compiles-h200-2026-11-30);
   ``backed_size_oblivious`` is not enough either: inductor still guards ``T != 1`` when it views
   a non-contiguous tensor (the q/k/v split of a fused projection);
 - storage offsets 0/1 are specialized too (the engine's inputs are views of one buffer,
