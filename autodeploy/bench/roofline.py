@@ -5,7 +5,7 @@ plus the K/V of every cached token of the batch, so its floor is
 ``(weight bytes + bs * context * KV bytes per token) / copy bandwidth``. Prefill is bound by
 matmul: ``2 * parameters * tokens / matmul rate``. Both rates are measured here (a device-to-device
 copy counting bytes read and written; a large bf16 matmul), because datasheet rates are not what a
-card delivers (an H200 copied at 4.30 TB/s in 2026-11, against 4.8 on the datasheet). The matmul
+card delivers (an H200 copies well below its datasheet's 4.8 TB/s: docs/performance.md). The matmul
 rate is a burst (the card at its boost clock); the rate it holds after ~1 s of matmuls is measured
 beside it (``matmul_sustained_tflop_s``: a power cap lowers the clocks), with the prefill floor at
 that rate. CUDA only: on other devices there is no roofline (``None``).
@@ -63,9 +63,10 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: i
 
 def matmul_rates_under_load(device: torch.device, seconds: float, n: int = 8192, window: int = 20) -> list[float]:
     """FLOP/s of back-to-back n-cube bf16 matmuls, per window of ``window`` matmuls, for about
-    ``seconds``. A power-limited card lowers its clocks within ~0.1 s of such a load (an H200:
-    1980 -> ~1550 MHz at its 700 W cap, 803 -> ~677 TFLOP/s), and a batch of long prefills is
-    such a load, so the burst rate of ``matmul_flops`` is a floor it cannot hold."""
+    ``seconds``. A power-limited card lowers its clocks within ~0.1 s of such a load (the H200 at
+    its 700 W cap: docs/performance-history.md#the-batch-32-prefill-meets-the-power-cap-h200-2026-12-01),
+    and a batch of long prefills is such a load, so the burst rate of ``matmul_flops`` is a floor
+    it cannot hold."""
     a, b = _square_operands(device, torch.bfloat16, n)
     n = a.shape[0]
     out = torch.empty_like(a)

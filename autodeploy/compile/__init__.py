@@ -18,10 +18,10 @@ the things that made dynamo compile again:
   per-sequence inputs, ``G`` of ``logits_idx``): ``B`` and ``G`` unbacked, ``T`` dynamic but backed (``maybe_mark_dynamic``), so one
   token specializes: that is the second compile. Every other dim stays static (caches, page-table
   width). With ``T`` unbacked too (``compiles="one"``) a single compile serves every step, but
-  inductor's kernels over the tokens were slower (H200, 8B: a 1024-token prefill forward 25.7 vs
-  23.7 ms, batch-1 decode 4.55 vs 4.43 ms per step: norms split into two kernels, the RoPE table
-  lookup recomputed per layer); ``backed_size_oblivious`` is not enough either: inductor still
-  guards ``T != 1`` when it views a non-contiguous tensor (the q/k/v split of a fused projection);
+  inductor's kernels over the tokens are slower (norms split into two kernels, the RoPE table
+  lookup recomputed per layer: docs/performance-history.md#two-compiles-h200-2026-11-30);
+  ``backed_size_oblivious`` is not enough either: inductor still guards ``T != 1`` when it views
+  a non-contiguous tensor (the q/k/v split of a fused projection);
 - storage offsets 0/1 are specialized too (the engine's inputs are views of one buffer,
   ``position_ids`` at offset ``T``): such batch inputs are passed as copies (metadata, bytes);
 - dispatch keys are guarded, and differ for inference tensors and under inference mode (graphs
@@ -32,14 +32,13 @@ the things that made dynamo compile again:
   batch dims against them (``torch._check``), which bounds the sizes; a larger step is refused.
 ``compiles="dynamic"`` (or a torch without ``mark_unbacked``, with one warning) is
 ``torch.compile(dynamic=True)``, which compiles again for sizes 0/1 of every batch dim: a
-one-prompt prefill (``B == 1``) then compiles at the first request (~37 s for the 8B model).
+one-prompt prefill (``B == 1``) then compiles at the first request.
 
 The first call of a ``CompiledGraph`` that marks its dims is a prefill (``compile_graph``'s ``first_call``;
 ``compile_model`` runs one prompt step there when the cache manager holds its tensors): inductor's
 Triton kernels benchmark their configs at their first launch, with that launch's sizes, and keep
 the winner for every size: tuned at a prefill, not at torch-opt's warm-up of the largest decode
-batch (32 tokens). (With ``compiles="one"`` this did not bring its prefill up to the backed
-graph's: 25.7 ms per 1024-token forward with it, 26.4 without, 23.7 with ``T`` backed.)
+batch (32 tokens).
 """
 
 from __future__ import annotations
@@ -160,13 +159,13 @@ class CompiledGraph(nn.Module):
         self.max_num_tokens = max_num_tokens
         if regional and compiles == "two":
             self.regions = cut_regions(gm, self._region)
-        elif regional:  # its regions' launches made a 1024-token prefill host-bound (H200: TTFT 44 ms vs 25)
+        elif regional:  # its regions' unbacked launches made a prefill host-bound (performance-history.md)
             log.info("regional compile needs compiles=two (got %s): compiling the graph whole", compiles)
         if self.regions is not None:  # the outer graph runs as FX, its regions compiled
             self.compiled = gm
             # only what a region reads must come in as a plain copy (forward): the cache ops, run by
-            # the outer graph, take the views as they are (a copy is a kernel and ~10 us of host
-            # time each, before a prefill's first kernel)
+            # the outer graph, take the views as they are (a copy is a kernel and host time, before
+            # a prefill's first kernel)
             read = {a.target for n in gm.graph.nodes if n.op == "call_module" for a in n.all_input_nodes
                     if a.op == "placeholder"}
             self._copied_dims = [(name, dim) for name, dim in self.batch_dims if name in read]

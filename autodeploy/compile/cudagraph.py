@@ -21,8 +21,8 @@ when few requests run) with ``T`` up to the largest of ``prefill_tokens`` (``pre
 the smallest multiple of ``PREFILL_GRANULE`` tokens ``Tp >= T``: its batch is the real sequence
 followed by one padding sequence of the other ``Tp - T`` tokens (at position 0, page-table row
 all 0, slot 0: scratch, as above; the rows of its tokens keep whatever ids and positions they
-held, which only that sequence reads). Its launches (a prefill's host time: ~13-29 ms for the 8B
-model's 1024 tokens on the H200 hosts, against ~22 ms on the GPU) become one replay; the padding
+held, which only that sequence reads). Its launches (eagerly, the host's time for an 8B prefill
+is on the order of the GPU's: docs/performance-history.md) become one replay; the padding
 costs at most ``PREFILL_GRANULE - 1`` tokens of compute. A step that wants every token's logits
 (``logits_idx`` longer than 1: prompt logprobs) runs eagerly. Buckets stop below ``max_seq_len``
 (the padding sequence's positions must have page-table columns) and need ``max_batch_size`` >= 2.
@@ -32,8 +32,8 @@ torch-opt: the compiled graph, not FX). Graphs are captured largest first into o
 pool, each after a few warm-up runs (which let attention backends plan; for torch-opt the first
 one compiles the graph, once for every capture size and the eager batches: ``CompiledGraph``).
 Sizes from ``cublaslt_min_batch`` up are warmed up and captured with cuBLASLt as the preferred
-BLAS library (the graph keeps those GEMM kernels; on the H200 they read the 8B decode weights of a
-32-token batch 0.16 ms faster per step, and are slower below 32: scripts/gemm_check.py).
+BLAS library (the graph keeps those GEMM kernels; they were faster from 32 tokens up and slower
+below: scripts/gemm_check.py, docs/performance-history.md).
 """
 
 from __future__ import annotations

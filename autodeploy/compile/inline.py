@@ -1,8 +1,7 @@
 """Canonical ops as plain torch code: for inductor, and for the host's eager graphs.
 
 A ``torch.library`` custom op is opaque to ``torch.compile``: inductor calls it as an eager
-kernel (the H200 profile of be82854: ``rms_norm`` ran as six eager kernels, 65 times a decode
-step, under torch-opt). Before ``torch-compile`` / ``torch-opt`` compile the graph, the row-wise
+kernel (under torch-opt, ``rms_norm`` ran as six eager kernels, 65 times a decode step). Before ``torch-compile`` / ``torch-opt`` compile the graph, the row-wise
 canonical ops below are replaced by their reference implementations (the same math the ops run
 on the CPU), so inductor sees them and fuses them with the ops around them. ``linear`` (the
 one-token GEMV's op) becomes ``F.linear`` in graphs traced for more than one token. Attention,

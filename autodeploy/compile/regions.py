@@ -2,7 +2,7 @@
 
 A decoder repeats one layer: between two cache ops (cached attention, SSM state) the same code
 runs on other weights. ``torch.compile`` of the whole graph traces and lowers every layer again
-(the 8B model: 55 s for its two compiles on an H200). ``cut_regions`` cuts the graph before and
+(docs/performance-history.md#regional-compile-h200-2026-11-30). ``cut_regions`` cuts the graph before and
 after every op that takes a cache tensor; each run of nodes between two cuts becomes a region,
 a GraphModule in a canonical form: its inputs (weights included) are placeholders in order of
 first use, its nodes named by position. Regions that compute the same thing then have the same
@@ -204,9 +204,8 @@ def cut_regions(gm: fx.GraphModule, make_region: Callable[[fx.GraphModule, list[
 def _flatten_weights(gm: fx.GraphModule) -> None:
     """Every ``get_attr`` of the outer graph reads a plain attribute of ``gm`` itself. The outer
     graph runs as Python on every step and fetches each weight for the regions: through the
-    module tree (``model.layers.3.mlp.down_proj.weight``) that took ~1 ms for the 8B model's 291
-    weights before the first kernel of a prefill (H200 timeline: the GPU idle meanwhile), as an
-    instance attribute a few microseconds. The module tree keeps its parameters (state dict,
+    module tree (``model.layers.3.mlp.down_proj.weight``) that held a prefill's first kernel back
+    (the GPU idle meanwhile), as an instance attribute it costs next to nothing. The module tree keeps its parameters (state dict,
     ``parameters()``); the attributes are references to the same tensors, outside it."""
     for node in gm.graph.nodes:
         if node.op == "get_attr" and "." in node.target:

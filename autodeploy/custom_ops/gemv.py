@@ -1,8 +1,7 @@
 """A one-token GEMV in Triton: ``y[1, N] = x[1, K] @ w[N, K].T`` (+ bias), for batch-1 decode.
 
 cuBLAS reads the small decode weights of an 8B model well below the copy bandwidth at one token
-(H200, scripts/gemm_check.py: o_proj 4096x4096 at 2.5 TB/s, q/k/v 6144x4096 at 3.3 TB/s, against
-4.3 TB/s for the large gate/up and LM head). Here each program owns ``BLOCK_N`` output rows and
+(scripts/gemm_check.py; docs/performance-history.md#the-one-token-gemv-h200-2026-11-30). Here each program owns ``BLOCK_N`` output rows and
 streams their weights in ``BLOCK_K`` columns with plain coalesced loads; many small programs keep
 enough bytes in flight. Products accumulate in fp32, summed once at the end.
 Imported lazily: needs triton.
@@ -15,8 +14,7 @@ import triton
 import triton.language as tl
 
 # (BLOCK_N, BLOCK_K, num_warps): the tile of weights each program streams per step. The default
-# (8, 512, 4) was best or within 2 % of the best at every 8B shape on the H200 (us, vs cuBLAS):
-# q/k/v 14.2 (15.1), o 10.8 (13.3), gate/up 54.6 (54.9), down 30.2 (31.2), LM head 233 (239).
+# (8, 512, 4) was best or within 2 % of the best at every 8B shape (scripts/gemm_check.py --gemv).
 DEFAULT_CONFIG = (8, 512, 4)
 CONFIGS = [(4, 1024, 4), DEFAULT_CONFIG, (8, 1024, 8), (16, 512, 8), (16, 256, 4), (32, 256, 8)]
 

@@ -1,8 +1,8 @@
 """``autodeploy::linear``: ``F.linear`` that takes the Triton GEMV for a single 16-bit token on CUDA.
 
 A decode step of batch 1 multiplies one row by every weight of the model; cuBLAS reads the small
-projections of an 8B model at 2.5-3.8 TB/s there, the GEMV of ``gemv.py`` closer to the copy
-bandwidth (scripts/gemm_check.py --gemv, docs/performance.md). Any other input (more rows, fp32,
+projections of an 8B model well below the copy bandwidth there, the GEMV of ``gemv.py`` closer
+to it (scripts/gemm_check.py --gemv; docs/performance-history.md). Any other input (more rows, fp32,
 the CPU) runs ``F.linear``. The ``one_token_gemv`` transform puts this op in place of the graph's
 linears; the choice is made per call, so one graph serves prefill and decode (each CUDA graph
 keeps the kernel its batch size chose at capture).
@@ -25,8 +25,8 @@ def linear_for_inductor(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     """The op as the compiler should see it (``compile/inline.py``): ``F.linear`` where the
     traced step is known to bring more than one token (``compiles=two``: every graph but the
     one-token one), the op otherwise, which chooses per call. Inductor then calls its GEMM
-    directly instead of the op's Python (~10 us of host time per call, 129 calls per 8B forward:
-    a prefill's launches barely kept ahead of the GPU)."""
+    directly instead of the op's Python dispatch (129 calls per 8B forward: a prefill's launches
+    barely kept ahead of the GPU)."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     if statically_known_true(x.numel() != x.shape[-1]):

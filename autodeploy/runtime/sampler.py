@@ -110,7 +110,7 @@ class Sampler:
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)`` for ``[B, V]``; on CUDA a few long rows go in two passes: one block per
-    row leaves the GPU nearly idle (36 us for one 128K-vocabulary row on an H200, 2026-11-30)."""
+    row leaves the GPU nearly idle (docs/performance-history.md)."""
     rows, vocab = logits.shape
     if logits.is_cuda and rows <= 64 and vocab >= 8192:
         chunks = next((k for k in (128, 96, 64, 48, 32) if vocab % k == 0), None)

@@ -8,13 +8,11 @@ Each step, within ``max_batch_size`` sequences and ``max_num_tokens`` tokens:
 2. waiting requests are admitted first come, first served while their first chunk fits.
 Long prompts are prefilled in chunks when they exceed the token budget. While a step carries
 decodes, its prompt tokens are capped at ``prefill_chunk_size``: a step's time grows with its
-prompt tokens (an 8192-token prefill of an 8B model is ~150 ms of matmul), and every decoding
-request waits for the whole step, so the cap bounds the inter-token latency that arriving
-prompts add (at batch 32 with 8192-token steps: ITL p99 237 ms on an H200). The decodes ride on
-top of the cap: counting them against it (steps of exactly 2048 tokens) was measured slower on an
-H200 (32 prompts of 1024 prefilled in 808.7 vs 797.0 ms): the GEMMs gained nothing, and prompts
-split mid-sequence read their prefix back from the pages. With nothing decoding, prompts take the
-whole ``max_num_tokens``. Nothing is dropped: a request leaves only
+prompt tokens, and every decoding request waits for the whole step, so the cap bounds the
+inter-token latency that arriving prompts add. The decodes ride on top of the cap: counting them
+against it was measured slower (prompts split mid-sequence read their prefix back from the pages;
+docs/performance-history.md#the-scheduler-cap-h200-2026-11-30). With nothing decoding, prompts
+take the whole ``max_num_tokens``. Nothing is dropped: a request leaves only
 through ``release`` (finished, failed or aborted).
 """
 
@@ -37,7 +35,7 @@ class ScheduledBatch:
         return len(self.requests)
 
 
-# prompt tokens per step while requests decode (an 8B model on an H200: ~40 ms of prefill)
+# prompt tokens per step while requests decode (twice that doubled the decodes' ITL p99: performance-history.md)
 DEFAULT_PREFILL_CHUNK_SIZE = 2048
 
 

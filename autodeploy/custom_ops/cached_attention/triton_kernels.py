@@ -21,17 +21,8 @@ Variants of the canonical op (constexpr flags, compiled out when unused): slidin
 ALiBi (``slope_h * (j - i)`` added to the scores), chunk-local attention (keys of the query's
 chunk only: they bound the key range like a window) and sinks (one extra logit per head in the
 softmax denominator, folded in after the key loop, or when merging split decodes).
-
-Measured (scripts/gpu_check.py; H100 80GB HBM3, torch 2.11, triton 3.6, 2026-11-27; Llama-8B
-attention: 32/8 heads, head_dim 128, page 64, context 1024, bf16; per layer):
-- error vs float64: bf16 2.2e-3 max (torch backend 1.7e-3), fp16 2.7e-4;
-- decode, CUDA-graph replay: bs1 9.1 us, bs8 20.9 us, bs32 54.9 us (2.44 TB/s of K/V; the copy
-  ceiling is ~3.0 TB/s); torch backend 103 / 305 / 946 us. Small batches are latency-bound: a split
-  holds one 64-key block, then a separate combine kernel (merging in the last split was slower);
-- prefill (append + attention), commit b320015 with 128x64 tiles: bs1 0.10 ms, bs8 0.33 ms
-  (210 TFLOP/s), bs32 1.25 ms (220); dense SDPA (flash, unpaged) 0.035 / 0.16 / 0.65 ms; torch
-  backend 1.2 / 8.6 / 33.5 ms. The 64x64 / 4-warp tiles now default ran attention-only at
-  bs8 in 0.271 ms (254 TFLOP/s) against 0.307 for 128x64.
+Timings and accuracy (scripts/gpu_check.py): docs/performance.md and
+docs/performance-history.md#our-own-triton-attention-h100-2026-11-27.
 """
 
 from __future__ import annotations
@@ -442,8 +433,7 @@ def _score_consts(scale: float, cap: float) -> tuple[float, float]:
 
 
 # how a split decode merges its splits (decode_attention's ``merge``): a second launch was faster
-# at every batch size (H200, ctx 1088, per layer: bs1 9.6 vs 12.1 us, bs8 20.6 vs 22.5 us at 4
-# splits, bs32 43.8 vs 44.4 us at 2; scripts/gpu_check.py --decode-merge)
+# at every batch size (scripts/gpu_check.py --decode-merge; docs/performance-history.md)
 DECODE_MERGE = "launch"
 
 
@@ -479,7 +469,7 @@ def prefill_attention(q, k_cache, v_cache, input_pos, cu_seqlen, page_table, sca
     T, H, D = q.shape
     KV, DV = k_cache.shape[2], v_cache.shape[-1]
     # tiles that fit shared memory and registers (halved for wide heads or fp32); 64x64 with 4 warps
-    # was the fastest of six configs at Llama-8B shapes on an H100 (scripts/gpu_check.py)
+    # was the fastest of six configs at Llama-8B shapes (scripts/gpu_check.py)
     big = max(D, DV) > 128 or q.element_size() > 2
     block_m = block_m or 64
     block_n = block_n or (32 if big else 64)

@@ -2,7 +2,7 @@
 
 ``triton_kernels._prefill_attn`` reads every key, the new ones too, back from the pages it just
 appended them to: a page-table lookup and a gather per key block, so it cannot stream K/V the way
-flash attention does (2026-11-27, H100: 2x slower than dense SDPA on fresh 1024-token prompts).
+flash attention does (about 2x slower than dense SDPA on fresh prompts).
 Here a sequence's keys come from two places:
 - the new tokens' K/V (the ``k``/``v`` inputs, contiguous rows): a fresh prompt reads only these,
   with causal masking on the diagonal blocks only;
@@ -20,12 +20,8 @@ over-provisioned by B and programs past their sequence's end return at once. Sco
 Sliding windows and tanh soft-capping are supported; options the old kernels learn later (sinks,
 ALiBi) keep that path: see ``triton_kernels.cached_attention``.
 
-Measured against torch's flash attention (FA2 in torch 2.11, ``aten._flash_attention_forward``,
-varlen, GQA) for the fresh prompts of a step, on the H200 (scripts/gpu_check.py, kernels alone,
-per layer at Llama-8B shapes, 2026-12-01): one 1024-token prompt 48 us here vs 67 (FA2 plus
-``append_kv``), two prompts with 30 decodes 128 vs 194 us, 32 prompts 0.98 vs 1.25 ms; in the engine
-the batch-32 prompts were all prefilled 27 ms later with FA2 (823.7 vs 796.6 ms). That path was
-dropped (it is in commit 74c67ca).
+torch's flash attention (FA2) for a step's fresh prompts was measured slower than this kernel and
+dropped (commit 74c67ca has it): docs/performance-history.md#prefill-graphs-the-kv-append-flash-attention-dropped-h200-2026-12-01.
 """
 
 from __future__ import annotations
@@ -236,9 +232,8 @@ def _varlen_attn(
 
 def _block_n_one(block_n: int) -> int:
     """Keys per block of a decode row in a mixed batch: its loop over the cached context is latency
-    bound, so few large blocks (H200, 2 prompts of 1024 + 30 decodes at context 1024, per layer:
-    0.180 ms with 32 keys, 0.138 with 64, 0.123 with 128; scripts/gpu_check.py --mixed). The
-    smallest tiles (wide heads, fp32) keep theirs: shared memory."""
+    bound, so few large blocks (128 was the fastest: docs/performance-history.md). The smallest
+    tiles (wide heads, fp32) keep theirs: shared memory."""
     return 128 if block_n >= 64 else block_n
 
 

@@ -3,8 +3,8 @@
 HF computes cos/sin once per forward from ``position_ids`` (inverse frequencies times positions,
 then cos and sin), and every layer's ``autodeploy::rope`` reads them. Inductor treats that
 computation as cheap pointwise code and fuses a copy of it into each layer's RoPE kernel, so a
-prefill evaluates cos and sin once per layer and element: on an H200 the 1024-token prefill of a
-Llama-3.1-8B spent 24 us per layer in RoPE instead of ~5 (2026-11-30).
+prefill evaluates cos and sin once per layer and element (several times the RoPE kernel's own
+time: docs/performance-history.md#rope-tables-and-the-two-pass-argmax-h200-2026-11-30).
 
 Here a cos/sin pair that depends on ``position_ids`` alone (and on constants such as
 ``inv_freq``) is evaluated once, at build time, for positions ``[0, max_seq_len)``; the rope ops
