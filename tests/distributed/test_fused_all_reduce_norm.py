@@ -32,7 +32,12 @@ FUSED, ALL_REDUCE, ADD_NORM = ("autodeploy.all_reduce_add_rms_norm.default", "au
 
 
 def _ops(llm: LLM) -> Counter:
-    return Counter(str(n.target) for n, _ in nodes_through_regions(llm.engine.model) if n.op == "call_function")
+    """The graph's calls by op name; a CPU graph calls some ops' host functions (``inline_for_host``)."""
+    from autodeploy.compile.inline import host_impls
+
+    op_of = {fn: op for op, fn in host_impls().items()}
+    return Counter(str(op_of.get(n.target, n.target)) for n, _ in nodes_through_regions(llm.engine.model)
+                   if n.op == "call_function")
 
 
 def _hf_greedy(name: str, prompt: list[int], n: int) -> list[int]:

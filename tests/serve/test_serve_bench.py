@@ -19,7 +19,7 @@ SMALL = ["benchmark.num_prompts=6", "benchmark.isl=24", "benchmark.osl=6", "benc
 
 
 def test_multirun_over_request_rates_gives_the_sweep_summary(tmp_path):
-    proc = subprocess.run(launch_argv("-m", "benchmark=serve", "benchmark.request_rate=20,inf",
+    proc = subprocess.run(launch_argv("-m", "model=tiny_llama", "benchmark=serve", "benchmark.request_rate=20,inf",
                                       "benchmark.max_concurrency=4", *SMALL, *CPU_ARGS, f"hydra.sweep.dir={tmp_path}"),
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -71,12 +71,12 @@ def test_prompts_from_a_file(tmp_path, server, capsys):
 def test_isl_plus_osl_past_the_positions_is_an_error_before_model_work(kind):
     from autodeploy.config import ConfigError, compose_experiment, preflight
 
-    cfg = compose_experiment([kind, "benchmark.isl=500", "benchmark.osl=100", "args.device=cpu",
+    cfg = compose_experiment(["model=tiny_llama", kind, "benchmark.isl=500", "benchmark.osl=100", "args.device=cpu",
                               "transforms/compile=torch-simple"])
     with pytest.raises(ConfigError, match="600 exceeds the model's max_position_embeddings=512.*"
                                           "benchmark.allow_past_max_position=true"):
         preflight(cfg)
-    preflight(compose_experiment([kind, "benchmark.isl=500", "benchmark.osl=100", "args.device=cpu",
+    preflight(compose_experiment(["model=tiny_llama", kind, "benchmark.isl=500", "benchmark.osl=100", "args.device=cpu",
                                   "transforms/compile=torch-simple", "benchmark.allow_past_max_position=true"]))
 
 

@@ -170,8 +170,9 @@ def test_disconnect_mid_stream_frees_the_request(server):
 def test_disconnect_while_waiting_for_a_full_response(server):
     before = wait_idle(server)
     body = {"model": "tiny_llama", "prompt": "Hello", "max_tokens": 480, "ignore_eos": True}
+    # 480 tokens take far longer than 0.1 s (each step is at least a forward and a sample on the host)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.0)
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.1))
     after = wait_idle(server, timeout=10)
     assert after["autodeploy:kv_cache_usage_perc"] == 0.0
     assert after["autodeploy:generation_tokens_total"] - before["autodeploy:generation_tokens_total"] < 480

@@ -81,7 +81,7 @@ def test_sigterm_finishes_in_flight_aborts_the_rest_and_exits_0(tmp_path):
 
 
 def test_world_size_2_server_and_ctrl_c(tmp_path, server):
-    srv = ServerProcess(launch_argv("server=openai", "server.port=0", "args.world_size=2", *CPU_ARGS,
+    srv = ServerProcess(launch_argv("model=tiny_llama", "server=openai", "server.port=0", "args.world_size=2", *CPU_ARGS,
                                     f"hydra.run.dir={tmp_path / 'run'}"), tmp_path)
     try:
         workers = srv.children()
