@@ -5,13 +5,9 @@ with new inputs each time. Every rank returns its findings; rank 0 gathers them.
 
 from __future__ import annotations
 
-import io
-import multiprocessing
-import queue as queue_mod
-import socket
-import traceback
 
 import torch
+from gpu_ranks import run_on_ranks
 
 HIDDEN = 4096
 ROWS = [1, 4, 32, 128, 200]  # 128 rows of bf16 fill the 1 MiB buffer exactly; 200 take the two ops (NCCL)
@@ -19,51 +15,8 @@ REPLAYS = 5
 
 
 def run(world: int, dtype: str, timeout: float = 420.0) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, dtype, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        payload = results.get(timeout=timeout)
-    except queue_mod.Empty:
-        payload = f"no result within {timeout:.0f} s"
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-    if isinstance(payload, str):
-        raise RuntimeError(f"ranks failed: {[(r, p.exitcode) for r, p in enumerate(procs)]}\n{payload}")
-    return torch.load(io.BytesIO(payload), weights_only=False)
-
-
-def _rank_main(rank: int, world: int, port: int, dtype: str, results) -> None:
-    import torch.distributed as dist
-
-    from autodeploy.distributed.env import RankEnv
-    from autodeploy.distributed.ranks import _init_group, _store
-
-    try:
-        device = torch.device("cuda", rank)
-        env = RankEnv(rank, world, rank, "127.0.0.1", port, "spawn")
-        _init_group(env, _store(env), device)
-        found = _fused_vs_two_ops(rank, world, getattr(torch, dtype), device)
-        everyone = [None] * world
-        dist.all_gather_object(everyone, found)
-        if rank == 0:
-            buffer = io.BytesIO()
-            torch.save(everyone, buffer)
-            results.put(buffer.getvalue())
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        if rank == 0:
-            results.put(traceback.format_exc())
-        raise
+    """Every rank's findings, in rank order."""
+    return run_on_ranks(_fused_vs_two_ops, world, dtype, timeout=timeout)
 
 
 def _inputs(rows: int, dtype, device, rank: int, seed: int):
@@ -81,10 +34,11 @@ def _compare(got, ref) -> dict:
     }
 
 
-def _fused_vs_two_ops(rank: int, world: int, dtype, device) -> dict:
+def _fused_vs_two_ops(rank: int, world: int, device: torch.device, dtype: str) -> dict:
     from autodeploy.distributed import all_reduce_norm
     from autodeploy.distributed.all_reduce_norm import ONE_KERNEL, OneKernel, enable_one_kernel
 
+    dtype = getattr(torch, dtype)
     ops = torch.ops.autodeploy
     group = ",".join(str(r) for r in range(world))
     found = {"groups": enable_one_kernel([group], device, 1 << 20, HIDDEN, dtype)}

@@ -8,13 +8,9 @@ Rank 0 also runs HF transformers in float32 on the same inputs, to show both are
 
 from __future__ import annotations
 
-import io
-import multiprocessing
-import queue as queue_mod
-import socket
-import traceback
 
 import torch
+from gpu_ranks import run_on_ranks
 
 # decode- and prefill-sized batches (the hidden states of all are under the one-shot's 1 MiB limit),
 # each run several times back to back: consecutive all-reduces reuse the two symmetric buffers
@@ -24,54 +20,10 @@ ROUNDS = 5
 
 def run(world: int, dtype: str, timeout: float = 420.0) -> list[dict]:
     """Every rank's findings, in rank order."""
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, dtype, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        payload = results.get(timeout=timeout)  # rank 0's: every rank's findings, or its traceback
-    except queue_mod.Empty:
-        payload = f"no result within {timeout:.0f} s"
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-    if isinstance(payload, str):
-        raise RuntimeError(f"ranks failed: {[(r, p.exitcode) for r, p in enumerate(procs)]}\n{payload}")
-    return torch.load(io.BytesIO(payload), weights_only=False)
+    return run_on_ranks(_one_shot_vs_nccl, world, dtype, timeout=timeout)
 
 
-def _rank_main(rank: int, world: int, port: int, dtype: str, results) -> None:
-    import torch.distributed as dist
-
-    from autodeploy.distributed.env import RankEnv
-    from autodeploy.distributed.ranks import _init_group, _store
-
-    try:
-        device = torch.device("cuda", rank)
-        env = RankEnv(rank, world, rank, "127.0.0.1", port, "spawn")
-        _init_group(env, _store(env), device)
-        found = _one_shot_vs_nccl(rank, world, dtype, device)
-        everyone = [None] * world
-        dist.all_gather_object(everyone, found)
-        if rank == 0:
-            buffer = io.BytesIO()
-            torch.save(everyone, buffer)
-            results.put(buffer.getvalue())
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        if rank == 0:
-            results.put(traceback.format_exc())
-        raise
-
-
-def _one_shot_vs_nccl(rank: int, world: int, dtype: str, device: torch.device) -> dict:
+def _one_shot_vs_nccl(rank: int, world: int, device: torch.device, dtype: str) -> dict:
     from omegaconf import OmegaConf
 
     from autodeploy.config import compose_experiment
