@@ -169,9 +169,10 @@ def _job(cfg: DictConfig, resolved: bool = False):
         if cfg.dry_run:
             print_dry_run(cfg)
             return None
+        from autodeploy.config import experiment
         from autodeploy.run import run
 
-        return run(cfg, output_dir=hc.runtime.output_dir)
+        return run(experiment(cfg), output_dir=hc.runtime.output_dir)
     except Exception as e:  # noqa: BLE001 - a user's mistake exits 2; anything else is re-raised
         if hc.mode != RunMode.MULTIRUN:
             _exit_if_user_error(e, overrides, verbose=bool(hc.verbose), logged=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from .config.schema import ExperimentConfig, PromptConfig
 
 log = logging.getLogger("autodeploy")
 
 
-def expand_queries(prompt: DictConfig) -> list[Any]:
-    """``prompt.queries`` repeated or cut to ``prompt.batch_size`` (plain Python objects)."""
-    queries = OmegaConf.to_container(prompt.queries, resolve=True) or []
+def expand_queries(prompt: PromptConfig) -> list[Any]:
+    """``prompt.queries`` repeated or cut to ``prompt.batch_size``."""
+    queries = list(prompt.queries)
     if not queries:
         return []
     n = prompt.batch_size
@@ -37,7 +38,7 @@ def show_prompt(prompt: Any) -> str:
     return json.dumps(prompt)
 
 
-def random_weights_note(cfg: DictConfig, factory: Any) -> str | None:
+def random_weights_note(cfg: ExperimentConfig, factory: Any) -> str | None:
     """One line when the weights are random, so nobody reads meaning into the text."""
     from .models.cards import is_tiny
 
@@ -55,7 +56,7 @@ def random_weights_note(cfg: DictConfig, factory: Any) -> str | None:
     return f"[note  ] {why}, so its text is noise: {real_text}"
 
 
-def environment(cfg: DictConfig) -> dict[str, Any]:
+def environment(cfg: ExperimentConfig) -> dict[str, Any]:
     import transformers
 
     env = {
@@ -83,7 +84,7 @@ def _git_rev() -> str | None:
         return None
 
 
-def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
+def run(cfg: ExperimentConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     from .distributed.env import detect
     from .bench.report import build_stage_times
     from .llm import LLM
@@ -100,7 +101,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
             log.warning("rank %d of a world_size 1 run: nothing to do", rank_env.rank)
         return {}
     out_dir = Path(output_dir)
-    results: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True), "env": environment(cfg)}
+    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "env": environment(cfg)}
     if cfg.plan_only:
         return _plan_only(cfg, out_dir, results)
     serving = cfg.server.name != "none" or (cfg.benchmark.enabled and cfg.benchmark.kind == "serve")
@@ -140,7 +141,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     if llm.tokenizer is None:
         log.warning("model %s has no tokenizer: the prompt queries are skipped", cfg.model)
         queries = []
-    params = SamplingParams(**OmegaConf.to_container(cfg.prompt.sp_kwargs, resolve=True))
+    params = SamplingParams(**dataclasses.asdict(cfg.prompt.sp_kwargs))
     outputs = llm.generate(queries, params) if queries else []
     results["generations"] = []
     for out in outputs:
@@ -164,7 +165,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     return results
 
 
-def _check_serving(cfg: DictConfig) -> None:
+def _check_serving(cfg: ExperimentConfig) -> None:
     """Serving's checks, before any model work."""
     from .config.errors import ConfigError
     from .serve import check_installed
@@ -175,7 +176,7 @@ def _check_serving(cfg: DictConfig) -> None:
                           "(benchmark.enabled) would never run: use benchmark=serve to benchmark the server")
 
 
-def _finish(cfg: DictConfig, results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def _finish(cfg: ExperimentConfig, results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """results.json, the benchmark's JSON-lines row(s) and PNG, W&B."""
     from .bench import report, serve as serve_bench
 
@@ -197,7 +198,7 @@ def _sharding_results(plan) -> dict[str, Any]:
     return {"sharding_plan": [row.to_dict() for row in plan.rows()], "sharding_summary": plan.summary()}
 
 
-def _plan_only(cfg: DictConfig, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+def _plan_only(cfg: ExperimentConfig, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """``plan_only=true``: the sharding plan of ``args.world_size`` ranks, computed on meta here."""
     from .build import plan_sharding
 
@@ -223,7 +224,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str))
 
 
-def _track(cfg: DictConfig, results: dict[str, Any], out_dir: Path) -> None:
+def _track(cfg: ExperimentConfig, results: dict[str, Any], out_dir: Path) -> None:
     if cfg.logger.name != "wandb":
         return
     from .tracking import log_to_wandb

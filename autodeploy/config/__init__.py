@@ -12,16 +12,28 @@ from .cli import CONF_DIR, config_groups, model_cards, split_argv, to_overrides,
 from .errors import ConfigError, UserError, find_user_error
 from .preflight import preflight
 from .resolve import finalize, validate_transforms
-from .schema import ExperimentConfig, register_configs
+from .schema import AutoDeployArgs, ExperimentConfig, register_configs
 
 __all__ = [
-    "CONF_DIR", "ConfigError", "ExperimentConfig", "UserError", "compose_experiment", "config_groups", "finalize",
+    "AutoDeployArgs", "CONF_DIR", "ConfigError", "ExperimentConfig", "experiment", "UserError", "compose_experiment", "config_groups", "finalize",
     "find_user_error", "hydra_app", "model_cards", "preflight", "register_configs", "split_argv", "to_overrides",
     "translate_argv", "validate_transforms",
 ]
 
 
 _search: list[str] = []  # the search-path override of the app hydra_app initialized
+
+
+def experiment(cfg: DictConfig) -> ExperimentConfig:
+    """The composed config as typed objects (``ExperimentConfig``, plain dicts for transforms): the one
+    conversion, where a run, the ``LLM`` API or a sweep's job starts."""
+    from omegaconf import OmegaConf, open_dict
+
+    if "hydra" in cfg:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return OmegaConf.to_object(cfg)
 
 
 @contextmanager

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -277,9 +278,7 @@ class Ranks:
     def connect(self, config: Any) -> None:
         """Share the config, wait until every worker has checked in (failing at once if one dies or
         raises meanwhile), then set up the process group."""
-        from omegaconf import OmegaConf
-
-        self.store.set(CONFIG_KEY, OmegaConf.to_yaml(config, resolve=True))
+        self.store.set(CONFIG_KEY, pickle.dumps(config))  # the typed ExperimentConfig, as rank 0 runs it
         self.device = rank_device(str(config.args.device), self.env.local_rank)
         if self.cpu_threads is not None and self.device.type == "cpu":
             self._threads_before = torch.get_num_threads()
@@ -495,15 +494,13 @@ def start(config: Any) -> Ranks:
 
 def worker_main(env: RankEnv) -> None:
     """Ranks 1..N-1: build the same pipeline on this rank's shard, then run rank 0's steps."""
-    from omegaconf import OmegaConf
-
     from ..build import build_engine
 
     logging.getLogger("autodeploy").setLevel(logging.WARNING)
     faulthandler.enable()  # a fatal signal (an abort in a C++ library) prints the Python stack
     store = _store(env)
     try:
-        config = OmegaConf.create(store.get(CONFIG_KEY).decode())
+        config = pickle.loads(store.get(CONFIG_KEY))  # noqa: S301 - rank 0 of this run wrote it
         device = rank_device(str(config.args.device), env.local_rank)
         injected_fault(env.rank, "start")
         store.set(READY_KEY.format(rank=env.rank), str(torch.get_num_threads()))

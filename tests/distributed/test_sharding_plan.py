@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from autodeploy.build import plan_sharding
-from autodeploy.config import ConfigError, compose_experiment, find_user_error
+from autodeploy.config import ConfigError, compose_experiment, experiment, find_user_error
 from autodeploy.sharding import format_table
 from autodeploy.sharding.detect import pattern_matches
 from autodeploy.transforms.interface import BaseTransform, TransformInfo, register
@@ -25,7 +25,7 @@ GiB = 2**30
 
 def _plan(model: str, world: int, *overrides: str):
     cfg = compose_experiment([f"model={model}", f"args.world_size={world}", *overrides])
-    built = plan_sharding(cfg.args)
+    built = plan_sharding(experiment(cfg).args)
     return built.sharding, {r.target: r for r in built.sharding.rows()}
 
 

@@ -34,14 +34,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _arg(args: Any, name: str, default: Any = None) -> Any:
-    if args is None:
-        return default
-    if hasattr(args, "get"):
-        return args.get(name, default)
-    return getattr(args, name, default)
-
-
 def _check_dtype_options(config: TransformConfig, transform: str, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
@@ -187,7 +179,7 @@ def _node_args(node: fx.Node) -> dict[str, Any]:
 
 
 def _cache_dtype(setting: Optional[str], args: Any, like: torch.dtype) -> torch.dtype:
-    name = setting or _arg(args, "kv_cache_dtype", "auto") or "auto"
+    name = setting or args.kv_cache_dtype
     if name == "auto":
         return like
     if name not in _DTYPES:
