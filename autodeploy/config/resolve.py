@@ -90,13 +90,3 @@ def validate_transforms(cfg: DictConfig) -> None:
         plan_pipeline(OmegaConf.to_container(cfg.args.transforms, resolve=True))
     except (KeyError, ValueError) as e:
         raise ConfigError(str(e).strip("'\"")) from None
-    attention = cfg.args.transforms.get("insert_cached_attention")
-    if isinstance(attention, DictConfig) and attention.get("backend") is not None:
-        from autodeploy.custom_ops.cached_attention import get_backend
-
-        try:
-            get_backend(attention.backend)
-        except ValueError as e:  # an unknown name; whether a known one runs here is checked by preflight
-            raise ConfigError(f"backend={attention.backend} (args.attn_backend): {e}") from None
-        except RuntimeError:
-            pass

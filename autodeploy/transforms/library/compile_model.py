@@ -81,17 +81,10 @@ class CompileModelConfig(TransformConfig):
                              f"got {self.compiles!r}")
 
 
-def _prepare_hooks(gm: fx.GraphModule) -> list:
-    """The ``prepare`` hooks of the attention backends whose ops are in the graph (flashinfer plans there)."""
-    from ...custom_ops.cached_attention import BACKENDS, _load_builtin
-
-    _load_builtin()
-    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-    return [
-        b.prepare
-        for b in BACKENDS.values()
-        if b.prepare is not None and any(f"autodeploy.{b.op_name}" in t for t in targets)
-    ]
+def _prepare_hooks(ctx: BuildContext) -> list:
+    """The attention backend's ``prepare`` hook (flashinfer plans there), as insert_cached_attention chose it."""
+    backend = ctx.shared.get("attention_backend")
+    return [backend.prepare] if backend is not None and backend.prepare is not None else []
 
 
 def _prefill_buckets(cfg: "CompileModelConfig", gm: fx.GraphModule, info, cache) -> list[int]:
@@ -187,7 +180,7 @@ class CompileModel(BaseTransform):
         regional = cfg.regional and compiles_graph and cfg.compiles == "two" and _shapes_known(model)
         compiled, used = compile_graph(
             model, backend, ctx.device, sizes, example_inputs=example,
-            prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
+            prepare_hooks=_prepare_hooks(ctx), warmup_iters=cfg.num_warmup_iters,
             max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
             compiles=cfg.compiles, cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call,
             regional=regional, prefill_tokens=_prefill_buckets(cfg, model, info, ctx.cache),

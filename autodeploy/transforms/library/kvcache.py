@@ -205,7 +205,13 @@ class InsertCachedAttentionConfig(TransformConfig):
     requires_shape_prop: bool = True
 
     def __post_init__(self):
+        from ...custom_ops.cached_attention import check_name
+
         _check_dtype_options(self, "insert_cached_attention", "cache_dtype")
+        try:
+            check_name(self.backend)
+        except ValueError as e:
+            raise ValueError(f"backend={self.backend} (args.attn_backend): {e}") from None
 
 
 @register("insert_cached_attention")
@@ -218,6 +224,7 @@ class InsertCachedAttention(BaseTransform):
         cfg: InsertCachedAttentionConfig = self.config
         backend = get_backend(cfg.backend)
         cached_op = backend.op()  # fails early, naming a missing extra
+        ctx.shared["attention_backend"] = backend  # compile_model runs its prepare hook (flashinfer plans)
         source = _canonical_attention_op()
         nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is source]
         if not nodes:
