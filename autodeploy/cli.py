@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> None:
         name, where = flag_value(flags, "--config-name", "-cn") or "config", flag_value(flags, "--config-dir", "-cd")
         if any(f.split("=")[0] in _INFO_FLAGS for f in flags):
             pass  # Hydra answers
+        elif flag_value(flags, "--cfg", "-c") == "hydra":  # also with -m, which Hydra refuses
+            _print_hydra_config(flags, compose_experiment(argv, config_name=name, config_dir=where, with_hydra=True,
+                                                          check_transforms=False))
+            return
         elif _is_multirun(flags):  # Hydra runs the sweep; each job's config is Hydra's composition
             flags, overrides, _ = to_overrides(argv, multirun=True)
         elif flag_value(flags, "--cfg", "-c") == "job":
             _print_job_config(flags, compose_experiment(argv, config_name=name, config_dir=where))
-            return
-        elif flag_value(flags, "--cfg", "-c") == "hydra":
-            _print_hydra_config(flags, compose_experiment(argv, config_name=name, config_dir=where, with_hydra=True,
-                                                          check_transforms=False))
             return
         elif _run_once(argv, name, where):
             return

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from .config.schema import ExperimentConfig, PromptConfig
+from .units import human_bytes
 
 log = logging.getLogger("autodeploy")
 
@@ -210,8 +211,8 @@ def _plan_only(cfg: ExperimentConfig, out_dir: Path, results: dict[str, Any]) ->
     else:
         results.update(_sharding_results(built.sharding))
         summary = results["sharding_summary"]
-        print(f"world_size {summary['world_size']}: {summary['bytes_total'] / 2**30:.2f} GiB of weights in all, at most "
-              f"{summary['bytes_per_rank_max'] / 2**30:.2f} GiB per rank, {summary['collectives_per_forward']} "
+        print(f"world_size {summary['world_size']}: {human_bytes(summary['bytes_total'])} of weights in all, at most "
+              f"{human_bytes(summary['bytes_per_rank_max'])} per rank, {summary['collectives_per_forward']} "
               f"collectives per forward\n{built.sharding.summary_line()}", flush=True)
     path = out_dir / "results.json"
     _write_json(path, results)
