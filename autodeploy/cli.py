@@ -189,9 +189,9 @@ def _exit_if_user_error(e: BaseException, overrides: list[str], verbose: bool = 
         return
     message = one_line(error)
     if logged:  # into the run's log file only: the terminal gets the one line below
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.emit(logging.LogRecord("autodeploy", logging.ERROR, __file__, 0, message, None, None))
+        from autodeploy.run import to_log_file
+
+        to_log_file(logging.ERROR, message)
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -19,6 +19,13 @@ from .units import human_bytes
 log = logging.getLogger("autodeploy")
 
 
+def to_log_file(level: int, message: str) -> None:
+    """Into the run's log file only: what the terminal already shows as one plain line."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord("autodeploy", level, __file__, 0, message, None, None))
+
+
 def expand_queries(prompt: PromptConfig) -> list[Any]:
     """``prompt.queries`` repeated or cut to ``prompt.batch_size``."""
     queries = list(prompt.queries)
@@ -124,7 +131,7 @@ def run(cfg: ExperimentConfig, output_dir: str | os.PathLike = ".") -> dict[str,
     note = random_weights_note(cfg, llm.factory)
     if note:
         print(note, flush=True)
-        log.info("%s", note)
+        to_log_file(logging.INFO, note)
     if serving:  # the server (or the serving benchmark) instead of the prompts and the offline benchmark
         try:
             if cfg.benchmark.enabled:

@@ -51,13 +51,12 @@ def _check_values(cfg: DictConfig) -> None:
     ratio = cfg.args.free_mem_ratio
     if ratio is not None and not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"args.free_mem_ratio={ratio} must be within [0, 1]")
-    sp = cfg.prompt.sp_kwargs
-    if sp.temperature < 0:
-        raise ConfigError(f"prompt.sp_kwargs.temperature={sp.temperature} must be >= 0 (0 = greedy)")
-    if not 0.0 < sp.top_p <= 1.0:
-        raise ConfigError(f"prompt.sp_kwargs.top_p={sp.top_p} must be within (0, 1]")
-    if sp.top_k is not None and sp.top_k < 0:
-        raise ConfigError(f"prompt.sp_kwargs.top_k={sp.top_k} must be >= 0 (0 or null = off)")
+    from autodeploy.runtime.sampling_params import SamplingParams
+
+    try:  # one rule for sampling values: the Python API's (top_k -1, 0 or null = off, as in vLLM)
+        SamplingParams(**OmegaConf.to_container(cfg.prompt.sp_kwargs, resolve=True))
+    except ValueError as e:
+        raise ConfigError(f"prompt.sp_kwargs.{e}") from None
     if not isinstance(cfg.args.transforms, DictConfig):
         raise ConfigError("args.transforms must be a mapping of transform name -> options")
     for name, options in cfg.args.transforms.items():

@@ -163,7 +163,6 @@ MINIMUMS = {
     "args.attn_page_size": 1,
     "args.prefill_chunk_size": 1,
     "prompt.batch_size": 1,
-    "prompt.sp_kwargs.max_tokens": 1,
     "benchmark.bs": 1,
     "benchmark.isl": 1,
     "benchmark.osl": 1,

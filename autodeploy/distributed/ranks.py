@@ -492,11 +492,30 @@ def start(config: Any) -> Ranks:
     return ranks
 
 
+class _OwnRecords(logging.Filter):
+    """A worker's own records: its errors, and warnings of its process group and collectives. The
+    rest (the model, the export, the plan) is the same on every rank, and rank 0 reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.startswith(__package__)
+
+
+def worker_logging(rank: int) -> None:
+    """Ranks > 0 print only what is theirs, each line prefixed with the rank."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_OwnRecords())
+    logger = logging.getLogger("autodeploy")
+    logger.handlers[:] = [handler]
+    logger.propagate = False  # not also through a root handler (torchrun's, Hydra's)
+    logger.setLevel(logging.WARNING)
+
+
 def worker_main(env: RankEnv) -> None:
     """Ranks 1..N-1: build the same pipeline on this rank's shard, then run rank 0's steps."""
     from ..build import build_engine
 
-    logging.getLogger("autodeploy").setLevel(logging.WARNING)
+    worker_logging(env.rank)
     faulthandler.enable()  # a fatal signal (an abort in a C++ library) prints the Python stack
     store = _store(env)
     try:
