@@ -70,6 +70,7 @@ def build_engine(args: AutoDeployArgs, *, rank: int = 0, world_size: int = 1, pr
     t_pipeline = time.perf_counter()
     tokenizer = None if args.skip_tokenizer_init or rank > 0 else factory.init_tokenizer()
     engine = Engine(model, cache, tokenizer, eos_token_id=getattr(factory.config, "eos_token_id", None),
+                    vocab_size=factory.config.vocab_size,
                     prefill_chunk_size=args.prefill_chunk_size, overlap=args.overlap_scheduler)
     end = time.perf_counter()
     phases = {"setup": t_setup - t0, "pipeline": t_pipeline - t_setup, "engine": end - t_pipeline}

@@ -28,14 +28,9 @@ _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--s
 
 
 def main(argv: list[str] | None = None) -> None:
-    from autodeploy.distributed.env import detect
+    from autodeploy.distributed.env import serve_if_worker
 
-    rank_env = detect()
-    if rank_env is not None and rank_env.rank > 0:
-        # torchrun / srun started this process as a worker rank: rank 0 composes the config and sends it
-        from autodeploy.distributed.ranks import worker_main
-
-        worker_main(rank_env)
+    if serve_if_worker():  # torchrun / srun started this process as a worker: rank 0 composes and sends the config
         # done: its process group is destroyed and rank 0 told. Leave without the interpreter's
         # teardown, where C++ threads of torch's libraries are destroyed at random (the suspected
         # source of a rare "terminate called without an active exception" abort of this rank in CI)

@@ -80,7 +80,7 @@ class LLM:
         if world_size > 1:
             from .distributed.ranks import start
 
-            self.ranks = start(self.config)  # spawns (or joins) the other ranks
+            self.ranks = start(self.config, world_size)  # spawns (or joins) the other ranks
         try:
             # marked busy: a worker that fails while rank 0 waits in one of the build's collectives
             # (process groups, the KV cache sizing) ends the run instead of hanging it

@@ -93,21 +93,14 @@ def _git_rev() -> str | None:
 
 
 def run(cfg: ExperimentConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
-    from .distributed.env import detect
     from .bench.report import build_stage_times
     from .llm import LLM
     from .runtime.sampling_params import SamplingParams
 
-    rank_env = detect()
-    if rank_env is not None and rank_env.rank > 0 and not cfg.plan_only:
-        # a launcher (SLURM/submitit) ran this job in every task: ranks > 0 serve rank 0 and write nothing
-        if cfg.args.world_size > 1:
-            from .distributed.ranks import worker_main
+    from .distributed.env import serve_if_worker
 
-            worker_main(rank_env)
-        else:
-            log.warning("rank %d of a world_size 1 run: nothing to do", rank_env.rank)
-        return {}
+    if not cfg.plan_only and serve_if_worker(cfg.args.world_size):  # SLURM ran this job in every task
+        return {}  # ranks > 0 serve rank 0 and write nothing
     out_dir = Path(output_dir)
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "env": environment(cfg)}
     if cfg.plan_only:

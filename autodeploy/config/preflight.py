@@ -88,10 +88,10 @@ def _check_spawned_ranks_fit(args: Any) -> None:
     launcher places the ranks)."""
     import torch
 
-    from autodeploy.distributed.env import detect
+    from autodeploy.distributed.env import launcher_env
 
     world, gpus = int(args.world_size), torch.cuda.device_count()
-    if world > gpus and detect() is None:
+    if world > gpus and launcher_env() is None:
         raise ConfigError(
             f"args.world_size={world} needs {world} GPUs (one per rank) but {gpus} are visible: lower "
             "args.world_size, make more GPUs visible (CUDA_VISIBLE_DEVICES), or use args.device=cpu"

@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .env import RankEnv, detect
+from .env import RankEnv, launcher_env
 
 log = logging.getLogger("autodeploy.distributed")
 
@@ -461,11 +461,10 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def start(config: Any) -> Ranks:
-    """Rank 0: join the external launcher's ranks or spawn the workers, share ``config`` (the
-    resolved experiment config), and set up the process group."""
-    world = int(config.args.world_size)
-    env = detect()
+def start(config: Any, world: int) -> Ranks:
+    """Rank 0 of ``world`` ranks: join the external launcher's ranks or spawn the workers, share
+    ``config`` (the typed experiment config), and set up the process group."""
+    env = launcher_env()
     procs: list = []
     threads = None
     if env is not None:

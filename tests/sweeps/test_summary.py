@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from autodeploy.distributed.env import launcher_env
 from autodeploy.sweep.jobs import describe, run_isolated
 from autodeploy.sweep.summary import collect, write_summary
 from sweep_helpers import assert_png, summary_rows
@@ -147,6 +148,7 @@ def test_run_isolated_records_on_rank0_and_reraises_on_workers(tmp_path, monkeyp
     assert saved["job_num"] == 3 and saved["overrides"] == ["a=1"] and "Traceback" in saved["traceback"]
     monkeypatch.setenv("SLURM_PROCID", "1")  # task 1 of 2: a worker rank
     monkeypatch.setenv("SLURM_NTASKS", "2")
+    launcher_env.cache_clear()  # a process reads its launcher's variables once; this test changes them
     with pytest.raises(RuntimeError, match="rank died"):
         run_isolated(boom, str(tmp_path / "r1"), ["a=1"], 3)
     assert not (tmp_path / "r1").exists()  # a worker rank writes nothing
