@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         elif _run_once(argv, name, where):
             return
+        else:  # the config asks for a multirun (a sweep file): Hydra runs it, as with -m
+            flags, overrides, _ = to_overrides(argv, multirun=True)
     except Exception as e:  # noqa: BLE001 - a user's mistake exits 2; anything else is re-raised
         _exit_if_user_error(e, overrides)
         raise
