@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from .config.schema import AutoDeployArgs
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Built:
     phases: dict[str, float] | None = None  # seconds: setup (factory, cache), pipeline, tokenizer + engine
 
 
-def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> Built:
+def build_engine(args: AutoDeployArgs, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> Built:
     """Factory -> transform pipeline (with a progress bar) -> engine."""
     from tqdm.auto import tqdm
 
@@ -55,7 +55,7 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
     ctx = BuildContext(
         args=args, factory=factory, device=device, dtype=factory.dtype, rank=rank, world_size=world_size, cache=cache
     )
-    optimizer = InferenceOptimizer(_plain(args.transforms))
+    optimizer = InferenceOptimizer(args.transforms)
     log.info("building %s (%s) on %s, %s: %d transforms", args.model, factory.model_class_name, device,
              factory.dtype, len(optimizer.pipeline))
     # disable=None: no bar when stderr is not a terminal (logs, CI)
@@ -70,7 +70,8 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
     t_pipeline = time.perf_counter()
     tokenizer = None if args.skip_tokenizer_init or rank > 0 else factory.init_tokenizer()
     engine = Engine(model, cache, tokenizer, eos_token_id=getattr(factory.config, "eos_token_id", None),
-                    prefill_chunk_size=args.get("prefill_chunk_size"), overlap=args.get("overlap_scheduler"))
+                    vocab_size=factory.config.vocab_size,
+                    prefill_chunk_size=args.prefill_chunk_size, overlap=args.overlap_scheduler)
     end = time.perf_counter()
     phases = {"setup": t_setup - t0, "pipeline": t_pipeline - t_setup, "engine": end - t_pipeline}
     log.info("built in %.1fs (%s)", end - t0, ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
@@ -78,7 +79,7 @@ def build_engine(args: DictConfig, *, rank: int = 0, world_size: int = 1, progre
                  phases)
 
 
-def plan_sharding(args: DictConfig) -> Built:
+def plan_sharding(args: AutoDeployArgs) -> Built:
     """Plan-only mode: the pipeline up to and including ``sharding`` on meta, in this one process,
     as rank 0 of ``args.world_size`` (no process group, no weights): a 70B plan on a laptop."""
     from .models.factory import create_factory
@@ -87,7 +88,7 @@ def plan_sharding(args: DictConfig) -> Built:
 
     t0 = time.perf_counter()
     factory = create_factory(args)
-    transforms = {name: opts for name, opts in _plain(args.transforms).items()
+    transforms = {name: opts for name, opts in args.transforms.items()
                   if Stage.parse(opts["stage"]) <= Stage.SHARDING}
     ctx = BuildContext(args=args, factory=factory, device=torch.device("meta"), dtype=factory.dtype, rank=0,
                        world_size=int(args.world_size))
@@ -95,7 +96,3 @@ def plan_sharding(args: DictConfig) -> Built:
     optimizer(ctx)
     return Built(None, factory, [r.to_dict() for r in optimizer.report], time.perf_counter() - t0,
                  ctx.shared.get("sharding_plan"))
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -19,6 +19,7 @@ Location and switch: ``AUTODEPLOY_BUILD_CACHE`` unset or ``1``: ``$AUTODEPLOY_CA
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -112,8 +113,6 @@ class BuildCache:
     @classmethod
     def for_build(cls, ctx: Any) -> Optional["BuildCache"]:
         """The entry of the build ``ctx`` describes, or None when the cache is off."""
-        from omegaconf import DictConfig, OmegaConf
-
         directory = cache_dir()
         if directory is None or ctx.factory is None:
             return None
@@ -122,7 +121,7 @@ class BuildCache:
         except ImportError:
             log.warning("build cache: torch %s has no torch.fx._graph_pickler; building from scratch", torch.__version__)
             return None
-        args = OmegaConf.to_container(ctx.args, resolve=True) if isinstance(ctx.args, DictConfig) else ctx.args
+        args = dataclasses.asdict(ctx.args)
         factory = ctx.factory
         inputs = {
             "format": FORMAT, "code": source_hash(), "versions": library_versions(), "args": args,

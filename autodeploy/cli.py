@@ -18,19 +18,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from autodeploy.config import (
-    ConfigError,
-    compose_experiment,
-    config_groups,
-    find_user_error,
-    group_overrides,
-    register_configs,
-    resolve_experiment,
-    split_argv,
-    translate_argv,
-    validate_override_keys,
-    validate_transforms,
-)
+from autodeploy.config import ConfigError, compose_experiment, find_user_error, hydra_app, register_configs, to_overrides
+from autodeploy.config.cli import flag_value, split_argv, translate_argv
 
 log = logging.getLogger("autodeploy")
 
@@ -39,14 +28,9 @@ _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--s
 
 
 def main(argv: list[str] | None = None) -> None:
-    from autodeploy.distributed.env import detect
+    from autodeploy.distributed.env import serve_if_worker
 
-    rank_env = detect()
-    if rank_env is not None and rank_env.rank > 0:
-        # torchrun / srun started this process as a worker rank: rank 0 composes the config and sends it
-        from autodeploy.distributed.ranks import worker_main
-
-        worker_main(rank_env)
+    if serve_if_worker():  # torchrun / srun started this process as a worker: rank 0 composes and sends the config
         # done: its process group is destroyed and rank 0 told. Leave without the interpreter's
         # teardown, where C++ threads of torch's libraries are destroyed at random (the suspected
         # source of a rare "terminate called without an active exception" abort of this rank in CI)
@@ -54,31 +38,61 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(0)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        argv = serve_argv(argv[1:])
     register_configs()
     if _answer_completion(argv):
         return
     overrides: list[str] = []
     try:
+        if argv[:1] == ["serve"]:
+            argv = serve_argv(argv[1:])
         flags, overrides = split_argv(translate_argv(argv))
-        if not any(f.split("=")[0] in _INFO_FLAGS for f in flags):
-            validate_override_keys(overrides)
-            _check_launcher(overrides)
-            if _wants_job_config(flags):
-                _print_job_config(flags, overrides)
-                return
-            if _flag_value(flags, "--cfg", "-c") == "hydra":
-                _print_hydra_config(flags, overrides)
-                return
-            if not _is_multirun(flags):  # every config error now, before Hydra starts a run folder
-                _compose(flags, overrides)
+        name, where = flag_value(flags, "--config-name", "-cn") or "config", flag_value(flags, "--config-dir", "-cd")
+        if any(f.split("=")[0] in _INFO_FLAGS for f in flags):
+            pass  # Hydra answers
+        elif flag_value(flags, "--cfg", "-c") == "hydra":  # also with -m, which Hydra refuses
+            _print_hydra_config(flags, compose_experiment(argv, config_name=name, config_dir=where, with_hydra=True,
+                                                          check_transforms=False))
+            return
+        elif _is_multirun(flags):  # Hydra runs the sweep; each job's config is Hydra's composition
+            flags, overrides, _ = to_overrides(argv, multirun=True)
+        elif flag_value(flags, "--cfg", "-c") == "job":
+            _print_job_config(flags, compose_experiment(argv, config_name=name, config_dir=where))
+            return
+        elif _run_once(argv, name, where):
+            return
+        else:  # the config asks for a multirun (a sweep file): Hydra runs it, as with -m
+            flags, overrides, _ = to_overrides(argv, multirun=True)
     except Exception as e:  # noqa: BLE001 - a user's mistake exits 2; anything else is re-raised
         _exit_if_user_error(e, overrides)
         raise
     sys.argv = [sys.argv[0]] + flags + overrides
     _hydra_entry()
     _exit_if_jobs_failed()
+
+
+def _run_once(argv: list[str], config_name: str, config_dir: str | None) -> bool:
+    """A single run: compose once (every config error now, before a run folder exists), then run the
+    job in Hydra's run folder with Hydra's logging, as ``@hydra.main`` would. False: the config asks
+    for a multirun (a sweep file), which Hydra runs."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import configure_log, run_job
+    from hydra.types import HydraContext, RunMode
+
+    with hydra_app(config_name, config_dir):
+        cfg = compose_experiment(argv, config_name=config_name, config_dir=config_dir, with_hydra=True)
+        if cfg.hydra.mode == RunMode.MULTIRUN:
+            return False
+        cfg.hydra.mode = RunMode.RUN
+        configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+        callbacks = Callbacks(cfg)
+        callbacks.on_run_start(config=cfg, config_name=config_name)
+        context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=callbacks)
+        ret = run_job(hydra_context=context, task_function=lambda task: _job(task, resolved=True), config=cfg,
+                      job_dir_key="hydra.run.dir", job_subdir_key=None, configure_logging=True)
+        callbacks.on_run_end(config=cfg, config_name=config_name, job_return=ret)
+    ret.return_value  # noqa: B018 - raises the job's exception
+    return True
 
 
 # `autodeploy serve` flags that vLLM users type -> ours (every launch.py flag works too)
@@ -110,17 +124,6 @@ def serve_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _check_launcher(overrides: list[str]) -> None:
-    """The submitit presets need the plugin: one line that says so, instead of Hydra's lookup error."""
-    import importlib.util
-
-    for ov in overrides:
-        key, _, value = ov.partition("=")
-        if key.lstrip("+") == "hydra/launcher" and value in ("local", "slurm"):
-            if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
-                raise ConfigError(f"hydra/launcher={value} needs the slurm extra: pip install 'autodeploy[slurm]'")
-
-
 def _exit_if_jobs_failed() -> None:
     """After a multirun: the summary is written; a failed job makes the exit status non-zero."""
     from autodeploy.sweep.callback import last_summary
@@ -145,29 +148,28 @@ def _hydra_entry(cli_cfg: DictConfig):
     return _job(cli_cfg)
 
 
-def _job(cli_cfg: DictConfig):
+def _job(cfg: DictConfig, resolved: bool = False):
+    """One job: ``cfg`` is final (``resolved``, a single run) or Hydra's composition of a sweep's job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from autodeploy.config import finalize, validate_transforms
     from autodeploy.tracking import check_logger
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
     try:
-        groups = group_overrides(overrides, config_groups())
-        defaults = hydra.compose(hc.job.config_name, overrides=groups)
-        cfg = resolve_experiment(
-            cli_cfg, defaults, overrides,
-            compose_defaults=lambda choice: hydra.compose(hc.job.config_name, overrides=groups + [choice]),
-        )
-        validate_transforms(cfg)
+        if not resolved:
+            finalize(cfg)
+            validate_transforms(cfg)
         check_logger(cfg.logger)
         if cfg.dry_run:
             print_dry_run(cfg)
             return None
+        from autodeploy.config import experiment
         from autodeploy.run import run
 
-        return run(cfg, output_dir=hc.runtime.output_dir)
+        return run(experiment(cfg), output_dir=hc.runtime.output_dir)
     except Exception as e:  # noqa: BLE001 - a user's mistake exits 2; anything else is re-raised
         if hc.mode != RunMode.MULTIRUN:
             _exit_if_user_error(e, overrides, verbose=bool(hc.verbose), logged=True)
@@ -183,8 +185,10 @@ def _exit_if_user_error(e: BaseException, overrides: list[str], verbose: bool = 
     if error is None or verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return
     message = one_line(error)
-    if logged:
-        log.error("%s", message)
+    if logged:  # into the run's log file only: the terminal gets the one line below
+        from autodeploy.run import to_log_file
+
+        to_log_file(logging.ERROR, message)
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -221,37 +225,8 @@ def _is_multirun(flags: list[str]) -> bool:
     return "-m" in flags or "--multirun" in flags
 
 
-def _compose(flags: list[str], overrides: list[str]) -> DictConfig:
-    config_name = _flag_value(flags, "--config-name", "-cn") or "config"
-    config_dir = _flag_value(flags, "--config-dir", "-cd")
-    return compose_experiment(overrides, config_name=config_name, config_dir=config_dir)
-
-
-def _wants_job_config(flags: list[str]) -> bool:
-    if "-m" in flags or "--multirun" in flags:
-        return False
-    for i, f in enumerate(flags):
-        if f in ("--cfg", "-c") and i + 1 < len(flags) and flags[i + 1] == "job":
-            return True
-        if f in ("--cfg=job", "-c=job"):
-            return True
-    return False
-
-
-def _flag_value(flags: list[str], *names: str) -> str | None:
-    for i, f in enumerate(flags):
-        for n in names:
-            if f == n and i + 1 < len(flags):
-                return flags[i + 1]
-            if f.startswith(n + "="):
-                return f.split("=", 1)[1]
-    return None
-
-
-def _print_job_config(flags: list[str], overrides: list[str]) -> None:
-    cfg = _compose(flags, overrides)
-    package = _flag_value(flags, "--package", "-p")
-    resolve = "--resolve" in flags
+def _print_job_config(flags: list[str], cfg: DictConfig) -> None:
+    package, resolve = flag_value(flags, "--package", "-p"), "--resolve" in flags
     if package:
         node = OmegaConf.select(cfg, package)
         print(f"# @package {package}")
@@ -260,16 +235,10 @@ def _print_job_config(flags: list[str], overrides: list[str]) -> None:
         print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
 
 
-def _print_hydra_config(flags: list[str], overrides: list[str]) -> None:
+def _print_hydra_config(flags: list[str], cfg: DictConfig) -> None:
     """``--cfg hydra`` (also with ``-m``, which Hydra refuses): Hydra's node composed with the
     experiment, so ``--resolve`` can fill values such as the launcher's ``${args.world_size}``."""
-    config_name = _flag_value(flags, "--config-name", "-cn") or "config"
-    config_dir = _flag_value(flags, "--config-dir", "-cd")
-    cfg = compose_experiment(overrides, config_name=config_name, config_dir=config_dir, with_hydra=True,
-                             check_transforms=False)  # only Hydra's node is shown
-    node = cfg.hydra
-    if "--resolve" in flags:
-        node = _resolve_what_can_be(cfg, "hydra")
+    node = _resolve_what_can_be(cfg, "hydra") if "--resolve" in flags else cfg.hydra
     print(OmegaConf.to_yaml(OmegaConf.create({"hydra": node})), end="")
 
 

@@ -16,16 +16,16 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from .config import ConfigError, compose_experiment
+from .config import ConfigError, compose_experiment, experiment
 from .config.cli import model_cards
-from .config.schema import AutoDeployArgs
+from .config.schema import AutoDeployArgs, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
 ARG_FIELDS = [f.name for f in fields(AutoDeployArgs)]
 
 
-def config_from_kwargs(model: str | None = None, **kwargs: Any) -> DictConfig:
+def config_from_kwargs(model: str | None = None, **kwargs: Any) -> ExperimentConfig:
     """Resolve the experiment config that ``LLM(model, **kwargs)`` runs with."""
     unknown = [k for k in kwargs if k not in ARG_FIELDS]
     if unknown:
@@ -43,7 +43,7 @@ def config_from_kwargs(model: str | None = None, **kwargs: Any) -> DictConfig:
             overrides.append(f"model={model}")  # a card selects its config group option
         else:
             layer["args"]["model"] = str(model)
-    return compose_experiment(overrides, extra_layer=layer)
+    return experiment(compose_experiment(overrides, extra_layer=layer))
 
 
 class LLM:
@@ -57,15 +57,15 @@ class LLM:
         self.build_phases = {"config": config_s, **self.build_phases}  # from_config: composed elsewhere
 
     @classmethod
-    def from_config(cls, config: DictConfig) -> "LLM":
-        """Build from an already resolved experiment config (what launch.py does)."""
+    def from_config(cls, config: ExperimentConfig | DictConfig) -> "LLM":
+        """Build from an experiment config (launch.py's, or ``compose_experiment``'s, converted here)."""
         llm = cls.__new__(cls)
-        llm.config = config
+        llm.config = config if isinstance(config, ExperimentConfig) else experiment(config)
         llm._build()
         return llm
 
     @property
-    def args(self) -> DictConfig:
+    def args(self) -> AutoDeployArgs:
         return self.config.args
 
     def _build(self) -> None:
@@ -80,7 +80,7 @@ class LLM:
         if world_size > 1:
             from .distributed.ranks import start
 
-            self.ranks = start(self.config)  # spawns (or joins) the other ranks
+            self.ranks = start(self.config, world_size)  # spawns (or joins) the other ranks
         try:
             # marked busy: a worker that fails while rank 0 waits in one of the build's collectives
             # (process groups, the KV cache sizing) ends the run instead of hanging it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,14 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from .config.schema import ExperimentConfig, PromptConfig
+from .units import human_bytes
 
 log = logging.getLogger("autodeploy")
 
 
-def expand_queries(prompt: DictConfig) -> list[Any]:
-    """``prompt.queries`` repeated or cut to ``prompt.batch_size`` (plain Python objects)."""
-    queries = OmegaConf.to_container(prompt.queries, resolve=True) or []
+def to_log_file(level: int, message: str) -> None:
+    """Into the run's log file only: what the terminal already shows as one plain line."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord("autodeploy", level, __file__, 0, message, None, None))
+
+
+def expand_queries(prompt: PromptConfig) -> list[Any]:
+    """``prompt.queries`` repeated or cut to ``prompt.batch_size``."""
+    queries = list(prompt.queries)
     if not queries:
         return []
     n = prompt.batch_size
@@ -37,7 +46,7 @@ def show_prompt(prompt: Any) -> str:
     return json.dumps(prompt)
 
 
-def random_weights_note(cfg: DictConfig, factory: Any) -> str | None:
+def random_weights_note(cfg: ExperimentConfig, factory: Any) -> str | None:
     """One line when the weights are random, so nobody reads meaning into the text."""
     from .models.cards import is_tiny
 
@@ -55,7 +64,7 @@ def random_weights_note(cfg: DictConfig, factory: Any) -> str | None:
     return f"[note  ] {why}, so its text is noise: {real_text}"
 
 
-def environment(cfg: DictConfig) -> dict[str, Any]:
+def environment(cfg: ExperimentConfig) -> dict[str, Any]:
     import transformers
 
     env = {
@@ -83,24 +92,17 @@ def _git_rev() -> str | None:
         return None
 
 
-def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
-    from .distributed.env import detect
+def run(cfg: ExperimentConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     from .bench.report import build_stage_times
     from .llm import LLM
     from .runtime.sampling_params import SamplingParams
 
-    rank_env = detect()
-    if rank_env is not None and rank_env.rank > 0 and not cfg.plan_only:
-        # a launcher (SLURM/submitit) ran this job in every task: ranks > 0 serve rank 0 and write nothing
-        if cfg.args.world_size > 1:
-            from .distributed.ranks import worker_main
+    from .distributed.env import serve_if_worker
 
-            worker_main(rank_env)
-        else:
-            log.warning("rank %d of a world_size 1 run: nothing to do", rank_env.rank)
-        return {}
+    if not cfg.plan_only and serve_if_worker(cfg.args.world_size):  # SLURM ran this job in every task
+        return {}  # ranks > 0 serve rank 0 and write nothing
     out_dir = Path(output_dir)
-    results: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True), "env": environment(cfg)}
+    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "env": environment(cfg)}
     if cfg.plan_only:
         return _plan_only(cfg, out_dir, results)
     serving = cfg.server.name != "none" or (cfg.benchmark.enabled and cfg.benchmark.kind == "serve")
@@ -122,7 +124,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     note = random_weights_note(cfg, llm.factory)
     if note:
         print(note, flush=True)
-        log.info("%s", note)
+        to_log_file(logging.INFO, note)
     if serving:  # the server (or the serving benchmark) instead of the prompts and the offline benchmark
         try:
             if cfg.benchmark.enabled:
@@ -140,7 +142,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     if llm.tokenizer is None:
         log.warning("model %s has no tokenizer: the prompt queries are skipped", cfg.model)
         queries = []
-    params = SamplingParams(**OmegaConf.to_container(cfg.prompt.sp_kwargs, resolve=True))
+    params = SamplingParams(**dataclasses.asdict(cfg.prompt.sp_kwargs))
     outputs = llm.generate(queries, params) if queries else []
     results["generations"] = []
     for out in outputs:
@@ -164,7 +166,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike = ".") -> dict[str, Any]:
     return results
 
 
-def _check_serving(cfg: DictConfig) -> None:
+def _check_serving(cfg: ExperimentConfig) -> None:
     """Serving's checks, before any model work."""
     from .config.errors import ConfigError
     from .serve import check_installed
@@ -175,7 +177,7 @@ def _check_serving(cfg: DictConfig) -> None:
                           "(benchmark.enabled) would never run: use benchmark=serve to benchmark the server")
 
 
-def _finish(cfg: DictConfig, results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def _finish(cfg: ExperimentConfig, results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """results.json, the benchmark's JSON-lines row(s) and PNG, W&B."""
     from .bench import report, serve as serve_bench
 
@@ -197,7 +199,7 @@ def _sharding_results(plan) -> dict[str, Any]:
     return {"sharding_plan": [row.to_dict() for row in plan.rows()], "sharding_summary": plan.summary()}
 
 
-def _plan_only(cfg: DictConfig, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+def _plan_only(cfg: ExperimentConfig, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """``plan_only=true``: the sharding plan of ``args.world_size`` ranks, computed on meta here."""
     from .build import plan_sharding
 
@@ -209,8 +211,8 @@ def _plan_only(cfg: DictConfig, out_dir: Path, results: dict[str, Any]) -> dict[
     else:
         results.update(_sharding_results(built.sharding))
         summary = results["sharding_summary"]
-        print(f"world_size {summary['world_size']}: {summary['bytes_total'] / 2**30:.2f} GiB of weights in all, at most "
-              f"{summary['bytes_per_rank_max'] / 2**30:.2f} GiB per rank, {summary['collectives_per_forward']} "
+        print(f"world_size {summary['world_size']}: {human_bytes(summary['bytes_total'])} of weights in all, at most "
+              f"{human_bytes(summary['bytes_per_rank_max'])} per rank, {summary['collectives_per_forward']} "
               f"collectives per forward\n{built.sharding.summary_line()}", flush=True)
     path = out_dir / "results.json"
     _write_json(path, results)
@@ -223,7 +225,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str))
 
 
-def _track(cfg: DictConfig, results: dict[str, Any], out_dir: Path) -> None:
+def _track(cfg: ExperimentConfig, results: dict[str, Any], out_dir: Path) -> None:
     if cfg.logger.name != "wandb":
         return
     from .tracking import log_to_wandb

@@ -36,3 +36,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "multigpu" in item.keywords and n_gpus < 2:
             item.add_marker(skip_multi)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launcher_env():
+    """A process reads its launcher's rank variables once (distributed/env.launcher_env); a test that
+    sets them (monkeypatch) must not leave its reading to the next test."""
+    from autodeploy.distributed.env import launcher_env
+
+    launcher_env.cache_clear()
+    yield
+    launcher_env.cache_clear()

@@ -18,11 +18,12 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 def _build(model: str = "tiny_llama", *extra: str):
     from autodeploy.build import build_engine
-    from autodeploy.config import compose_experiment
+    from autodeploy.config import compose_experiment, experiment
 
     cfg = compose_experiment([f"model={model}", "args.device=cpu", "args.max_batch_size=4", "args.max_seq_len=96",
                               "args.skip_tokenizer_init=true", *extra])
-    built = build_engine(cfg.args, progress=False)
+    built = build_engine(experiment(cfg).args, progress=False)
+    assert built.engine.vocab_size == built.factory.config.vocab_size  # the factory tells the engine
     rows = {r["name"]: r for r in built.report}
     tokens = [o.token_ids for o in built.engine.generate(PROMPTS, GREEDY, progress=False)]
     return rows, tokens

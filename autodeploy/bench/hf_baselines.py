@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    from autodeploy.config import compose_experiment
+    from autodeploy.config import compose_experiment, experiment
     from autodeploy.models.factory import create_factory
 
     from .benchmark import random_prompts
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = compose_experiment([f"model={args.model}"], check_transforms=False)
+    cfg = experiment(compose_experiment([f"model={args.model}"], check_transforms=False))
     factory = create_factory(cfg.args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts = random_prompts(args.bs, args.isl, factory.config.vocab_size)

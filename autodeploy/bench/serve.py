@@ -165,14 +165,13 @@ def run_serve_benchmark(cfg: Any, llm: Any = None) -> dict[str, Any]:
         raw = run_client(str(bench.url), bench, requests, cfg.server.served_model_name)
         url = str(bench.url)
     else:
+        import dataclasses
+
         from ..serve import serve
-        from omegaconf import open_dict
 
         requests = make_requests(bench, llm.engine.vocab_size)
         if cfg.server.name == "none":  # the benchmark's own server: any free loopback port
-            cfg = cfg.copy()
-            with open_dict(cfg):
-                cfg.server.host, cfg.server.port = "127.0.0.1", 0
+            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, host="127.0.0.1", port=0))
         where: dict[str, str] = {}
 
         def client(server_url: str) -> dict:

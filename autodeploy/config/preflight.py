@@ -14,12 +14,12 @@ import os
 import re
 from typing import Any
 
-from omegaconf import DictConfig
+from collections.abc import Mapping
 
 from .errors import ConfigError
 
 
-def preflight(cfg: DictConfig) -> Any:
+def preflight(cfg: Any) -> Any:
     """Check the device choices and the model; returns the ModelFactory that the checks built."""
     check_device_choices(cfg.args)
     factory = check_model(cfg.args)
@@ -27,7 +27,7 @@ def preflight(cfg: DictConfig) -> Any:
     return factory
 
 
-def check_benchmark_length(cfg: DictConfig, model_config: Any) -> None:
+def check_benchmark_length(cfg: Any, model_config: Any) -> None:
     """A benchmark of random prompts whose ``isl + osl`` runs past the model's positions measures
     something nobody serves: an error, unless ``benchmark.allow_past_max_position`` says it is meant."""
     bench = cfg.benchmark
@@ -60,9 +60,9 @@ def run_device(args: Any) -> str:
     return name
 
 
-def _enabled(args: Any, name: str) -> DictConfig | None:
+def _enabled(args: Any, name: str) -> Mapping | None:
     options = args.transforms.get(name)
-    return options if isinstance(options, DictConfig) and options.get("enabled", True) else None
+    return options if isinstance(options, Mapping) and options.get("enabled", True) else None
 
 
 def check_device_choices(args: Any) -> None:
@@ -74,8 +74,8 @@ def check_device_choices(args: Any) -> None:
         _check_attention_backend(args, device)
         return
     compile_model = _enabled(args, "compile_model")
-    if compile_model is not None and compile_model.backend in GPU_ONLY_BACKENDS:
-        backend = compile_model.backend
+    if compile_model is not None and compile_model["backend"] in GPU_ONLY_BACKENDS:
+        backend = compile_model["backend"]
         raise ConfigError(
             f"transforms/compile={backend} (args.compile_backend) needs a CUDA GPU and this run's device is "
             f"{device}: use transforms/compile=auto (torch-simple on the CPU) or torch-compile"
@@ -88,10 +88,10 @@ def _check_spawned_ranks_fit(args: Any) -> None:
     launcher places the ranks)."""
     import torch
 
-    from autodeploy.distributed.env import detect
+    from autodeploy.distributed.env import launcher_env
 
     world, gpus = int(args.world_size), torch.cuda.device_count()
-    if world > gpus and detect() is None:
+    if world > gpus and launcher_env() is None:
         raise ConfigError(
             f"args.world_size={world} needs {world} GPUs (one per rank) but {gpus} are visible: lower "
             "args.world_size, make more GPUs visible (CUDA_VISIBLE_DEVICES), or use args.device=cpu"
@@ -104,7 +104,7 @@ def _check_attention_backend(args: Any, device: str) -> None:
     attention = _enabled(args, "insert_cached_attention")
     if attention is None:
         return
-    name = attention.backend
+    name = attention["backend"]
     interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # Triton on the CPU (tests)
     try:
         get_backend(name)  # unknown names fail earlier, in validate_transforms

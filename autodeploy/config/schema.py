@@ -144,14 +144,6 @@ class ExperimentConfig:
 # transform's own typed config validates it later).
 FREE_FORM_PATHS = ("args.model_kwargs", "args.tokenizer_kwargs", "args.transforms")
 
-# Shortcut field -> (transform, option). An explicitly set shortcut wins; afterwards both agree.
-SHORTCUTS = {
-    "attn_backend": ("insert_cached_attention", "backend"),
-    "compile_backend": ("compile_model", "backend"),
-    "free_mem_ratio": ("resize_kv_cache", "free_mem_ratio"),
-    "cuda_graph_batch_sizes": ("compile_model", "cuda_graph_batch_sizes"),
-}
-
 CHOICES = {
     "args.runtime": ("autodeploy", "trtllm", "demollm"),
     "args.device": ("auto", "cpu", "cuda"),
@@ -171,7 +163,6 @@ MINIMUMS = {
     "args.attn_page_size": 1,
     "args.prefill_chunk_size": 1,
     "prompt.batch_size": 1,
-    "prompt.sp_kwargs.max_tokens": 1,
     "benchmark.bs": 1,
     "benchmark.isl": 1,
     "benchmark.osl": 1,

@@ -11,6 +11,8 @@ A plain ``python launch.py args.world_size=N`` sees neither and spawns N-1 worke
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +30,29 @@ class RankEnv:
     @property
     def init_method(self) -> str:
         return f"tcp://{self.master_addr}:{self.master_port}"
+
+
+@functools.cache
+def launcher_env() -> RankEnv | None:
+    """This process's rank environment, read once (every reader asks here)."""
+    return detect()
+
+
+def serve_if_worker(world_size: int | None = None) -> bool:
+    """The one place worker ranks are told apart: a rank > 0 that an external launcher started
+    (torchrun runs launch.py in every rank; SLURM, through submitit, runs the job in every task)
+    serves rank 0 and returns True. ``world_size``: the job's, when known (a SLURM job of one rank
+    started in several tasks has nothing for the others to do)."""
+    env = launcher_env()
+    if env is None or env.rank == 0:
+        return False
+    if world_size == 1:
+        logging.getLogger("autodeploy").warning("rank %d of a world_size 1 run: nothing to do", env.rank)
+    else:
+        from .ranks import worker_main  # torch: only a worker pays for it here
+
+        worker_main(env)
+    return True
 
 
 def detect(environ: "dict[str, str] | None" = None) -> RankEnv | None:

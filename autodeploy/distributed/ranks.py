@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .env import RankEnv, detect
+from .env import RankEnv, launcher_env
 
 log = logging.getLogger("autodeploy.distributed")
 
@@ -277,9 +278,7 @@ class Ranks:
     def connect(self, config: Any) -> None:
         """Share the config, wait until every worker has checked in (failing at once if one dies or
         raises meanwhile), then set up the process group."""
-        from omegaconf import OmegaConf
-
-        self.store.set(CONFIG_KEY, OmegaConf.to_yaml(config, resolve=True))
+        self.store.set(CONFIG_KEY, pickle.dumps(config))  # the typed ExperimentConfig, as rank 0 runs it
         self.device = rank_device(str(config.args.device), self.env.local_rank)
         if self.cpu_threads is not None and self.device.type == "cpu":
             self._threads_before = torch.get_num_threads()
@@ -462,11 +461,10 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def start(config: Any) -> Ranks:
-    """Rank 0: join the external launcher's ranks or spawn the workers, share ``config`` (the
-    resolved experiment config), and set up the process group."""
-    world = int(config.args.world_size)
-    env = detect()
+def start(config: Any, world: int) -> Ranks:
+    """Rank 0 of ``world`` ranks: join the external launcher's ranks or spawn the workers, share
+    ``config`` (the typed experiment config), and set up the process group."""
+    env = launcher_env()
     procs: list = []
     threads = None
     if env is not None:
@@ -493,17 +491,34 @@ def start(config: Any) -> Ranks:
     return ranks
 
 
+class _OwnRecords(logging.Filter):
+    """A worker's own records: its errors, and warnings of its process group and collectives. The
+    rest (the model, the export, the plan) is the same on every rank, and rank 0 reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.startswith(__package__)
+
+
+def worker_logging(rank: int) -> None:
+    """Ranks > 0 print only what is theirs, each line prefixed with the rank."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_OwnRecords())
+    logger = logging.getLogger("autodeploy")
+    logger.handlers[:] = [handler]
+    logger.propagate = False  # not also through a root handler (torchrun's, Hydra's)
+    logger.setLevel(logging.WARNING)
+
+
 def worker_main(env: RankEnv) -> None:
     """Ranks 1..N-1: build the same pipeline on this rank's shard, then run rank 0's steps."""
-    from omegaconf import OmegaConf
-
     from ..build import build_engine
 
-    logging.getLogger("autodeploy").setLevel(logging.WARNING)
+    worker_logging(env.rank)
     faulthandler.enable()  # a fatal signal (an abort in a C++ library) prints the Python stack
     store = _store(env)
     try:
-        config = OmegaConf.create(store.get(CONFIG_KEY).decode())
+        config = pickle.loads(store.get(CONFIG_KEY))  # noqa: S301 - rank 0 of this run wrote it
         device = rank_device(str(config.args.device), env.local_rank)
         injected_fault(env.rank, "start")
         store.set(READY_KEY.format(rank=env.rank), str(torch.get_num_threads()))

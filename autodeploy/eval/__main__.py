@@ -77,8 +77,6 @@ def run_perplexity(opts: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def run_compare_hf(opts: argparse.Namespace, overrides: list[str]) -> int:
-    from omegaconf import OmegaConf
-
     from ..config.errors import UserError
     from . import compare_hf
 
@@ -88,7 +86,7 @@ def run_compare_hf(opts: argparse.Namespace, overrides: list[str]) -> int:
     try:
         if llm.tokenizer is None:
             raise UserError(f"model {llm.config.model} has no tokenizer: compare-hf runs the text prompts")
-        prompts = OmegaConf.to_container(llm.config.prompt.queries, resolve=True) or []
+        prompts = list(llm.config.prompt.queries)
         if not prompts:
             raise UserError("prompt.queries is empty: nothing to compare")
         dtype = str(llm.factory.dtype).removeprefix("torch.")

@@ -34,6 +34,7 @@ import torch
 from torch import fx, nn
 
 from ..config.errors import ConfigError, UserError
+from ..config.schema import AutoDeployArgs
 from . import cards
 from .checkpoint import CheckpointError, SafetensorsCheckpoint, SliceSpec, normalize_slices
 from .gguf import find_gguf, open_gguf
@@ -158,16 +159,6 @@ def _cached_snapshot(repo_id: str) -> str | None:
     except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: either way, no copy
         return None
     return path if (Path(path) / "config.json").exists() else None
-
-
-def _get(args: Any, name: str, default: Any = None) -> Any:
-    if args is None:
-        return default
-    if isinstance(args, Mapping):
-        value = args.get(name, default)
-    else:
-        value = getattr(args, name, default)
-    return default if value is None else value
 
 
 def _plain(value: Any) -> Any:
@@ -297,17 +288,11 @@ class ModelFactory:
             log.warning("max_seq_len=%d exceeds the model's max_position_embeddings=%d", self.max_seq_len, max_pos)
 
     @classmethod
-    def from_args(cls, args: Any, model: str | None = None) -> "ModelFactory":
-        """Build from the ``args`` node (dict, OmegaConf node or dataclass); ``model`` overrides ``args.model``."""
-        return cls(
-            model=model or _get(args, "model"),
-            model_kwargs=_get(args, "model_kwargs", {}),
-            tokenizer=_get(args, "tokenizer"),
-            tokenizer_kwargs=_get(args, "tokenizer_kwargs", {}),
-            skip_loading_weights=_get(args, "skip_loading_weights", False),
-            max_seq_len=_get(args, "max_seq_len", 512),
-            dtype=_get(args, "dtype", "auto"),
-        )
+    def from_args(cls, args: AutoDeployArgs, model: str | None = None) -> "ModelFactory":
+        """Build from the experiment's typed ``args``; ``model`` overrides ``args.model``."""
+        return cls(model=model or args.model, model_kwargs=args.model_kwargs, tokenizer=args.tokenizer,
+                   tokenizer_kwargs=args.tokenizer_kwargs, skip_loading_weights=args.skip_loading_weights,
+                   max_seq_len=args.max_seq_len, dtype=args.dtype)
 
     # ----- config ------------------------------------------------------------------------------
     def _load_config(self):
@@ -609,6 +594,6 @@ def get_factory_class(name: str) -> type[ModelFactory]:
     return FACTORIES[name]
 
 
-def create_factory(args: Any, model: str | None = None) -> ModelFactory:
+def create_factory(args: AutoDeployArgs, model: str | None = None) -> ModelFactory:
     """The factory named by ``args.model_factory`` (default AutoModelForCausalLM), built from ``args``."""
-    return get_factory_class(_get(args, "model_factory", "AutoModelForCausalLM")).from_args(args, model=model)
+    return get_factory_class(args.model_factory).from_args(args, model=model)

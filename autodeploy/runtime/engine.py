@@ -84,7 +84,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(cache, prefill_chunk_size)
         self.sampler = Sampler()
-        self.vocab_size = vocab_size or _embedding_rows(model)
+        self.vocab_size = vocab_size  # the factory states it (build_engine); None: ids are not range-checked
         self.stop_checker = StopChecker(_eos_ids(eos_token_id, tokenizer), cache.max_seq_len, tokenizer)
         self._decode_token = token_decoder(tokenizer)  # Logprob.decoded_token
         self._input_names = _graph_input_names(model)
@@ -425,14 +425,6 @@ def _graph_input_names(model: nn.Module) -> Optional[list[str]]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params]
-
-
-def _embedding_rows(model: nn.Module) -> Optional[int]:
-    """Vocabulary size from the embedding that reads ``input_ids`` (to reject out-of-range ids),
-    in the graph or in a compiled region it calls (``compile/regions.py``)."""
-    model = _graph(model)
-    if model is None:
-        return None
     for node, outer in nodes_through_regions(model):
         if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
             weight, ids = outer(node.args[0]), outer(node.args[1])

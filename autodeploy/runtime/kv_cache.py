@@ -18,11 +18,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .sequence_info import SequenceInfo
+
+if TYPE_CHECKING:
+    from ..config.schema import AutoDeployArgs
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +72,10 @@ class CacheInterface:
         self._reset_free_lists()
 
     @classmethod
-    def from_args(cls, args: Any, device: "str | torch.device") -> "CacheInterface":
-        """From the resolved ``args`` node (max_batch_size, max_seq_len, max_num_tokens, attn_page_size)."""
-        get = args.get if hasattr(args, "get") else lambda k, d=None: getattr(args, k, d)
-        return cls(
-            max_batch_size=int(get("max_batch_size", 8)),
-            max_seq_len=int(get("max_seq_len", 512)),
-            max_num_tokens=get("max_num_tokens", None),
-            page_size=int(get("attn_page_size", 64)),
-            device=device,
-        )
+    def from_args(cls, args: "AutoDeployArgs", device: "str | torch.device") -> "CacheInterface":
+        """From the experiment's typed ``args`` (max_batch_size, max_seq_len, max_num_tokens, attn_page_size)."""
+        return cls(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                   max_num_tokens=args.max_num_tokens, page_size=args.attn_page_size, device=device)
 
     def _initial_num_pages(self) -> int:
         full = self.max_batch_size * self.pages_per_seq

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
@@ -39,16 +39,16 @@ HF_STRATEGIES = {"colwise": "colwise", "rowwise": "rowwise", "colwise_rep": "gat
 
 @dataclass
 class ShardingOptions:
-    """The fields of ``detect_sharding`` the plan depends on (see the transform's config)."""
+    """The fields of ``detect_sharding`` the plan depends on (their defaults: the transform's ShardingConfig)."""
 
     world_size: int
-    simple_shard_only: bool = False
-    sharding_source: list[str] = field(default_factory=lambda: ["manual", "factory", "heuristic"])
-    support_partial_config: bool = True
-    sharding_dims: list[str] = field(default_factory=lambda: ["tp", "ep", "bmm"])
-    process_grid: Optional[Mapping[str, int]] = None
-    manual_config: Optional[Mapping[str, Any]] = None
-    factory_config: Optional[Mapping[str, Any]] = None  # {"head_dim": int, "tp_plan": {...}} from the model
+    simple_shard_only: bool
+    sharding_source: list[str]
+    support_partial_config: bool
+    sharding_dims: list[str]
+    process_grid: Optional[Mapping[str, int]]
+    manual_config: Optional[Mapping[str, Any]]
+    factory_config: Optional[Mapping[str, Any]]  # {"head_dim": int, "tp_plan": {...}} from the model
 
 
 class Notes:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ..distributed.collectives import group_name
+from ..units import human_bytes
 from .layout import Layout, Part, local_ranges, local_size
 
 SOURCES = ("manual", "factory", "heuristic")
@@ -458,8 +459,8 @@ class Plan:
         line = (f"{_count(s['split'], 'layer')} split"
                 + (f" ({', '.join(split)})" if split else "")
                 + f", {_count(s['gathered'], 'linear')} gathered, {s['replicated']} kept whole on every rank; "
-                f"{s['collectives_per_forward']} collectives per forward ({_human(s['comm_bytes_per_token'])} sent "
-                f"per token per rank), at most {_human(s['bytes_per_rank_max'])} of {_human(s['bytes_total'])} "
+                f"{s['collectives_per_forward']} collectives per forward ({human_bytes(s['comm_bytes_per_token'])} sent "
+                f"per token per rank), at most {human_bytes(s['bytes_per_rank_max'])} of {human_bytes(s['bytes_total'])} "
                 f"weights per rank")
         for m in s["moe"]:
             line += f"; {m['layers']} MoE layers: {m['experts_per_rank']} of {m['experts']} experts per rank"
@@ -479,18 +480,10 @@ def format_table(rows: Sequence[PlanRow]) -> str:
     lines = [f"{'target':<52} {'strategy':<9} {'source':<9} {'dim':<4} {'per rank':>10} {'count':>5}"
              + ("  ranks" if moe else "")]
     for (target, strategy, source, dim, nbytes, ranks), members in grouped.items():
-        lines.append(f"{target:<52} {strategy:<9} {source:<9} {dim:<4} {_human(nbytes):>10} {len(members):>5}"
+        lines.append(f"{target:<52} {strategy:<9} {source:<9} {dim:<4} {human_bytes(nbytes):>10} {len(members):>5}"
                      + (f"  {ranks or 'all'}" if moe else ""))
     return "\n".join(lines)
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -20,9 +20,9 @@ FAILURE_FILE = "failure.json"
 
 def process_rank() -> int:
     """This process's rank when an external launcher started several (torchrun, SLURM tasks)."""
-    from autodeploy.distributed.env import detect
+    from autodeploy.distributed.env import launcher_env
 
-    env = detect()
+    env = launcher_env()
     return 0 if env is None else env.rank
 
 

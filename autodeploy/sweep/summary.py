@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ..units import human_bytes
 from .jobs import FAILURE_FILE, RESULTS_FILE
 
 log = logging.getLogger("autodeploy")
@@ -191,7 +192,7 @@ def write(summary: Summary) -> Summary:
 def _fmt(value: float | None, column: str = "") -> str:
     if value is None:
         return ""
-    return f"{value / 2**30:.4g} GiB" if column.startswith("bytes") else f"{value:.4g}"
+    return human_bytes(value) if column.startswith("bytes") else f"{value:.4g}"
 
 
 def _write_csv(summary: Summary, path: Path) -> Path:

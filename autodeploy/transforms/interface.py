@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config.schema import AutoDeployArgs
+
 
 class Stage(enum.IntEnum):
     """Pipeline stages in execution order."""
@@ -102,13 +104,13 @@ class TransformError(RuntimeError):
 class BuildContext:
     """Everything a transform may read or write besides the model itself.
 
-    ``args`` is the resolved ``args`` node of the experiment config (a plain dict-like object);
+    ``args`` is the experiment's typed ``args`` (``AutoDeployArgs``);
     ``factory`` builds the model and loads weights; ``cache`` is the runtime's cached-sequence
     interface (set before cache_init); ``shared`` carries state between transforms (e.g. the
     sharding plan between detect and apply).
     """
 
-    args: Any = None
+    args: AutoDeployArgs = field(default_factory=AutoDeployArgs)
     factory: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32

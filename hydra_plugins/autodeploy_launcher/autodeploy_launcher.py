@@ -65,10 +65,8 @@ if BaseSubmititLauncher is not None:
             from hydra.core.utils import filter_overrides
 
             jobs = [self._job(initial_job_idx + i, list(ov)) for i, ov in enumerate(job_overrides)]
-            for job in jobs:
-                problem = self._rank_problem(job)
+            for problem in [self._machine_problem()] + [self._rank_problem(job) for job in jobs]:
                 if problem:  # a user's mistake: one line and exit 2, as the command line does
-                    log.error("%s", problem)
                     print(f"Error: {problem}", file=sys.stderr)
                     sys.exit(2)
             executor = self._executor()
@@ -119,6 +117,23 @@ if BaseSubmititLauncher is not None:
             return _Job(num, overrides, job_dir, int(OmegaConf.select(cfg, "args.world_size", default=1) or 1),
                         str(OmegaConf.select(cfg, "args.device", default="auto")))
 
+        def _machine_problem(self) -> str | None:
+            """What this machine lacks to submit at all (SLURM's commands), before any job is made."""
+            import shutil
+
+            if self._EXECUTOR == "slurm" and shutil.which("srun") is None:
+                return ("hydra/launcher=slurm submits jobs with sbatch and srun, which this machine does not have: "
+                        "run the sweep on the cluster's login node, or use hydra/launcher=local on this machine")
+            return None
+
+        def _device(self, job: _Job) -> str:
+            """The job's device: ``auto`` is decided here for ``local`` (its jobs run on this machine)."""
+            if job.device == "auto" and self._EXECUTOR == "local":
+                import torch
+
+                return "cuda" if torch.cuda.is_available() else "cpu"
+            return job.device
+
         def _rank_problem(self, job: _Job) -> str | None:
             """Resources are fixed for the whole sweep: a job whose world size disagrees is refused
             before anything is submitted, instead of hanging or sharing GPUs on the cluster."""
@@ -130,7 +145,7 @@ if BaseSubmititLauncher is not None:
                 return (f"{what} but hydra/launcher={self._EXECUTOR} starts nodes x tasks_per_node = {ranks} ranks; "
                         f"set hydra.launcher.tasks_per_node=<world_size / nodes> (launcher resources cannot vary "
                         f"within one sweep: run one sweep per world size)")
-            if ranks == 1 and job.world_size > 1 and job.device != "cpu" and gpus and gpus < job.world_size:
+            if ranks == 1 and job.world_size > 1 and self._device(job) != "cpu" and gpus and gpus < job.world_size:
                 return (f"{what}, spawned on one node, but hydra.launcher.gpus_per_node={gpus}; "
                         f"set hydra.launcher.gpus_per_node={job.world_size} (or args.device=cpu)")
             return None

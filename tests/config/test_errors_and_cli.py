@@ -120,3 +120,39 @@ def test_tab_completion_query_lists_group_options():
     proc = cli("-sc", "query=bash", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "transforms/compile=torch-opt" in proc.stdout.split()
+
+
+def test_sampling_values_follow_the_python_apis_rule():
+    """One rule for top_k in Python and on the command line: -1, 0 and null turn it off (vLLM's)."""
+    from autodeploy.runtime.sampling_params import SamplingParams
+
+    assert compose_experiment(["prompt.sp_kwargs.top_k=-1"]).prompt.sp_kwargs.top_k == -1
+    SamplingParams(top_k=-1)
+    with pytest.raises(ValueError) as python:
+        SamplingParams(top_k=-2)
+    with pytest.raises(ConfigError) as cli:
+        compose_experiment(["prompt.sp_kwargs.top_k=-2"])
+    assert str(cli.value) == f"prompt.sp_kwargs.{python.value}"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["backend=trito"], "Error: backend=trito is not an option: did you mean triton? (options: flashinfer, torch, triton)"),
+    (["sharding=tpp"], "Error: sharding=tpp is not an option: did you mean tp? (options: default, ep, ep_tp_grid, "
+                       "hybrid_manual, replicate, simple, tp)"),
+    (["--args.world-size=two"], "Error: bad value for 'args.world_size': Value 'two' of type 'str' could not be "
+                                "converted to Integer"),
+    (["model=tiny_lama", "--dry-run"], "Error: unknown model 'tiny_lama': did you mean tiny_llama? (cards: "
+                                       "tiny_hybrid, tiny_llama, tiny_mixtral, smollm2_135m, llama3_70b, llama3_8b, "
+                                       "mixtral_8x7b)"),
+], ids=["group_option", "sharding_preset", "world_size_type", "model_typo"])
+@pytest.mark.parametrize("mode", [["--cfg", "job"], []], ids=["cfg_job", "run"])
+def test_new_users_mistakes_are_our_one_line(argv, expected, mode, capsys, tmp_path, monkeypatch):
+    """Caught at compose, before a run folder or any model work: one line of ours, exit 2."""
+    from autodeploy.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, *mode])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [expected]
+    assert not (tmp_path / "outputs").exists()

@@ -104,10 +104,9 @@ def test_flashinfer_not_installed_names_the_extra(monkeypatch):
 
 
 def test_misspelled_card_suggests_the_closest():
-    cfg = compose_experiment(["--model", "tiny-llama"])
     t0 = time.perf_counter()
     with pytest.raises(UserError, match=r"unknown model 'tiny-llama': did you mean tiny_llama\?"):
-        preflight(cfg)
+        compose_experiment(["--model", "tiny-llama"])  # at compose: --cfg job and --dry-run say it too
     assert time.perf_counter() - t0 < 5
 
 
@@ -187,9 +186,20 @@ def test_user_error_is_one_line_exit_2_and_a_traceback_on_request(tmp_path):
     ]
     assert "building" not in proc.stdout  # nothing built
     full = cli("--model", "tiny-llama", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
-    assert full.returncode == 1 and "Traceback" in full.stderr and "ModelResolutionError" in full.stderr
+    assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigError" in full.stderr  # caught at compose
     verbose = cli("args.world_size=0", "hydra.verbose=true", cwd=tmp_path)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "ConfigError" in verbose.stderr
+
+
+def test_an_error_in_the_run_is_printed_once_and_logged(tmp_path):
+    """A mistake found in the run (the model directory), not at compose: one line on the terminal,
+    not a log [ERROR] line and an `Error:` line; the run's log file keeps it."""
+    missing = tmp_path / "no_such_model"
+    proc = cli("--model", str(missing), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "does not exist" in line]
+    assert lines == [f"Error: model directory {missing} does not exist"]
+    assert f"model directory {missing} does not exist" in (tmp_path / "run" / "autodeploy.log").read_text()
 
 
 def test_internal_errors_keep_their_traceback():
@@ -316,9 +326,12 @@ def test_first_run_has_no_warning_and_explains_itself(tmp_path):
             "model (smollm2_135m) or --model DIR|FILE.gguf (a local checkpoint) gives real text") in out.splitlines()
     assert "[prompt] user: 'Name three primary colors.'" in out.splitlines()  # chat messages, readable
     assert "[prompt] 'In simple words and a single sentence, explain the concept of gravity: '" in out.splitlines()
+    assert sum("tiny_llama is a built-in test model" in line for line in (out + proc.stderr).splitlines()) == 1
     run = tmp_path / "run"
     assert (run / "autodeploy.log").is_file() and not (run / "cli.log").exists()
-    assert "compile_model] applied matches=0" in (run / "autodeploy.log").read_text()  # auto -> torch-simple
+    log_text = (run / "autodeploy.log").read_text()
+    assert "compile_model] applied matches=0" in log_text  # auto -> torch-simple
+    assert "tiny_llama is a built-in test model" in log_text  # the note is in the run's log too
 
 
 def test_random_weights_note_names_the_fix_that_applies(tiny_llama_dir):

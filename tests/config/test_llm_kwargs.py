@@ -12,9 +12,10 @@ def test_kwargs_land_in_args_and_sync_shortcuts():
         transforms={"detect_sharding": {"simple_shard_only": True}}, model_kwargs={"num_hidden_layers": 1},
     )
     assert cfg.model == "tiny_llama" and cfg.args.world_size == 2 and cfg.args.max_batch_size == 3
-    assert cfg.args.transforms.compile_model.backend == "torch-simple"
-    assert cfg.args.transforms.detect_sharding.simple_shard_only is True
-    assert cfg.args.transforms.detect_sharding.sharding_dims[0] == "tp"  # siblings kept
+    transforms = cfg.args.transforms  # typed args: the transforms' options are plain dicts
+    assert transforms["compile_model"]["backend"] == "torch-simple"
+    assert transforms["detect_sharding"]["simple_shard_only"] is True
+    assert transforms["detect_sharding"]["sharding_dims"][0] == "tp"  # siblings kept
     assert dict(cfg.args.model_kwargs) == {"num_hidden_layers": 1}
 
 

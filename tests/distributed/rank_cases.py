@@ -188,9 +188,9 @@ def _run_case(built, rank: int, world: int) -> dict:
 
 
 def _build(case: Case, rank: int, world: int):
-    from omegaconf import OmegaConf
 
-    from autodeploy.config import compose_experiment
+
+    from autodeploy.config import compose_experiment, experiment
     from autodeploy.models.factory import create_factory
     from autodeploy.transforms.interface import BuildContext, Stage
     from autodeploy.transforms.optimizer import InferenceOptimizer
@@ -198,8 +198,8 @@ def _build(case: Case, rank: int, world: int):
     overrides = [f"args.world_size={world}", "args.device=cpu", "args.dtype=float32", *case.overrides]
     if case.model.startswith("zoo:"):
         return _build_zoo(case.model[4:], overrides, rank, world)
-    cfg = compose_experiment([f"model={case.model}", *overrides], check_transforms=False)
-    transforms = OmegaConf.to_container(cfg.args.transforms, resolve=True)
+    cfg = experiment(compose_experiment([f"model={case.model}", *overrides], check_transforms=False))
+    transforms = copy.deepcopy(cfg.args.transforms)
     transforms = {k: v for k, v in transforms.items() if Stage.parse(v["stage"]) <= Stage.WEIGHT_LOAD}
     factory = create_factory(cfg.args)
     ctx = BuildContext(args=cfg.args, factory=factory, rank=rank, world_size=world)
@@ -217,16 +217,16 @@ def _build(case: Case, rank: int, world: int):
 
 
 def _build_zoo(name: str, overrides: list[str], rank: int, world: int):
-    from omegaconf import OmegaConf
+
 
     from hf_zoo import PATTERN_PIPELINE, FakeFactory, build_hf_model, export
 
-    from autodeploy.config import compose_experiment
+    from autodeploy.config import compose_experiment, experiment
     from autodeploy.transforms.interface import BuildContext
     from autodeploy.transforms.optimizer import InferenceOptimizer
 
-    cfg = compose_experiment(overrides, check_transforms=False)
-    transforms = OmegaConf.to_container(cfg.args.transforms, resolve=True)
+    cfg = experiment(compose_experiment(overrides, check_transforms=False))
+    transforms = copy.deepcopy(cfg.args.transforms)
     pipeline = {**PATTERN_PIPELINE, "detect_sharding": transforms["detect_sharding"],
                 "sharding_transform_executor": transforms["sharding_transform_executor"]}
     hf = build_hf_model(name)

@@ -225,6 +225,7 @@ def test_readme_api_example_at_world_size_2_runs_as_a_plain_script(tmp_path):
 
 def test_preflight_refuses_more_spawned_ranks_than_gpus(monkeypatch):
     from autodeploy.config import ConfigError, compose_experiment, preflight
+    from autodeploy.distributed.env import launcher_env
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -236,6 +237,7 @@ def test_preflight_refuses_more_spawned_ranks_than_gpus(monkeypatch):
     preflight(compose_experiment(["model=tiny_llama", "args.world_size=3", "args.device=cpu"]))  # no GPU limit
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
+    launcher_env.cache_clear()  # a process reads its launcher's variables once; this test changes them
     preflight(compose_experiment(["model=tiny_llama", "args.world_size=3"]))  # torchrun placed the ranks
 
 

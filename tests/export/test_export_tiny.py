@@ -125,10 +125,11 @@ def test_llama3_8b_card_exports_on_meta(record_property):
 
 
 def test_pipeline_transforms_build_export_load(exported_models):
+    from autodeploy.config.schema import AutoDeployArgs
     from autodeploy.transforms.interface import BuildContext
     from autodeploy.transforms.optimizer import InferenceOptimizer
 
-    args = {"model": "tiny_mixtral", "max_batch_size": 4, "max_seq_len": 64}
+    args = AutoDeployArgs(model="tiny_mixtral", max_batch_size=4, max_seq_len=64)
     factory = ModelFactory.from_args(args)
     optimizer = InferenceOptimizer({
         "build_model": {"stage": "factory", "device": "meta"},

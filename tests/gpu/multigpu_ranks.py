@@ -8,6 +8,7 @@ Rank 0 also runs HF transformers in float32 on the same inputs, to show both are
 
 from __future__ import annotations
 
+import copy
 
 import torch
 from gpu_ranks import run_on_ranks
@@ -24,17 +25,15 @@ def run(world: int, dtype: str, timeout: float = 420.0) -> list[dict]:
 
 
 def _one_shot_vs_nccl(rank: int, world: int, device: torch.device, dtype: str) -> dict:
-    from omegaconf import OmegaConf
-
-    from autodeploy.config import compose_experiment
+    from autodeploy.config import compose_experiment, experiment
     from autodeploy.distributed import collectives
     from autodeploy.models.factory import create_factory
     from autodeploy.transforms.interface import BuildContext, Stage
     from autodeploy.transforms.optimizer import InferenceOptimizer
 
-    cfg = compose_experiment(["model=tiny_llama", f"args.world_size={world}", "args.device=cuda", f"args.dtype={dtype}"],
-                             check_transforms=False)
-    transforms = OmegaConf.to_container(cfg.args.transforms, resolve=True)
+    cfg = experiment(compose_experiment(["model=tiny_llama", f"args.world_size={world}", "args.device=cuda",
+                                         f"args.dtype={dtype}"], check_transforms=False))
+    transforms = copy.deepcopy(cfg.args.transforms)
     transforms = {k: v for k, v in transforms.items() if Stage.parse(v["stage"]) <= Stage.WEIGHT_LOAD}
     assert transforms["sharding_transform_executor"]["allreduce_strategy"] == "auto"
     factory = create_factory(cfg.args)

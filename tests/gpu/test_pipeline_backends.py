@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from autodeploy.config.schema import AutoDeployArgs
 from autodeploy.models.materialize import move_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
@@ -45,7 +46,7 @@ def test_triton_backend_with_cuda_graphs_matches_hf(compile_backend):
         "resize_kv_cache": {"stage": "cache_init", "free_mem_ratio": 0.05},
         "compile_model": {"stage": "compile", "backend": compile_backend},
     }
-    ctx = BuildContext(args={"max_batch_size": MAX_BATCH_SIZE}, cache=cache, device=torch.device("cuda"))
+    ctx = BuildContext(args=AutoDeployArgs(max_batch_size=MAX_BATCH_SIZE), cache=cache, device=torch.device("cuda"))
     model = InferenceOptimizer(pipeline)(ctx, model=gm)
     assert isinstance(model, CudaGraphRunner) and model.captured_sizes == [1, 2, 4]  # captured at build
 

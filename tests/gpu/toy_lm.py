@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from autodeploy.config.schema import AutoDeployArgs
 from autodeploy.transforms.interface import BuildContext
 
 CACHE_NAMES = ("k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1")
@@ -99,7 +100,7 @@ def apply_compile(gm, device, cache=None, max_batch_size=8, **opts):
     """The compile_model transform (its class directly: no omegaconf needed on the GPU machine)."""
     from autodeploy.transforms.library.compile_model import CompileModel, CompileModelConfig
 
-    ctx = BuildContext(args={"max_batch_size": max_batch_size}, device=torch.device(device), cache=cache)
+    ctx = BuildContext(args=AutoDeployArgs(max_batch_size=max_batch_size), device=torch.device(device), cache=cache)
     return CompileModel(CompileModelConfig(**opts)).apply(gm, ctx)
 
 

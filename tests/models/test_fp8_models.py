@@ -12,7 +12,7 @@ import torch
 
 from fp8_checkpoints import write_fp8_checkpoint
 
-from autodeploy.config import ConfigError
+from autodeploy.config import ConfigError, experiment
 
 PROMPT_LENGTHS = (70, 5, 1, 23)
 MAX_NUM_TOKENS = 80
@@ -68,7 +68,7 @@ class Built:
             cfg = _compose(tmp / name)
             self.hf = AutoModelForCausalLM.from_pretrained(str(ref), dtype=torch.float32)
         self.hf.eval()
-        self.built = build_engine(cfg.args, progress=False)
+        self.built = build_engine(experiment(cfg).args, progress=False)
         self.engine = self.built.engine
         gen = torch.Generator().manual_seed(3)
         self.prompts = [torch.randint(3, self.hf.config.vocab_size, (n,), generator=gen).tolist()
@@ -145,13 +145,12 @@ def test_greedy_generation_equals_hf_generate(built):
 
 
 def _load_ranks(model_dir):
-    from autodeploy.build import _plain
     from autodeploy.models.factory import create_factory
     from autodeploy.transforms.interface import BuildContext, Stage
     from autodeploy.transforms.optimizer import InferenceOptimizer
 
-    args = _compose(model_dir, "args.world_size=2").args
-    transforms = {k: v for k, v in _plain(args.transforms).items() if Stage.parse(v["stage"]) <= Stage.WEIGHT_LOAD}
+    args = experiment(_compose(model_dir, "args.world_size=2")).args
+    transforms = {k: v for k, v in args.transforms.items() if Stage.parse(v["stage"]) <= Stage.WEIGHT_LOAD}
     for rank in (0, 1):
         ctx = BuildContext(args=args, factory=create_factory(args), device=torch.device("cpu"), dtype=torch.float32,
                            rank=rank, world_size=2)

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from autodeploy.config.schema import AutoDeployArgs
 from autodeploy.models.factory import (
     FACTORIES,
     ModelFactory,
@@ -20,18 +21,16 @@ from autodeploy.models.factory import (
 
 def test_registry_and_create_from_args():
     assert "AutoModelForCausalLM" in FACTORIES
-    factory = create_factory({"model": "tiny_llama", "model_factory": "AutoModelForCausalLM", "max_seq_len": 64})
+    factory = create_factory(AutoDeployArgs(model="tiny_llama", model_factory="AutoModelForCausalLM", max_seq_len=64))
     assert isinstance(factory, ModelFactory) and factory.max_seq_len == 64
     with pytest.raises(ValueError, match=r"unknown args.model_factory 'AutoModelForCausalLm'.*did you mean AutoModelForCausalLM"):
         get_factory_class("AutoModelForCausalLm")
     with pytest.raises(ValueError, match=r"known: AutoModelForCausalLM"):
-        create_factory({"model": "tiny_llama", "model_factory": "Nope"})
+        create_factory(AutoDeployArgs(model="tiny_llama", model_factory="Nope"))
 
 
-def test_from_args_accepts_omegaconf_and_model_override():
-    from omegaconf import OmegaConf
-
-    args = OmegaConf.create({"model": None, "model_kwargs": {"num_hidden_layers": 1}, "dtype": "bfloat16"})
+def test_from_args_typed_args_and_model_override():
+    args = AutoDeployArgs(model=None, model_kwargs={"num_hidden_layers": 1}, dtype="bfloat16")
     factory = ModelFactory.from_args(args, model="tiny_llama")
     assert factory.config.num_hidden_layers == 1 and factory.dtype == torch.bfloat16
 

@@ -28,7 +28,7 @@ PROMPTS = [[1, 5, 9, 22, 41, 7, 3, 88, 17, 60, 4, 31, 12], [1, 3], list(range(3,
 class Deployment:
     def __init__(self, name: str, directory: Path, *overrides: str):
         from autodeploy.build import build_engine
-        from autodeploy.config import compose_experiment
+        from autodeploy.config import compose_experiment, experiment
 
         self.hf = build_hf_model(name)
         self.hf.save_pretrained(directory)
@@ -39,7 +39,7 @@ class Deployment:
             "args.transforms.gather_last_token_logits.enabled=false",
             *overrides,
         ])
-        self.built = build_engine(cfg.args, progress=False)
+        self.built = build_engine(experiment(cfg).args, progress=False)
         self.report = {r["name"]: r for r in self.built.report}
         self._greedy: dict[tuple[int, ...], list[int]] = {}
 

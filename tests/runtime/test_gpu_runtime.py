@@ -73,12 +73,13 @@ def test_torch_opt_engine_compile_count():
     from torch._dynamo.utils import counters
     from tiny_deployment import build_tiny
 
+    from autodeploy.config.schema import AutoDeployArgs
     from autodeploy.transforms.interface import BuildContext
     from autodeploy.transforms.library.compile_model import CompileModel, CompileModelConfig
 
     dep = build_tiny("tiny_llama", device="cuda", free_mem_ratio=0.1)
     before = counters["stats"]["unique_graphs"]
-    ctx = BuildContext(args={"max_batch_size": dep.cache.max_batch_size}, device=torch.device("cuda"), cache=dep.cache)
+    ctx = BuildContext(args=AutoDeployArgs(max_batch_size=dep.cache.max_batch_size), device=torch.device("cuda"), cache=dep.cache)
     runner, info = CompileModel(CompileModelConfig(backend="torch-opt")).apply(dep.graph, ctx)
     assert runner.captured_sizes == [1, 2, 4] and "first call a" in info.note, info.note
     engine = replace(dep, graph=runner).engine()

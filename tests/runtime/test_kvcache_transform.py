@@ -148,7 +148,7 @@ def test_bfloat16_kv_cache_for_a_float32_model(toy):
     assert out[0].error is None and len(out[0].token_ids) == 4
 
 
-def test_engine_finds_vocab_size_through_a_compiled_wrapper(toy):
+def test_engine_rejects_ids_past_the_vocabulary_it_is_told(toy):
     gm, ctx, _ = build(toy)
 
     class Wrapper(torch.nn.Module):  # as compile_model's wrappers: the graph is a submodule
@@ -159,8 +159,7 @@ def test_engine_finds_vocab_size_through_a_compiled_wrapper(toy):
         def forward(self, **kw):
             return self.inner(**kw)
 
-    engine = Engine(Wrapper(gm), ctx.cache)
-    assert engine.vocab_size == 64
+    engine = Engine(Wrapper(gm), ctx.cache, vocab_size=64)  # build_engine: the factory's config.vocab_size
     out = engine.generate([[3, 70]], SamplingParams(temperature=0, max_tokens=2))[0]
     assert out.finish_reason == "error" and "out of range [0, 64)" in out.error
 

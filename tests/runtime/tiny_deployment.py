@@ -57,7 +57,8 @@ class TinyDeployment:
             for spec in self.cache.specs.values():
                 cache.add_cache(spec)
             cache.initialize()
-        return Engine(self.graph, cache, self.tokenizer, eos_token_id=self.hf.config.eos_token_id)
+        return Engine(self.graph, cache, self.tokenizer, eos_token_id=self.hf.config.eos_token_id,
+                      vocab_size=self.hf.config.vocab_size)
 
     @torch.no_grad()
     def hf_greedy(self, prompt_ids, max_new_tokens, ignore_eos=False):

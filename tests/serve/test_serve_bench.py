@@ -81,10 +81,10 @@ def test_isl_plus_osl_past_the_positions_is_an_error_before_model_work(kind):
 
 
 def test_server_with_an_offline_benchmark_is_an_error(tmp_path):
-    from autodeploy.config import ConfigError, compose_experiment
+    from autodeploy.config import ConfigError, compose_experiment, experiment
     from autodeploy.run import run
 
-    cfg = compose_experiment(["server=openai", "benchmark=latency", "args.device=cpu"])
+    cfg = experiment(compose_experiment(["server=openai", "benchmark=latency", "args.device=cpu"]))
     with pytest.raises(ConfigError, match="use benchmark=serve"):
         run(cfg, tmp_path)  # before any model work
 

@@ -94,12 +94,35 @@ def test_resources_are_checked_before_anything_is_submitted(tmp_path, slurm, arg
 def test_missing_launcher_plugin_is_a_one_line_error(monkeypatch):
     import importlib.util
 
-    from autodeploy.cli import _check_launcher
-    from autodeploy.config import ConfigError
+    from autodeploy.config import ConfigError, to_overrides
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "hydra_plugins.hydra_submitit_launcher" else real(name, *a))
     with pytest.raises(ConfigError, match=r"hydra/launcher=slurm needs the slurm extra: pip install 'autodeploy\[slurm\]'"):
-        _check_launcher(["hydra/launcher=slurm"])
-    _check_launcher(["hydra/launcher=basic"])  # Hydra's own launcher needs nothing
+        to_overrides(["hydra/launcher=slurm"])
+    to_overrides(["hydra/launcher=basic"])  # Hydra's own launcher needs nothing
+
+
+def test_slurm_off_the_cluster_is_one_line(tmp_path):
+    """No srun here (no fake SLURM on PATH): one line naming what is missing, not submitit's traceback."""
+    proc = launch(tmp_path, "-m", "hydra/launcher=slurm", "args.max_batch_size=1,2", f"hydra.sweep.dir={tmp_path / 's'}",
+                  env={"PATH": os.path.dirname(os.sys.executable) + os.pathsep + "/usr/bin:/bin"})
+    assert proc.returncode == 2, show(proc)
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: hydra/launcher=slurm submits jobs with sbatch and srun")
+    assert "Traceback" not in proc.stderr and "Could not detect" not in proc.stderr
+
+
+def test_local_launcher_on_a_cpu_machine_needs_no_gpu_settings(tmp_path):
+    """args.device=auto on a machine without CUDA runs on the CPU: a swept world size needs no gpus_per_node."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the machine has a GPU: auto means cuda there")
+    sweep = tmp_path / "sweep"
+    proc = launch(tmp_path, "-m", "hydra/launcher=local", "model=tiny_llama", "args.world_size=1,2", "dry_run=true",
+                  f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, show(proc)
+    assert "gpus_per_node" not in proc.stderr
+    for job in ("0", "1"):  # both dry runs ran (a dry-run sweep writes no summary)
+        assert (sweep / job / ".hydra" / "config.yaml").exists() and not (sweep / job / "failure.json").exists()

@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from autodeploy.distributed.env import launcher_env
 from autodeploy.sweep.jobs import describe, run_isolated
 from autodeploy.sweep.summary import collect, write_summary
 from sweep_helpers import assert_png, summary_rows
@@ -147,6 +148,7 @@ def test_run_isolated_records_on_rank0_and_reraises_on_workers(tmp_path, monkeyp
     assert saved["job_num"] == 3 and saved["overrides"] == ["a=1"] and "Traceback" in saved["traceback"]
     monkeypatch.setenv("SLURM_PROCID", "1")  # task 1 of 2: a worker rank
     monkeypatch.setenv("SLURM_NTASKS", "2")
+    launcher_env.cache_clear()  # a process reads its launcher's variables once; this test changes them
     with pytest.raises(RuntimeError, match="rank died"):
         run_isolated(boom, str(tmp_path / "r1"), ["a=1"], 3)
     assert not (tmp_path / "r1").exists()  # a worker rank writes nothing
@@ -159,3 +161,37 @@ def test_callback_checks_its_metric_before_any_job():
     with pytest.raises(ValueError, match="sweep_summary.metric='speed' is not a summary column.*ttft_p50_ms"):
         SweepSummary(metric="speed")
     assert SweepSummary(metric="ttft_p50_ms").metric == "ttft_p50_ms"
+
+
+def test_long_swept_values_keep_the_png_readable(tmp_path):
+    """Tick labels of long swept values (YAML paths, process grids) are wrapped: none overlaps another
+    or leaves the picture, and bytes are shown in a unit that fits them (KiB, not 0.0003 GiB)."""
+    from autodeploy.sweep.plot import TICK_CHARS, figure
+
+    long = ["yaml_extra=[experiments/sharding/manual_tp_plan_for_the_hybrid_model_v{}.yaml]",
+            "args.transforms.detect_sharding.process_grid={{ep:{},tp:2}}"]
+    for num in range(4):
+        _job(tmp_path, num, [long[0].format(num), long[1].format(num + 1)],
+             {"build_s": 1.0, "sharding_summary": {"world_size": 2, "bytes_per_rank_max": 331_000 + num}})
+    summary = collect(tmp_path)
+    summary.metric = "bytes_per_rank"
+    fig = figure(summary)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+    assert len(boxes) == 4
+    assert all(max(len(line) for line in t.get_text().splitlines()) <= TICK_CHARS for t in ax.get_xticklabels())
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    width, _ = fig.canvas.get_width_height()
+    assert all(b.x0 >= 0 and b.x1 <= width for b in boxes)
+    assert ax.get_ylabel() == "bytes_per_rank (KiB)"
+    write_summary(tmp_path, metric="bytes_per_rank")
+    assert "323.2 KiB" in (tmp_path / "summary.md").read_text()
+
+
+def test_human_bytes():
+    from autodeploy.units import human_bytes
+
+    assert [human_bytes(n) for n in (0, 1023, 331_000, 5 * 2**20, 3 * 2**30, 2**42)] == [
+        "0 B", "1023 B", "323.2 KiB", "5.0 MiB", "3.0 GiB", "4.0 TiB"]

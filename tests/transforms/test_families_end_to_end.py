@@ -23,7 +23,7 @@ PROMPT_LENGTHS = (40, 5, 1, 23)  # 40 > the token budget of a step / 2, and > 2 
 class Built:
     def __init__(self, name: str, checkpoint_dir):
         from autodeploy.build import build_engine
-        from autodeploy.config import compose_experiment
+        from autodeploy.config import compose_experiment, experiment
 
         self.hf = build_hf_model(name)
         self.hf.save_pretrained(str(checkpoint_dir))
@@ -33,7 +33,7 @@ class Built:
             f"args.max_num_tokens={MAX_NUM_TOKENS}",
             "args.transforms.gather_last_token_logits.enabled=false",  # every token's logits, to compare with HF's
         ])
-        self.built = build_engine(cfg.args, progress=False)
+        self.built = build_engine(experiment(cfg).args, progress=False)
         self.engine = self.built.engine
         gen = torch.Generator().manual_seed(5)
         vocab = self.hf.config.vocab_size

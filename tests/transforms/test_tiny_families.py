@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from autodeploy.config import compose_experiment
+
+from autodeploy.config import compose_experiment, experiment
 from autodeploy.models.factory import create_factory
 from autodeploy.transforms.interface import BuildContext, Stage
 from autodeploy.transforms.optimizer import InferenceOptimizer
@@ -20,13 +20,13 @@ SHAPES = [(1, 1), (2, 7), (3, 16), (1, 33)]
 
 
 def _uncached_pipeline(cfg):
-    transforms = OmegaConf.to_container(cfg.args.transforms, resolve=True)
+    transforms = copy.deepcopy(cfg.args.transforms)
     return {k: v for k, v in transforms.items() if Stage.parse(v["stage"]) <= Stage.WEIGHT_LOAD}
 
 
 @pytest.fixture(scope="module", params=["tiny_llama", "tiny_mixtral", "tiny_hybrid"])
 def family(request):
-    cfg = compose_experiment([f"model={request.param}", "args.device=cpu", "args.dtype=float32"], check_transforms=False)
+    cfg = experiment(compose_experiment([f"model={request.param}", "args.device=cpu", "args.dtype=float32"], check_transforms=False))
     factory = create_factory(cfg.args)
     optimizer = InferenceOptimizer(_uncached_pipeline(cfg))
     gm = optimizer(BuildContext(args=cfg.args, factory=factory))
@@ -82,8 +82,8 @@ EXPECTED_FUSIONS = {"tiny_llama": (4, 4, 2), "tiny_mixtral": (4, 2, 0), "tiny_hy
 def fused_family(family):
     """``family``'s graph (a copy) through the post_load_fusion transforms of default.yaml."""
     name, factory, gm, hf, _ = family
-    cfg = compose_experiment([f"model={name}"], check_transforms=False)
-    transforms = OmegaConf.to_container(cfg.args.transforms, resolve=True)
+    cfg = experiment(compose_experiment([f"model={name}"], check_transforms=False))
+    transforms = copy.deepcopy(cfg.args.transforms)
     fusions = {k: v for k, v in transforms.items() if Stage.parse(v["stage"]) == Stage.POST_LOAD_FUSION}
     optimizer = InferenceOptimizer(fusions)
     fused = optimizer(BuildContext(args=cfg.args, factory=factory), model=copy.deepcopy(gm))

@@ -56,12 +56,17 @@ def register_backend(backend: AttentionBackend) -> AttentionBackend:
     return backend
 
 
-def get_backend(name: str) -> AttentionBackend:
+def check_name(name: str) -> None:
+    """A known backend's name (whether it runs here is ``get_backend``'s question)."""
     _load_builtin()
     if name not in BACKENDS:
         close = difflib.get_close_matches(name, BACKENDS, n=2, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown attention backend {name!r}{hint} (known: {', '.join(sorted(BACKENDS))})")
+
+
+def get_backend(name: str) -> AttentionBackend:
+    check_name(name)
     backend = BACKENDS[name]
     backend.check_available()
     return backend

@@ -34,7 +34,6 @@ from ...compile import (
 from ...compile.cudagraph import prefill_buckets
 from ...compile.inline import inline_for_host
 from ...runtime.kv_cache import CacheInterface
-from ...runtime.scheduler import DEFAULT_PREFILL_CHUNK_SIZE
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
 from .kvcache import run_prompt_forward
 
@@ -44,7 +43,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class CompileModelConfig(TransformConfig):
     stage: str = "compile"
-    backend: str = "torch-compile"  # one of COMPILE_BACKENDS
+    backend: str = "auto"  # one of COMPILE_BACKENDS; auto: torch-opt on a GPU, torch-simple on the CPU
     # decode batch sizes to capture; None = 1, 2, 4, multiples of 8 and max_batch_size
     cuda_graph_batch_sizes: Optional[List[int]] = None
     max_batch_size: Optional[int] = None  # None = args.max_batch_size
@@ -82,25 +81,10 @@ class CompileModelConfig(TransformConfig):
                              f"got {self.compiles!r}")
 
 
-def _arg(args, name, default=None):
-    if args is None:
-        return default
-    if hasattr(args, "get"):
-        return args.get(name, default)
-    return getattr(args, name, default)
-
-
-def _prepare_hooks(gm: fx.GraphModule) -> list:
-    """The ``prepare`` hooks of the attention backends whose ops are in the graph (flashinfer plans there)."""
-    from ...custom_ops.cached_attention import BACKENDS, _load_builtin
-
-    _load_builtin()
-    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-    return [
-        b.prepare
-        for b in BACKENDS.values()
-        if b.prepare is not None and any(f"autodeploy.{b.op_name}" in t for t in targets)
-    ]
+def _prepare_hooks(ctx: BuildContext) -> list:
+    """The attention backend's ``prepare`` hook (flashinfer plans there), as insert_cached_attention chose it."""
+    backend = ctx.shared.get("attention_backend")
+    return [backend.prepare] if backend is not None and backend.prepare is not None else []
 
 
 def _prefill_buckets(cfg: "CompileModelConfig", gm: fx.GraphModule, info, cache) -> list[int]:
@@ -146,7 +130,7 @@ class _FirstPrefill:
         cache = ctx.cache
         if not isinstance(cache, CacheInterface) or not cache.tensors:  # as for captures at build
             return None
-        chunk = _arg(ctx.args, "prefill_chunk_size", DEFAULT_PREFILL_CHUNK_SIZE)  # None: no cap
+        chunk = ctx.args.prefill_chunk_size  # None: no cap
         return cls(cache, min(cache.max_num_tokens, chunk or cache.max_num_tokens))
 
     def __call__(self, model) -> None:
@@ -181,7 +165,7 @@ class CompileModel(BaseTransform):
         backend = check_backend(cfg.backend)
         if not isinstance(model, fx.GraphModule):
             raise TypeError(f"compile_model needs the cached fx.GraphModule, got {type(model).__name__}")
-        max_bs = cfg.max_batch_size or _arg(ctx.args, "max_batch_size") or getattr(ctx.cache, "max_batch_size", None)
+        max_bs = cfg.max_batch_size or getattr(ctx.cache, "max_batch_size", None) or ctx.args.max_batch_size
         if max_bs is None:
             raise ValueError("compile_model needs max_batch_size (set args.max_batch_size)")
         sizes = (
@@ -197,7 +181,7 @@ class CompileModel(BaseTransform):
         regional = cfg.regional and compiles_graph and cfg.compiles == "two" and _shapes_known(model)
         compiled, used = compile_graph(
             model, backend, ctx.device, sizes, example_inputs=example,
-            prepare_hooks=_prepare_hooks(model), warmup_iters=cfg.num_warmup_iters,
+            prepare_hooks=_prepare_hooks(ctx), warmup_iters=cfg.num_warmup_iters,
             max_num_tokens=getattr(info, "max_num_tokens", None), max_batch_size=getattr(info, "max_batch_size", None),
             compiles=cfg.compiles, cublaslt_min_batch=cfg.cublaslt_min_batch, first_call=first_call,
             regional=regional, prefill_tokens=_prefill_buckets(cfg, model, info, ctx.cache),

@@ -10,13 +10,6 @@ from ...export.export import export_to_gm
 from ..interface import BaseTransform, BuildContext, TransformConfig, TransformInfo, register
 
 
-def _arg(args, name: str):
-    value = args.get(name) if hasattr(args, "get") else getattr(args, name, None)
-    if value is None:
-        raise ValueError(f"export_to_gm needs args.{name}")
-    return int(value)
-
-
 @dataclass
 class ExportToGMConfig(TransformConfig):
     stage: str = "export"
@@ -32,8 +25,8 @@ class ExportToGM(BaseTransform):
             return model, TransformInfo(num_matches=0, skipped=True, note="already a GraphModule")
         gm = export_to_gm(
             model,
-            max_batch_size=_arg(ctx.args, "max_batch_size"),
-            max_seq_len=_arg(ctx.args, "max_seq_len"),
+            max_batch_size=ctx.args.max_batch_size,
+            max_seq_len=ctx.args.max_seq_len,
             strict=self.config.strict,
         )
         info = gm.meta.get("autodeploy_export", {})

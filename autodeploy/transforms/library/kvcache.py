@@ -34,14 +34,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _arg(args: Any, name: str, default: Any = None) -> Any:
-    if args is None:
-        return default
-    if hasattr(args, "get"):
-        return args.get(name, default)
-    return getattr(args, name, default)
-
-
 def _check_dtype_options(config: TransformConfig, transform: str, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
@@ -187,7 +179,7 @@ def _node_args(node: fx.Node) -> dict[str, Any]:
 
 
 def _cache_dtype(setting: Optional[str], args: Any, like: torch.dtype) -> torch.dtype:
-    name = setting or _arg(args, "kv_cache_dtype", "auto") or "auto"
+    name = setting or args.kv_cache_dtype
     if name == "auto":
         return like
     if name not in _DTYPES:
@@ -213,7 +205,13 @@ class InsertCachedAttentionConfig(TransformConfig):
     requires_shape_prop: bool = True
 
     def __post_init__(self):
+        from ...custom_ops.cached_attention import check_name
+
         _check_dtype_options(self, "insert_cached_attention", "cache_dtype")
+        try:
+            check_name(self.backend)
+        except ValueError as e:
+            raise ValueError(f"backend={self.backend} (args.attn_backend): {e}") from None
 
 
 @register("insert_cached_attention")
@@ -226,6 +224,7 @@ class InsertCachedAttention(BaseTransform):
         cfg: InsertCachedAttentionConfig = self.config
         backend = get_backend(cfg.backend)
         cached_op = backend.op()  # fails early, naming a missing extra
+        ctx.shared["attention_backend"] = backend  # compile_model runs its prepare hook (flashinfer plans)
         source = _canonical_attention_op()
         nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is source]
         if not nodes:
