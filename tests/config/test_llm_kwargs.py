@@ -49,3 +49,14 @@ def test_unknown_transform_is_named():
 def test_unknown_transform_option_is_named():
     with pytest.raises(ConfigError, match="strictt"):
         config_from_kwargs("tiny_llama", transforms={"export_to_gm": {"strictt": True}})
+
+
+def test_an_empty_transforms_dict_keeps_the_pipeline():
+    """``LLM(model, transforms={})`` changes nothing: kwargs are merged leaf by leaf (an empty dict
+    used to replace ``args.transforms`` and leave a pipeline without export)."""
+    from autodeploy.llm import config_from_kwargs
+
+    plain = config_from_kwargs("tiny_llama")
+    assert config_from_kwargs("tiny_llama", transforms={}).args.transforms == plain.args.transforms
+    one = config_from_kwargs("tiny_llama", transforms={"quantize_fp8": {"on_the_fly": True}}).args.transforms
+    assert one.keys() == plain.args.transforms.keys() and one["quantize_fp8"]["on_the_fly"] is True
