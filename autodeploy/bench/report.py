@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +125,23 @@ def plot(bench: dict[str, Any], path: Path, title: str = "") -> Optional[Path]:
 
 def write_artifacts(results: dict[str, Any], out_dir: Path, bench_cfg: Any) -> dict[str, str]:
     """Append the JSON-lines rows and draw the PNG; returns the paths written."""
+    return save_artifacts(results, out_dir, bench_cfg, jsonl_rows(results), plot, "on")
+
+
+def save_artifacts(results: dict[str, Any], out_dir: Path, bench_cfg: Any, rows: list[dict],
+                   draw: Callable[[dict, Path, str], Optional[Path]], verb: str) -> dict[str, str]:
+    """``rows`` appended to ``bench_cfg.jsonl_path`` (relative: in ``out_dir``) and ``draw``'s PNG
+    of ``results["benchmark"]``, titled "<model> <verb> <device> at <commit>, <time>"."""
     written = {}
     jsonl = getattr(bench_cfg, "jsonl_path", None)
     if jsonl:
         path = Path(jsonl) if Path(jsonl).is_absolute() else out_dir / jsonl
-        append_jsonl(path, jsonl_rows(results))
+        append_jsonl(path, rows)
         written["jsonl"] = str(path)
     if getattr(bench_cfg, "plot", True):
         env, cfg = results["env"], results["config"]
-        title = f"{cfg.get('model')} on {env.get('device')} at {env.get('git_rev')}, {env.get('time')}"
-        png = plot(results["benchmark"], out_dir / "benchmark.png", title)
+        title = f"{cfg.get('model')} {verb} {env.get('device')} at {env.get('git_rev')}, {env.get('time')}"
+        png = draw(results["benchmark"], out_dir / "benchmark.png", title)
         if png is not None:
             written["png"] = str(png)
     return written

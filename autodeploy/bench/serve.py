@@ -235,21 +235,9 @@ def plot(bench: dict[str, Any], path: Path, title: str = "") -> Optional[Path]:
 
 
 def write_artifacts(results: dict[str, Any], out_dir: Path, bench_cfg: Any) -> dict[str, str]:
-    from .report import append_jsonl
+    from .report import save_artifacts
 
-    written = {}
-    if bench_cfg.jsonl_path:
-        path = Path(bench_cfg.jsonl_path)
-        path = path if path.is_absolute() else out_dir / path
-        append_jsonl(path, [jsonl_row(results)])
-        written["jsonl"] = str(path)
-    if bench_cfg.plot:
-        env, cfg = results["env"], results["config"]
-        png = plot(results["benchmark"], out_dir / "benchmark.png",
-                   f"{cfg.get('model')} served on {env.get('device')} at {env.get('git_rev')}, {env.get('time')}")
-        if png is not None:
-            written["png"] = str(png)
-    return written
+    return save_artifacts(results, out_dir, bench_cfg, [jsonl_row(results)], plot, "served on")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

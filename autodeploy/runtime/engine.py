@@ -32,8 +32,6 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import fx, nn
 
-from ..compile.regions import nodes_through_regions
-from ..transforms.graph_utils import get_attr_value
 from .kv_cache import CacheInterface
 from .logprobs import StepLogprobs, token_decoder
 from .outputs import RequestOutput, StepTiming
@@ -409,11 +407,6 @@ def _eos_ids(eos_token_id: Union[int, Iterable[int], None], tokenizer: Optional[
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
-def _graph(model: nn.Module) -> Optional[fx.GraphModule]:
-    """The GraphModule itself or the one inside a compiled wrapper (torch.compile, CUDA graphs)."""
-    return next((m for m in model.modules() if isinstance(m, fx.GraphModule)), None)
-
-
 def _graph_input_names(model: nn.Module) -> Optional[list[str]]:
     """The inputs the model takes, of those a step offers (a graph that does not gather its logits
     takes no ``logits_idx``): a plain GraphModule's placeholders, or the named parameters of a
@@ -425,12 +418,3 @@ def _graph_input_names(model: nn.Module) -> Optional[list[str]]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params]
-    for node, outer in nodes_through_regions(model):
-        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
-            weight, ids = outer(node.args[0]), outer(node.args[1])
-            if getattr(ids, "op", None) == "placeholder" and getattr(weight, "op", None) == "get_attr":
-                try:
-                    return int(get_attr_value(model, weight.target).shape[0])
-                except AttributeError:
-                    return None
-    return None
