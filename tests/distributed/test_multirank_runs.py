@@ -27,13 +27,11 @@ CPU = dict(device="cpu", dtype="float32", max_batch_size=4, max_seq_len=64, attn
 def _hf_greedy(name: str, prompt: list[int], n: int) -> list[int]:
     from transformers import AutoModelForCausalLM
 
+    from autodeploy.eval.reference import hf_greedy
     from autodeploy.models.tiny import ensure_tiny_model
 
     hf = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(name), dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                      pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return hf_greedy(hf, prompt, n)
 
 
 @pytest.mark.parametrize("name,world,extra", [
