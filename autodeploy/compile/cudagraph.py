@@ -227,6 +227,7 @@ class CudaGraphRunner(nn.Module):
         missing = [n for n in self.input_names if n not in example]
         if missing:
             raise ValueError(f"CUDA-graph capture needs every graph input; missing {missing}")
+        example = {n: example[n] for n in self.input_names}  # what the graph takes (forward drops the rest too)
         static = {n: example[n] for n in self.static_names}
         pool = torch.cuda.graph_pool_handle()
         # prefill graphs hold the most memory: first, so that the others reuse it

@@ -109,8 +109,7 @@ def _example_inputs(ctx: BuildContext, names: list[str]):
     if not tensors or info is None or not hasattr(info, "decode_batch"):
         return None
     example = {**info.decode_batch(1).named_args, **tensors}
-    # only what the graph takes: one that does not gather its logits has no logits_idx
-    return {n: example[n] for n in names} if all(n in example for n in names) else None
+    return example if all(n in example for n in names) else None
 
 
 @dataclass
