@@ -79,9 +79,9 @@ def build_engine(args: AutoDeployArgs, *, rank: int = 0, world_size: int = 1, pr
                  phases)
 
 
-def plan_sharding(args: AutoDeployArgs) -> Built:
+def plan_sharding(args: AutoDeployArgs, world_size: int) -> Built:
     """Plan-only mode: the pipeline up to and including ``sharding`` on meta, in this one process,
-    as rank 0 of ``args.world_size`` (no process group, no weights): a 70B plan on a laptop."""
+    as rank 0 of ``world_size`` (no process group, no weights): a 70B plan on a laptop."""
     from .models.factory import create_factory
     from .transforms.interface import BuildContext, Stage
     from .transforms.optimizer import InferenceOptimizer
@@ -91,7 +91,7 @@ def plan_sharding(args: AutoDeployArgs) -> Built:
     transforms = {name: opts for name, opts in args.transforms.items()
                   if Stage.parse(opts["stage"]) <= Stage.SHARDING}
     ctx = BuildContext(args=args, factory=factory, device=torch.device("meta"), dtype=factory.dtype, rank=0,
-                       world_size=int(args.world_size))
+                       world_size=world_size)
     optimizer = InferenceOptimizer(transforms)
     optimizer(ctx)
     return Built(None, factory, [r.to_dict() for r in optimizer.report], time.perf_counter() - t0,

@@ -73,10 +73,10 @@ class LLM:
         from .build import build_engine
         from .config import preflight
 
-        preflight(self.config)  # device choices, model, model_kwargs, checkpoint: before any model work
+        world_size = self.args.world_size  # the run's one read; handed down from here
+        preflight(self.config, world_size)  # ranks, device choices, model, checkpoint: before any model work
         preflight_s = time.perf_counter() - start  # imports and checks, before build_engine's own phases
         self.ranks = None
-        world_size = int(self.args.world_size)
         if world_size > 1:
             from .distributed.ranks import start
 

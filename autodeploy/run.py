@@ -74,7 +74,6 @@ def environment(cfg: ExperimentConfig) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "cuda": torch.version.cuda,
-        "world_size": cfg.args.world_size,
         "git_rev": _git_rev(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -203,11 +202,12 @@ def _plan_only(cfg: ExperimentConfig, out_dir: Path, results: dict[str, Any]) ->
     """``plan_only=true``: the sharding plan of ``args.world_size`` ranks, computed on meta here."""
     from .build import plan_sharding
 
-    built = plan_sharding(cfg.args)
+    world_size = cfg.args.world_size  # the plan's one read: no ranks start, this process plans for them
+    built = plan_sharding(cfg.args, world_size)
     results["build_s"] = built.build_s
     results["transforms"] = built.report
     if built.sharding is None:
-        print(f"plan_only: nothing to shard at args.world_size={cfg.args.world_size}", flush=True)
+        print(f"plan_only: nothing to shard at args.world_size={world_size}", flush=True)
     else:
         results.update(_sharding_results(built.sharding))
         summary = results["sharding_summary"]

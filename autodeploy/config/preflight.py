@@ -19,8 +19,10 @@ from collections.abc import Mapping
 from .errors import ConfigError
 
 
-def preflight(cfg: Any) -> Any:
-    """Check the device choices and the model; returns the ModelFactory that the checks built."""
+def preflight(cfg: Any, world_size: int = 1) -> Any:
+    """Check the ranks, the device choices and the model; returns the ModelFactory that the checks
+    built. ``world_size``: the run's, read once by the caller (``LLM``) and handed down."""
+    check_world(world_size, run_device(cfg.args))
     check_device_choices(cfg.args)
     factory = check_model(cfg.args)
     check_benchmark_length(cfg, getattr(factory, "config", None))
@@ -70,7 +72,6 @@ def check_device_choices(args: Any) -> None:
 
     device = run_device(args)
     if device == "cuda":
-        _check_spawned_ranks_fit(args)
         _check_attention_backend(args, device)
         return
     compile_model = _enabled(args, "compile_model")
@@ -83,15 +84,19 @@ def check_device_choices(args: Any) -> None:
     _check_attention_backend(args, device)
 
 
-def _check_spawned_ranks_fit(args: Any) -> None:
-    """Ranks that this process spawns take one visible GPU each (under torchrun or SLURM the
-    launcher places the ranks)."""
+def check_world(world: int, device: str) -> None:
+    """An external launcher (torchrun, SLURM) must have started ``world`` ranks; ranks that this
+    process spawns on a GPU take one visible GPU each."""
     import torch
 
     from autodeploy.distributed.env import launcher_env
 
-    world, gpus = int(args.world_size), torch.cuda.device_count()
-    if world > gpus and launcher_env() is None:
+    env = launcher_env()
+    if env is not None and env.world_size != world:
+        raise ConfigError(f"args.world_size={world} but {env.launcher} started {env.world_size} ranks: "
+                          f"set args.world_size={env.world_size} or start {world} ranks")
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if env is None and device == "cuda" and world > gpus:
         raise ConfigError(
             f"args.world_size={world} needs {world} GPUs (one per rank) but {gpus} are visible: lower "
             "args.world_size, make more GPUs visible (CUDA_VISIBLE_DEVICES), or use args.device=cpu"

@@ -467,9 +467,7 @@ def start(config: Any, world: int) -> Ranks:
     env = launcher_env()
     procs: list = []
     threads = None
-    if env is not None:
-        if env.world_size != world:
-            raise ValueError(f"args.world_size={world} but the launcher ({env.launcher}) started {env.world_size} ranks")
+    if env is not None:  # its world size matches (config/preflight.py checked)
         if env.rank != 0:
             raise RuntimeError(f"rank {env.rank} must run worker_main, not start the run")
         store = _store(env)

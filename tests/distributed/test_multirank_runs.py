@@ -230,13 +230,16 @@ def test_preflight_refuses_more_spawned_ranks_than_gpus(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError, match=r"^args.world_size=3 needs 3 GPUs \(one per rank\) but 2 are visible"):
-        preflight(compose_experiment(["model=tiny_llama", "args.world_size=3"]))
-    preflight(compose_experiment(["model=tiny_llama", "args.world_size=2"]))
-    preflight(compose_experiment(["model=tiny_llama", "args.world_size=3", "args.device=cpu"]))  # no GPU limit
+        preflight(compose_experiment(["model=tiny_llama", "args.world_size=3"]), 3)
+    preflight(compose_experiment(["model=tiny_llama", "args.world_size=2"]), 2)
+    preflight(compose_experiment(["model=tiny_llama", "args.world_size=3", "args.device=cpu"]), 3)  # no GPU limit
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     launcher_env.cache_clear()  # a process reads its launcher's variables once; this test changes them
-    preflight(compose_experiment(["model=tiny_llama", "args.world_size=3"]))  # torchrun placed the ranks
+    preflight(compose_experiment(["model=tiny_llama", "args.world_size=3"]), 3)  # torchrun placed the ranks
+    with pytest.raises(ConfigError, match=r"^args.world_size=2 but torchrun started 3 ranks: set args.world_size=3"):
+        preflight(compose_experiment(["model=tiny_llama", "args.world_size=2"]), 2)
+    launcher_env.cache_clear()
 
 
 def test_tiny_moe_ep_experiment_runs_expert_parallel(tmp_path):

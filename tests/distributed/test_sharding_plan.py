@@ -25,7 +25,7 @@ GiB = 2**30
 
 def _plan(model: str, world: int, *overrides: str):
     cfg = compose_experiment([f"model={model}", f"args.world_size={world}", *overrides])
-    built = plan_sharding(experiment(cfg).args)
+    built = plan_sharding(experiment(cfg).args, world)
     return built.sharding, {r.target: r for r in built.sharding.rows()}
 
 
