@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..eval.reference import cache_arg
 from .stats import percentiles
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,14 @@ def _measure_both(model: Any, device: torch.device, prompts: list[list[int]], os
     common = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, use_cache=True)
     bs = len(prompts)
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + osl + 8)
+    cache_name = cache_arg(model)
 
     def eager(n: int):
         model.generate(ids, **common, max_new_tokens=n, min_new_tokens=n)
 
     def static(n: int):
         cache.reset()
-        model.generate(ids, **common, max_new_tokens=n, min_new_tokens=n, past_key_values=cache,
+        model.generate(ids, **common, max_new_tokens=n, min_new_tokens=n, **{cache_name: cache},
                        disable_compile=not compiled)
 
     with torch.inference_mode():

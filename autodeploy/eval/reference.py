@@ -6,9 +6,16 @@ engine loaded, in its dtype, on its device), so a difference is ours, not the we
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+
+
+def cache_arg(model: torch.nn.Module) -> str:
+    """The name of HF's KV-cache argument (and output field): ``cache`` from transformers 5.2x on,
+    where ``past_key_values`` is deprecated (gone from ``forward`` in 5.40); ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def hf_model(llm: Any) -> torch.nn.Module:

@@ -50,12 +50,14 @@ def smollm2_llm():
 def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
     """HF's greedy continuation: its forward with its KV cache, argmax each step (no logits
     processors, so an EOS stays a token like any other, as with ignore_eos)."""
-    ids = torch.tensor([prompt_ids])
+    from autodeploy.eval.reference import cache_arg
+
+    ids, name = torch.tensor([prompt_ids]), cache_arg(model)
     out_ids = []
     with torch.inference_mode():
         out = model(ids, use_cache=True)
         for _ in range(num_tokens):
             token = out.logits[0, -1].argmax().item()
             out_ids.append(token)
-            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[token]]), **{name: getattr(out, name)}, use_cache=True)
     return out_ids
