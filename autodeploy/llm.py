@@ -73,7 +73,7 @@ class LLM:
         from .build import build_engine
         from .config import preflight
 
-        preflight(self.config)  # device choices, model, model_kwargs, checkpoint: before any model work
+        factory = preflight(self.config)  # device choices, model, model_kwargs, checkpoint: before any model work
         preflight_s = time.perf_counter() - start  # imports and checks, before build_engine's own phases
         self.ranks = None
         world_size = int(self.args.world_size)
@@ -85,7 +85,7 @@ class LLM:
             # marked busy: a worker that fails while rank 0 waits in one of the build's collectives
             # (process groups, the KV cache sizing) ends the run instead of hanging it
             with self.ranks.busy() if self.ranks is not None else contextlib.nullcontext():
-                built = build_engine(self.args, rank=0, world_size=world_size)
+                built = build_engine(self.args, rank=0, world_size=world_size, factory=factory)
         except BaseException as e:
             failure = self.ranks.failure(e) if self.ranks is not None else None
             self.shutdown()
