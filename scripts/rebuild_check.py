@@ -1,6 +1,6 @@
 """A cold and a warm build of one model, each in a fresh process, per phase (issue 26: rebuilds).
 
-    python scripts/rebuild_check.py [--model tiny_llama] [--out DIR] [--runs 2] [--detail] [--keep-cache] [key=value ...]
+    python scripts/rebuild_check.py [--model tiny_llama] [--out DIR] [--runs 2] [--detail] [--mega-cache] [--keep-cache] [key=value ...]
     # the 8B shape as scripts/fp8_gpu_check.py builds it, on one GPU:
     python scripts/rebuild_check.py --model llama3_8b --detail dtype=bfloat16 max_seq_len=2048 max_batch_size=32 \
         attn_backend=triton compile_backend=torch-opt "cuda_graph_batch_sizes=[1,32]" free_mem_ratio=0.3
@@ -15,6 +15,9 @@ tokens must equal the cold ones. ``DIR/<run>.json`` keeps each child's record.
 ``--detail`` also times the host steps inside the phases (``DETAIL``: Hydra's compose, the transform
 checks, the device checks, ``create_factory``, the cache key, the tokenizer), each with the seconds
 its imports took; it imports their modules first, so their own import time moves to "imports".
+``--mega-cache``: the cold run saves torch's mega-cache (``torch.compiler.save_cache_artifacts``) and
+each warm run starts with empty inductor and Triton folders and loads it before the build: torch's
+portable caches against the build cache's own inductor folder (a plain warm run).
 """
 
 from __future__ import annotations
@@ -104,14 +107,19 @@ def _instrument(detail: dict) -> None:
             setattr(owner, attr, classmethod(wrapped) if is_classmethod else wrapped)
 
 
-def child(model: str, pairs: list[str], out: Path, detail: bool) -> None:
-    import torch  # noqa: F401  (the imports a user's process pays, timed apart from the build)
+def child(model: str, pairs: list[str], out: Path, detail: bool, mega: Path | None) -> None:
+    import torch  # (the imports a user's process pays, timed apart from the build)
 
     steps: dict = {}
     if detail:
         _instrument(steps)
     from autodeploy import LLM, SamplingParams
 
+    mega_load_s = None
+    if mega is not None and mega.exists():  # a warm run of --mega-cache: its compile caches start empty
+        t = time.perf_counter()
+        torch.compiler.load_cache_artifacts(mega.read_bytes())
+        mega_load_s = time.perf_counter() - t
     imported = time.perf_counter() - START
     t0 = time.perf_counter()
     llm = LLM(model, **_nest(pairs))
@@ -125,7 +133,11 @@ def child(model: str, pairs: list[str], out: Path, detail: bool) -> None:
     record = {"import_s": imported, "build_s": build_s, "phases_s": llm.build_phases, "stage_s": stages,
               "notes": notes, "generate_s": time.perf_counter() - t1,
               "process_to_first_token_s": time.perf_counter() - START, "tokens": out_tokens[0].token_ids,
-              "detail": steps, "modules": len(sys.modules)}
+              "detail": steps, "modules": len(sys.modules), "mega_load_s": mega_load_s}
+    if mega is not None and not mega.exists():  # the cold run of --mega-cache: what it compiled
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            mega.write_bytes(artifacts[0])
     out.write_text(json.dumps(record, indent=1))
 
 
@@ -136,15 +148,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="the first cold, the others warm")
     parser.add_argument("--keep-cache", action="store_true", help="do not empty the cache first (all warm)")
     parser.add_argument("--detail", action="store_true", help="time the host steps inside config and preflight")
+    parser.add_argument("--mega-cache", action="store_true",
+                        help="the warm runs start with empty inductor/Triton folders and load torch's mega-cache "
+                             "(torch.compiler.save_cache_artifacts of the cold run) instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     opts, pairs = parser.parse_known_args()
     out = Path(opts.out)
     if opts.child:
-        return child(opts.model, pairs, Path(opts.child), opts.detail)
+        return child(opts.model, pairs, Path(opts.child), opts.detail,
+                     Path(opts.child).parent / "mega.bin" if opts.mega_cache else None)
     out.mkdir(parents=True, exist_ok=True)
     caches = out / "cache"
     if not opts.keep_cache:
         shutil.rmtree(caches, ignore_errors=True)
+        (out / "mega.bin").unlink(missing_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", AUTODEPLOY_BUILD_CACHE=str(caches / "build"),
                TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -153,8 +170,13 @@ def main() -> None:
         name = "cold" if i == 0 and not opts.keep_cache else f"warm{i}"
         path = out / f"{name}.json"
         path.unlink(missing_ok=True)
+        if opts.mega_cache and i > 0:
+            for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+                env[var] = str(caches / f"{var.lower()}-run{i}")
+                shutil.rmtree(env[var], ignore_errors=True)
         subprocess.run([sys.executable, __file__, "--model", opts.model, "--child", str(path), *pairs]
-                       + (["--detail"] if opts.detail else []), env=env, check=True)
+                       + (["--detail"] if opts.detail else []) + (["--mega-cache"] if opts.mega_cache else []),
+                       env=env, check=True)
         records.append((name, json.loads(path.read_text())))
     print(f"\n{opts.model} {' '.join(pairs)}: seconds")
     for name, r in records:
@@ -163,6 +185,8 @@ def main() -> None:
         print(f"{name:6s} to first token {r['process_to_first_token_s']:.2f} (imports {r['import_s']:.2f}, "
               f"LLM() {r['build_s']:.2f}, generate 8 {r['generate_s']:.2f})\n"
               f"       phases: {phases}\n       stages: {stages}\n       cache: {r['notes'].get('build_cache', '-')}")
+        if r.get("mega_load_s") is not None:
+            print(f"       mega-cache loaded in {r['mega_load_s']:.2f} (before the build), into empty compile caches")
         for key, row in r["detail"].items():
             print(f"       {key}: {row['s']:.2f} ({row['import_s']:.2f} importing {row['modules']} modules; "
                   f"{row['calls']} call(s))")
