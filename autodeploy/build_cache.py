@@ -6,9 +6,10 @@ still on ``meta``: no weights), pickled with torch's ``GraphPickler`` (node meta
 shapes included), with what those stages left in ``ctx.shared`` (the sharding plan and the loader's
 slices) and their report rows, and what the factory recorded when it built the HF model on meta
 (parameter shapes, tied names, buffer values: ``load_weights`` needs them, so a hit never builds
-the HF model nor imports its modeling code). A hit starts the pipeline at ``weight_load``. torch's inductor caches
-(FX graph cache, AOTAutograd cache, kernel autotuning) go to ``<dir>/torch/inductor`` unless
-``TORCHINDUCTOR_CACHE_DIR`` is set: they serve ``compile_model`` the next time.
+the HF model nor imports its modeling code). A hit starts the pipeline at ``weight_load``.
+torch's inductor caches (FX graph cache, AOTAutograd cache, kernel autotuning) go to
+``<dir>/torch/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set: they serve ``compile_model``
+the next time.
 
 The key covers everything the cached graph depends on: the model (its config with ``model_kwargs``
 applied; the checkpoint's file names, sizes and times), the whole resolved ``args``, the rank and
