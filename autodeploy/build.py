@@ -36,8 +36,10 @@ class Built:
     phases: dict[str, float] | None = None  # seconds: setup (factory, cache), pipeline, tokenizer + engine
 
 
-def build_engine(args: AutoDeployArgs, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> Built:
-    """Factory -> transform pipeline (with a progress bar) -> engine."""
+def build_engine(args: AutoDeployArgs, *, rank: int = 0, world_size: int = 1, progress: bool = True,
+                 factory: Any = None) -> Built:
+    """Factory -> transform pipeline (with a progress bar) -> engine. ``factory``: one already made
+    from these ``args`` (preflight's), else ``create_factory(args)``."""
     from tqdm.auto import tqdm
 
     from .build_cache import BuildCache
@@ -49,7 +51,7 @@ def build_engine(args: AutoDeployArgs, *, rank: int = 0, world_size: int = 1, pr
 
     t0 = time.perf_counter()
     device = resolve_device(args.device)
-    factory = create_factory(args)
+    factory = factory if factory is not None else create_factory(args)
     cache = CacheInterface.from_args(args, device)
     t_setup = time.perf_counter()
     ctx = BuildContext(

@@ -4,9 +4,12 @@ the pipeline, and torch's compile caches persist beside it.
 What is cached: the graph as it leaves the ``sharding`` stage (exported, cleaned, matched, sharded,
 still on ``meta``: no weights), pickled with torch's ``GraphPickler`` (node metadata and symbolic
 shapes included), with what those stages left in ``ctx.shared`` (the sharding plan and the loader's
-slices) and their report rows. A hit starts the pipeline at ``weight_load``. torch's inductor caches
-(FX graph cache, AOTAutograd cache, kernel autotuning) go to ``<dir>/torch/inductor`` unless
-``TORCHINDUCTOR_CACHE_DIR`` is set: they serve ``compile_model`` the next time.
+slices) and their report rows, and what the factory recorded when it built the HF model on meta
+(parameter shapes, tied names, buffer values: ``load_weights`` needs them, so a hit never builds
+the HF model nor imports its modeling code). A hit starts the pipeline at ``weight_load``.
+torch's inductor caches (FX graph cache, AOTAutograd cache, kernel autotuning) go to
+``<dir>/torch/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set: they serve ``compile_model``
+the next time.
 
 The key covers everything the cached graph depends on: the model (its config with ``model_kwargs``
 applied; the checkpoint's file names, sizes and times), the whole resolved ``args``, the rank and
@@ -36,7 +39,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "AUTODEPLOY_BUILD_CACHE"
-FORMAT = 1  # bump when what an entry holds changes
+FORMAT = 2  # bump when what an entry holds changes
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -100,6 +103,7 @@ class Restored:
     records: list[Any]  # TransformRecord rows of the skipped transforms
     is_clean: bool
     has_valid_shapes: bool
+    factory_record: Any = None  # ModelFactory.build_record (None: the factory builds it again)
 
 
 class BuildCache:
@@ -145,9 +149,11 @@ class BuildCache:
         except Exception as e:  # noqa: BLE001 - a broken entry is a miss, and is rebuilt
             log.warning("build cache entry %s unreadable (%s: %s): building from scratch", self.path, type(e).__name__, e)
             return None
-        return Restored(model, state["shared"], state["records"], state["is_clean"], state["has_valid_shapes"])
+        return Restored(model, state["shared"], state["records"], state["is_clean"], state["has_valid_shapes"],
+                        state.get("factory_record"))
 
-    def save(self, model: torch.fx.GraphModule, shared: dict[str, Any], records: list[Any], is_clean: bool) -> bool:
+    def save(self, model: torch.fx.GraphModule, shared: dict[str, Any], records: list[Any], is_clean: bool,
+             factory_record: Any = None) -> bool:
         """Write the entry (atomically: a concurrent build of the same key reads a whole one or none)."""
         import dataclasses
 
@@ -160,13 +166,17 @@ class BuildCache:
         # inputs' (with their symbolic shapes) are kept, which shape propagation starts from; restoring
         # thousands of fake tensors took longer than propagating them again
         kept = {node: node.meta for node in model.graph.nodes}
+        try:  # an unpicklable record is only rebuilt on a hit (the factory builds the HF model again)
+            pickle.dumps(factory_record)
+        except Exception:  # noqa: BLE001
+            factory_record = None
         try:
             for node in model.graph.nodes:
                 node.meta = {k: v for k, v in node.meta.items()
                              if k == "nn_module_stack" or (k == "val" and node.op == "placeholder")}
             graph = GraphPickler.dumps(model, options)
             state = pickle.dumps({"shared": dict(shared), "records": list(records), "is_clean": is_clean,
-                                  "has_valid_shapes": False})
+                                  "has_valid_shapes": False, "factory_record": factory_record})
         except Exception as e:  # noqa: BLE001 - an unpicklable graph is built every time, not an error
             log.warning("build cache: cannot pickle the graph (%s: %s); not cached", type(e).__name__, e)
             return False

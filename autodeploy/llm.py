@@ -74,7 +74,8 @@ class LLM:
         from .config import preflight
 
         world_size = self.args.world_size  # the run's one read; handed down from here
-        preflight(self.config, world_size)  # ranks, device choices, model, checkpoint: before any model work
+        # ranks, device choices, model, checkpoint: before any model work (its factory serves the build)
+        factory = preflight(self.config, world_size)
         preflight_s = time.perf_counter() - start  # imports and checks, before build_engine's own phases
         self.ranks = None
         if world_size > 1:
@@ -85,7 +86,7 @@ class LLM:
             # marked busy: a worker that fails while rank 0 waits in one of the build's collectives
             # (process groups, the KV cache sizing) ends the run instead of hanging it
             with self.ranks.busy() if self.ranks is not None else contextlib.nullcontext():
-                built = build_engine(self.args, rank=0, world_size=world_size)
+                built = build_engine(self.args, rank=0, world_size=world_size, factory=factory)
         except BaseException as e:
             failure = self.ranks.failure(e) if self.ranks is not None else None
             self.shutdown()

@@ -1,6 +1,6 @@
 """The build cache (autodeploy/build_cache.py): a second build of the same model and config starts
-at weight_load with the cached graph and generates the same tokens; a changed config, model or
-source hash misses; ``AUTODEPLOY_BUILD_CACHE=0`` writes nothing."""
+at weight_load with the cached graph (and the factory's record: no HF model is built) and generates
+the same tokens; a changed config, model or source hash misses; ``AUTODEPLOY_BUILD_CACHE=0`` writes nothing."""
 
 from __future__ import annotations
 
@@ -37,13 +37,19 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_mixtral"])
-def test_same_config_twice_hits_and_generates_the_same(cache, model):
+def test_same_config_twice_hits_and_generates_the_same(cache, model, monkeypatch):
     first, tokens = _build(model)
     assert first["build_cache"]["note"].startswith("miss") and first["build_cache"]["num_matches"] == 1
     assert first["export_to_gm"]["time_s"] > 0
     entries = [p for p in cache.iterdir() if p.is_dir() and p.name != "torch"]
     assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == {"graph.pkl", "state.pkl", "inputs.json"}
 
+    from autodeploy.models.factory import ModelFactory
+
+    def no_hf_model(*args, **kwargs):
+        raise AssertionError("a hit builds no HF model: the entry holds the factory's record")
+
+    monkeypatch.setattr(ModelFactory, "build_model", no_hf_model)
     second, again = _build(model)
     assert second["build_cache"]["note"].startswith("hit"), second["build_cache"]
     for name in ("build_model", "export_to_gm", "match_attention_pattern", "detect_sharding"):

@@ -384,6 +384,16 @@ class ModelFactory:
         keys = ", ".join(f"args.model_kwargs.{k}={new!r} (checkpoint: {old!r})" for k, (new, old) in culprits.items())
         return f"{where}; changed by {keys}. Set args.skip_loading_weights=true for random weights of the new shape"
 
+    @property
+    def build_record(self) -> "_BuildRecord | None":
+        """What ``build_model`` recorded (None before it ran); the build cache keeps it, and sets it
+        on a hit, so that loading weights needs no HF model."""
+        return self._built
+
+    @build_record.setter
+    def build_record(self, record: "_BuildRecord") -> None:
+        self._built = record
+
     def _record(self) -> "_BuildRecord":
         if self._built is None:
             self.build_model("meta")

@@ -117,6 +117,8 @@ class InferenceOptimizer:
         if restored is None:
             return None
         ctx.shared.update(restored.shared)
+        if restored.factory_record is not None and ctx.factory is not None:
+            ctx.factory.build_record = restored.factory_record
         for row in restored.records:
             row.time_s, row.mem_change_mb = 0.0, 0.0
             row.note = f"{row.note}; " if row.note else ""
@@ -132,7 +134,7 @@ class InferenceOptimizer:
     def _save(self, cache, model: fx.GraphModule, ctx: BuildContext, state: TransformInfo) -> None:
         t0 = time.perf_counter()
         records = [TransformRecord(**r.to_dict()) for r in self.report]
-        saved = cache.save(model, ctx.shared, records, state.is_clean)
+        saved = cache.save(model, ctx.shared, records, state.is_clean, getattr(ctx.factory, "build_record", None))
         self.report.append(TransformRecord(name="build_cache", stage=str(CACHED_STAGES), enabled=True,
                                            num_matches=int(saved), time_s=time.perf_counter() - t0,
                                            note=f"miss {cache.key[:12]}: " + ("saved" if saved else "not cacheable")))
