@@ -4,7 +4,7 @@ per request and per chunk (as ``vllm bench serve`` times them).
 It runs in a process of its own, ``python -m autodeploy.bench.serve_client SPEC.json OUT.json``,
 so that its Python work never shares a GIL with the server it measures; it imports only the
 standard library, httpx and tqdm. SPEC: ``{url, model, requests: [{prompt, max_tokens}], request_rate,
-max_concurrency, warmup, seed}``; OUT: ``{duration_s, peak_concurrency, records: [...]}``.
+max_concurrency, warmup, seed}``; OUT: ``{duration_s, peak_concurrency, records: [...], t0_perf_s}``.
 
 Connections are kept alive: each stream is read to its end, so httpx reuses its connection (a
 stream left after ``[DONE]`` closes it). A new TCP connection per request cost the client 1-3 ms
@@ -144,7 +144,8 @@ async def run(url: str, requests: list[dict], model: Optional[str] = None, reque
         records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
         progress.close()
-    return {"model": model, "duration_s": duration, "peak_concurrency": peak, "records": [asdict(r) for r in records]}
+    return {"model": model, "duration_s": duration, "peak_concurrency": peak, "records": [asdict(r) for r in records],
+            "t0_perf_s": t0}  # the records' origin on this host's perf_counter (a server's probes can line up with it)
 
 
 class _nothing:
