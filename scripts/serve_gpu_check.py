@@ -1,7 +1,7 @@
 """Serving overhead on one GPU: the offline benchmark and the OpenAI server, on one engine, in one run.
 
     PYTHONUNBUFFERED=1 python3 scripts/serve_gpu_check.py --out DIR [--model llama3_8b] [--num 3]
-        [--isl 1024] [--osl 128] [--set key=value ...]
+        [--isl 1024] [--osl 128] [--set key=value ...] [--c1-only] [--uvicorn http=h11,loop=asyncio]
 
 One build (the 8B shape, random bf16 weights, triton attention, torch-opt with CUDA graphs for
 batches 1 and 32), then on that engine:
@@ -15,7 +15,12 @@ Prints the table of issue 23's targets (TPOT and TTFT at c=1 against batch 1; ou
 against batch 32) and, for every server phase, what the engine and the threads did meanwhile
 (``Probe``): engine steps by kind and their host time, the engine's idle time and its longest
 stall, garbage-collector pauses, kernels and graphs compiled during the phase, CUDA-graph replays
-against eager steps, and the CPU time of the HTTP thread per token. Everything goes to
+against eager steps, and the CPU time of the HTTP thread per token; and, at concurrency 1, where
+each request's time to first token goes (``Phases``: client and TCP, uvicorn, JSON and pydantic,
+tokenizing, the hand-off to the engine thread, the engine, the hand-back to the event loop, the SSE
+write, the client's read; medians and means over the requests). ``--c1-only`` runs batch 1 and concurrency 1 alone (the TTFT work;
+``--num 25``: 200 served requests); ``--uvicorn`` sets uvicorn's HTTP parser or event loop for a
+comparison (default: httptools and uvloop where installed). Everything goes to
 DIR/serve_check.json. On a machine without CUDA it runs the tiny Llama on the CPU (``--model
 tiny_llama``): a check of the script, not of the targets.
 
@@ -28,6 +33,7 @@ the server, every request's tokens over the time from the first request sent to 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import logging
@@ -167,6 +173,7 @@ class Phases:
             if not (self.on and scope["type"] == "http" and scope["path"] == "/v1/completions"):
                 return await app(scope, receive, send)
             self.records.append({"client_to_app": time.perf_counter(), "received": self._received})
+            self.stack = f"{self._protocol} on {type(asyncio.get_running_loop()).__module__}"  # uvicorn's choice
 
             async def timed_receive():
                 message = await receive()
@@ -185,7 +192,7 @@ class Phases:
             return await app(scope, timed_receive, timed_send)
 
         server.app = timed_app
-        self._received = None
+        self._received, self._protocol, self.stack = None, None, None
         for module, name in (("h11_impl", "H11Protocol"), ("httptools_impl", "HttpToolsProtocol")):
             try:
                 protocol = getattr(__import__(f"uvicorn.protocols.http.{module}", fromlist=[name]), name)
@@ -243,7 +250,7 @@ class Phases:
 
     def _stamp_received(self, data_received):
         def wrapped(protocol, data: bytes) -> None:
-            self._received = time.perf_counter()
+            self._received, self._protocol = time.perf_counter(), type(protocol).__name__
             return data_received(protocol, data)
         return wrapped
 
@@ -273,13 +280,14 @@ class Phases:
             rows.append(row)
         if not rows:
             return None
-        return {"requests": len(rows), "p50_ms": {k: statistics.median(row[k] for row in rows) for k in rows[0]},
+        return {"requests": len(rows), "http": self.stack, "p50_ms": {k: statistics.median(row[k] for row in rows) for k in rows[0]},
                 "mean_ms": {k: statistics.mean(row[k] for row in rows) for k in rows[0]}}
 
 
 def phases_table(phases: dict, offline_ttft_ms: float) -> str:
     p, m = phases["p50_ms"], phases["mean_ms"]
-    lines = [f"TTFT by phase at c=1 over {phases['requests']} requests (ms; means add up to the TTFT, medians need not):",
+    lines = [f"TTFT by phase at c=1 over {phases['requests']} requests, {phases['http']} (ms; means add up to the TTFT, "
+             "medians need not):",
              f"  {'':<66}{'median':>8}{'mean':>8}"]
     for key, name in Phases.NAMES:
         lines.append(f"  {name:<66}{p[key]:>8.3f}{m[key]:>8.3f}")
