@@ -1,7 +1,7 @@
 """Serving overhead on one GPU: the offline benchmark and the OpenAI server, on one engine, in one run.
 
     PYTHONUNBUFFERED=1 python3 scripts/serve_gpu_check.py --out DIR [--model llama3_8b] [--num 3]
-        [--isl 1024] [--osl 128] [--set key=value ...] [--c1-only] [--uvicorn http=h11,loop=asyncio]
+        [--isl 1024] [--osl 128] [--set key=value ...] [--c1-only] [--uvicorn http=h11,loop=asyncio] [--switch-interval S]
 
 One build (the 8B shape, random bf16 weights, triton attention, torch-opt with CUDA graphs for
 batches 1 and 32), then on that engine:
@@ -399,7 +399,11 @@ def main() -> None:
     parser.add_argument("--uvicorn", default="", metavar="KEY=VALUE,...",
                         help="uvicorn.Config settings for a comparison, e.g. http=h11,loop=asyncio (default: uvicorn's "
                              "choice: httptools and uvloop where installed)")
+    parser.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                        help="sys.setswitchinterval for a comparison (Python's default: 0.005 s)")
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if args.uvicorn:
         import uvicorn
 
