@@ -73,7 +73,7 @@ class LLM:
         from .build import build_engine
         from .config import preflight
 
-        world_size = self.args.world_size  # the run's one read; handed down from here
+        self.world_size = world_size = self.args.world_size  # the run's one read; handed down from here
         # ranks, device choices, model, checkpoint: before any model work (its factory serves the build)
         factory = preflight(self.config, world_size)
         preflight_s = time.perf_counter() - start  # imports and checks, before build_engine's own phases
@@ -131,4 +131,4 @@ class LLM:
         self.shutdown()
 
     def __repr__(self) -> str:
-        return f"LLM(model={self.config.model!r}, world_size={self.args.world_size})"
+        return f"LLM(model={self.config.model!r}, world_size={self.world_size})"

@@ -85,14 +85,15 @@ def check_device_choices(args: Any) -> None:
 
 
 def check_world(world: int, device: str) -> None:
-    """An external launcher (torchrun, SLURM) must have started ``world`` ranks; ranks that this
-    process spawns on a GPU take one visible GPU each."""
+    """An external launcher (torchrun, SLURM) must have started ``world`` ranks (a world of one runs
+    in rank 0 alone: the others have nothing to do); ranks that this process spawns on a GPU take one
+    visible GPU each."""
     import torch
 
     from autodeploy.distributed.env import launcher_env
 
     env = launcher_env()
-    if env is not None and env.world_size != world:
+    if env is not None and world > 1 and env.world_size != world:
         raise ConfigError(f"args.world_size={world} but {env.launcher} started {env.world_size} ranks: "
                           f"set args.world_size={env.world_size} or start {world} ranks")
     gpus = torch.cuda.device_count() if device == "cuda" else 0

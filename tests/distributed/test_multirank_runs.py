@@ -239,6 +239,7 @@ def test_preflight_refuses_more_spawned_ranks_than_gpus(monkeypatch):
     preflight(compose_experiment(["model=tiny_llama", "args.world_size=3"]), 3)  # torchrun placed the ranks
     with pytest.raises(ConfigError, match=r"^args.world_size=2 but torchrun started 3 ranks: set args.world_size=3"):
         preflight(compose_experiment(["model=tiny_llama", "args.world_size=2"]), 2)
+    preflight(compose_experiment(["model=tiny_llama"]), 1)  # a world of one runs in rank 0; the others idle
     launcher_env.cache_clear()
 
 
