@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import multiprocessing
-import socket
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -71,49 +68,17 @@ def inputs(vocab: int, batch: int, seq: int):
     return torch.randint(3, vocab, (batch, seq), generator=gen), torch.arange(seq).expand(batch, seq).contiguous()
 
 
-def run_cases(world: int, cases: list[Case], timeout: float = 900.0) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, cases, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        payload = queue.get()  # rank 0's results (or its traceback), read before the ranks exit
-    finally:
-        for p in procs:
-            p.join(timeout)
-            if p.is_alive():
-                p.kill()
-    if isinstance(payload, str):
-        raise RuntimeError(f"ranks failed: {[(r, p.exitcode) for r, p in enumerate(procs)]}\n{payload}")
-    return torch.load(io.BytesIO(payload), weights_only=False)
+def run_cases(world: int, cases: list[Case]) -> dict:
+    """Rank 0's results by case id (each case's error is every rank's: they agree on it)."""
+    from spawn_ranks import run_on_ranks
+
+    return run_on_ranks(_run_cases, world, cases, timeout=None, device_type="cpu")[0]
 
 
-def _rank_main(rank: int, world: int, port: int, cases: list[Case], queue) -> None:
+def _run_cases(rank: int, world: int, device: torch.device, cases: list[Case]) -> dict:
     sys.path[:0] = [str(TESTS / "transforms"), str(TESTS / "distributed")]
-    import torch.distributed as dist
-
-    from autodeploy.distributed.env import RankEnv
-    from autodeploy.distributed.ranks import _init_group, _store
-
     torch.manual_seed(0)
-    env = RankEnv(rank, world, rank, "127.0.0.1", port, "spawn")
-    try:
-        _init_group(env, _store(env), torch.device("cpu"))
-        results = {case.id: _run_case_alone(case, rank, world) for case in cases}
-        if rank == 0:
-            buffer = io.BytesIO()
-            torch.save(results, buffer)
-            queue.put(buffer.getvalue())
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        if rank == 0:
-            queue.put(traceback.format_exc())
-        raise
+    return {case.id: _run_case_alone(case, rank, world) for case in cases}
 
 
 def _agreed_error(error: str | None, world: int) -> str | None:

@@ -5,9 +5,13 @@ with new inputs each time. Every rank returns its findings; rank 0 gathers them.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 
 import torch
-from gpu_ranks import run_on_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from spawn_ranks import run_on_ranks  # noqa: E402
 
 HIDDEN = 4096
 ROWS = [1, 4, 32, 128, 200]  # 128 rows of bf16 fill the 1 MiB buffer exactly; 200 take the two ops (NCCL)

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import copy
 
+import sys
+from pathlib import Path
+
 import torch
-from gpu_ranks import run_on_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from spawn_ranks import run_on_ranks  # noqa: E402
 
 # decode- and prefill-sized batches (the hidden states of all are under the one-shot's 1 MiB limit),
 # each run several times back to back: consecutive all-reduces reuse the two symmetric buffers

@@ -1,6 +1,7 @@
-"""Spawn one process per GPU as NCCL ranks, run ``check(rank, world, device, *args) -> dict`` on
-each, and return every rank's findings in rank order (rank 0 gathers them; a rank's traceback is
-the error). ``check`` must be a module-level function, so the spawned ranks can import it."""
+"""Spawn ``world`` ranks (NCCL, one per GPU; or gloo on the CPU), run ``check(rank, world, device,
+*args)`` on each, and return every rank's findings in rank order (rank 0 gathers them; a rank's
+traceback is the error). ``check`` must be a module-level function, so the spawned ranks can import
+it. Used by the CPU sharding cases (``rank_cases.py``) and the GPU tests (``tests/gpu/*_ranks.py``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import Any, Callable
 import torch
 
 
-def run_on_ranks(check: Callable[..., dict], world: int, *args: Any, timeout: float = 420.0,
-                 device_type: str = "cuda") -> list[dict]:
+def run_on_ranks(check: Callable[..., Any], world: int, *args: Any, timeout: float | None = 420.0,
+                 device_type: str = "cuda") -> list[Any]:
+    """``timeout``: seconds to wait for rank 0's findings (None: as long as the ranks run)."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     with socket.socket() as s:
@@ -28,7 +30,7 @@ def run_on_ranks(check: Callable[..., dict], world: int, *args: Any, timeout: fl
     try:
         payload = results.get(timeout=timeout)  # rank 0's: every rank's findings, or its traceback
     except queue_mod.Empty:
-        payload = f"no result within {timeout:.0f} s"
+        payload = f"no result within {timeout} s"
     finally:
         for p in procs:
             p.join(60)
