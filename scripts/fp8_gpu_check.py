@@ -101,13 +101,12 @@ def _last_logits(engine, prompts) -> "torch.Tensor":  # noqa: F821
 
 def _build_8b(model: str = "llama3_8b", **extra) -> tuple:
     from autodeploy import LLM
+    from autodeploy.bench.report import build_stage_times
 
     t0 = time.perf_counter()
     llm = LLM(model, **GPU_ARGS, **extra)
     build_s = time.perf_counter() - t0
-    stages: dict[str, float] = {}
-    for r in llm.build_report:
-        stages[r["stage"]] = stages.get(r["stage"], 0.0) + r["time_s"]
+    stages = build_stage_times(llm.build_report)
     notes = {r["name"]: r["note"] for r in llm.build_report if r["name"] in ("quantize_fp8", "build_cache",
                                                                              "compile_model")}
     log(f"built in {build_s:.1f}s: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))

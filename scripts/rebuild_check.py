@@ -114,6 +114,7 @@ def child(model: str, pairs: list[str], out: Path, detail: bool, mega: Path | No
     if detail:
         _instrument(steps)
     from autodeploy import LLM, SamplingParams
+    from autodeploy.bench.report import build_stage_times
 
     mega_load_s = None
     if mega is not None and mega.exists():  # a warm run of --mega-cache: its compile caches start empty
@@ -124,9 +125,7 @@ def child(model: str, pairs: list[str], out: Path, detail: bool, mega: Path | No
     t0 = time.perf_counter()
     llm = LLM(model, **_nest(pairs))
     build_s = time.perf_counter() - t0
-    stages: dict[str, float] = {}
-    for row in llm.build_report:
-        stages[row["stage"]] = stages.get(row["stage"], 0.0) + row["time_s"]
+    stages = build_stage_times(llm.build_report)
     notes = {r["name"]: r["note"] for r in llm.build_report if r["name"] in ("build_cache", "compile_model")}
     t1 = time.perf_counter()
     out_tokens = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)

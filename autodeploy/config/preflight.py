@@ -22,8 +22,9 @@ from .errors import ConfigError
 def preflight(cfg: Any, world_size: int = 1) -> Any:
     """Check the ranks, the device choices and the model; returns the ModelFactory that the checks
     built. ``world_size``: the run's, read once by the caller (``LLM``) and handed down."""
-    check_world(world_size, run_device(cfg.args))
-    check_device_choices(cfg.args)
+    device = run_device(cfg.args)
+    check_world(world_size, device)
+    check_device_choices(cfg.args, device)
     factory = check_model(cfg.args)
     check_benchmark_length(cfg, getattr(factory, "config", None))
     return factory
@@ -67,10 +68,9 @@ def _enabled(args: Any, name: str) -> Mapping | None:
     return options if isinstance(options, Mapping) and options.get("enabled", True) else None
 
 
-def check_device_choices(args: Any) -> None:
+def check_device_choices(args: Any, device: str) -> None:
     from autodeploy.compile import GPU_ONLY_BACKENDS
 
-    device = run_device(args)
     if device == "cuda":
         _check_attention_backend(args, device)
         return
@@ -96,8 +96,7 @@ def check_world(world: int, device: str) -> None:
     if env is not None and world > 1 and env.world_size != world:
         raise ConfigError(f"args.world_size={world} but {env.launcher} started {env.world_size} ranks: "
                           f"set args.world_size={env.world_size} or start {world} ranks")
-    gpus = torch.cuda.device_count() if device == "cuda" else 0
-    if env is None and device == "cuda" and world > gpus:
+    if env is None and device == "cuda" and world > (gpus := torch.cuda.device_count()):
         raise ConfigError(
             f"args.world_size={world} needs {world} GPUs (one per rank) but {gpus} are visible: lower "
             "args.world_size, make more GPUs visible (CUDA_VISIBLE_DEVICES), or use args.device=cpu"
