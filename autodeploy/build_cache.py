@@ -39,7 +39,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "AUTODEPLOY_BUILD_CACHE"
-FORMAT = 2  # bump when what an entry holds changes
+FORMAT = 3  # bump when what an entry holds changes
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -149,8 +149,9 @@ class BuildCache:
         except Exception as e:  # noqa: BLE001 - a broken entry is a miss, and is rebuilt
             log.warning("build cache entry %s unreadable (%s: %s): building from scratch", self.path, type(e).__name__, e)
             return None
+        record = state.get("factory_record")
         return Restored(model, state["shared"], state["records"], state["is_clean"], state["has_valid_shapes"],
-                        state.get("factory_record"))
+                        pickle.loads(record) if record is not None else None)
 
     def save(self, model: torch.fx.GraphModule, shared: dict[str, Any], records: list[Any], is_clean: bool,
              factory_record: Any = None) -> bool:
@@ -166,17 +167,17 @@ class BuildCache:
         # inputs' (with their symbolic shapes) are kept, which shape propagation starts from; restoring
         # thousands of fake tensors took longer than propagating them again
         kept = {node: node.meta for node in model.graph.nodes}
-        try:  # an unpicklable record is only rebuilt on a hit (the factory builds the HF model again)
-            pickle.dumps(factory_record)
+        try:  # pickled once, on its own: an unpicklable record is only rebuilt on a hit (the HF model again)
+            record = pickle.dumps(factory_record) if factory_record is not None else None
         except Exception:  # noqa: BLE001
-            factory_record = None
+            record = None
         try:
             for node in model.graph.nodes:
                 node.meta = {k: v for k, v in node.meta.items()
                              if k == "nn_module_stack" or (k == "val" and node.op == "placeholder")}
             graph = GraphPickler.dumps(model, options)
             state = pickle.dumps({"shared": dict(shared), "records": list(records), "is_clean": is_clean,
-                                  "has_valid_shapes": False, "factory_record": factory_record})
+                                  "has_valid_shapes": False, "factory_record": record})
         except Exception as e:  # noqa: BLE001 - an unpicklable graph is built every time, not an error
             log.warning("build cache: cannot pickle the graph (%s: %s); not cached", type(e).__name__, e)
             return False
