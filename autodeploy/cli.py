@@ -163,9 +163,6 @@ def _job(cfg: DictConfig, resolved: bool = False):
             finalize(cfg)
             validate_transforms(cfg)
         check_logger(cfg.logger)
-        if cfg.dry_run:
-            print_dry_run(cfg)
-            return None
         from autodeploy.config import experiment
         from autodeploy.run import run
 
@@ -261,19 +258,19 @@ def _resolve_what_can_be(cfg: DictConfig, path: str):
     return walk(OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=False), path)
 
 
-def print_dry_run(cfg: DictConfig) -> None:
-    """The final config and the pipeline that would run, without touching a model."""
+def print_dry_run(cfg, world_size: int) -> None:
+    """The final config (an ``ExperimentConfig``) and the pipeline that would run, without touching a model."""
     from autodeploy.transforms.optimizer import plan_pipeline
 
-    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
     print("# pipeline (stage order; disabled transforms are listed but skipped)")
-    pipeline = plan_pipeline(OmegaConf.to_container(cfg.args.transforms, resolve=True))
+    pipeline = plan_pipeline(cfg.args.transforms)
     for name, tcfg in pipeline:
         state = "" if tcfg.enabled else "  [disabled]"
         print(f"#   {tcfg.stage:<16} {name}{state}")
     sharding = dict(pipeline).get("detect_sharding")
-    if cfg.args.world_size > 1 and sharding is not None and sharding.enabled:
-        print_sharding_options(sharding, int(cfg.args.world_size))
+    if world_size > 1 and sharding is not None and sharding.enabled:
+        print_sharding_options(sharding, world_size)
 
 
 def print_sharding_options(opts, world: int) -> None:

@@ -53,27 +53,28 @@ class LLM:
         start = time.perf_counter()
         self.config = config_from_kwargs(model, **kwargs)
         config_s = time.perf_counter() - start
-        self._build()
+        self._build(self.args.world_size)  # the API's one read of the world; handed down from here
         self.build_phases = {"config": config_s, **self.build_phases}  # from_config: composed elsewhere
 
     @classmethod
-    def from_config(cls, config: ExperimentConfig | DictConfig) -> "LLM":
-        """Build from an experiment config (launch.py's, or ``compose_experiment``'s, converted here)."""
+    def from_config(cls, config: ExperimentConfig | DictConfig, world_size: int | None = None) -> "LLM":
+        """Build from an experiment config (launch.py's, or ``compose_experiment``'s, converted here);
+        ``world_size``: the run's, when its caller has read it (``run``), else the config's."""
         llm = cls.__new__(cls)
         llm.config = config if isinstance(config, ExperimentConfig) else experiment(config)
-        llm._build()
+        llm._build(llm.args.world_size if world_size is None else world_size)
         return llm
 
     @property
     def args(self) -> AutoDeployArgs:
         return self.config.args
 
-    def _build(self) -> None:
+    def _build(self, world_size: int) -> None:
         start = time.perf_counter()
         from .build import build_engine
         from .config import preflight
 
-        self.world_size = world_size = self.args.world_size  # the run's one read; handed down from here
+        self.world_size = world_size
         # ranks, device choices, model, checkpoint: before any model work (its factory serves the build)
         factory = preflight(self.config, world_size)
         preflight_s = time.perf_counter() - start  # imports and checks, before build_engine's own phases

@@ -98,12 +98,18 @@ def run(cfg: ExperimentConfig, output_dir: str | os.PathLike = ".") -> dict[str,
 
     from .distributed.env import serve_if_worker
 
-    if not cfg.plan_only and serve_if_worker(cfg.args.world_size):  # SLURM ran this job in every task
+    world_size = cfg.args.world_size  # the run's one read; handed to every mode below
+    if cfg.dry_run:
+        from .cli import print_dry_run
+
+        print_dry_run(cfg, world_size)
+        return {}
+    if not cfg.plan_only and serve_if_worker(world_size):  # SLURM ran this job in every task
         return {}  # ranks > 0 serve rank 0 and write nothing
     out_dir = Path(output_dir)
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "env": environment(cfg)}
     if cfg.plan_only:
-        return _plan_only(cfg, out_dir, results)
+        return _plan_only(cfg, world_size, out_dir, results)
     serving = cfg.server.name != "none" or (cfg.benchmark.enabled and cfg.benchmark.kind == "serve")
     if serving:
         _check_serving(cfg)
@@ -113,7 +119,7 @@ def run(cfg: ExperimentConfig, output_dir: str | os.PathLike = ".") -> dict[str,
             results["benchmark"] = run_serve_benchmark(cfg)
             return _finish(cfg, results, out_dir)
     t0 = time.perf_counter()
-    llm = LLM.from_config(cfg)
+    llm = LLM.from_config(cfg, world_size)
     results["build_s"] = time.perf_counter() - t0
     results["transforms"] = llm.build_report
     if llm.sharding_plan is not None:
@@ -198,11 +204,10 @@ def _sharding_results(plan) -> dict[str, Any]:
     return {"sharding_plan": [row.to_dict() for row in plan.rows()], "sharding_summary": plan.summary()}
 
 
-def _plan_only(cfg: ExperimentConfig, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
-    """``plan_only=true``: the sharding plan of ``args.world_size`` ranks, computed on meta here."""
+def _plan_only(cfg: ExperimentConfig, world_size: int, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """``plan_only=true``: the sharding plan of ``world_size`` ranks, computed on meta here (no ranks start)."""
     from .build import plan_sharding
 
-    world_size = cfg.args.world_size  # the plan's one read: no ranks start, this process plans for them
     built = plan_sharding(cfg.args, world_size)
     results["build_s"] = built.build_s
     results["transforms"] = built.report
