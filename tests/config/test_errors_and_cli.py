@@ -156,3 +156,20 @@ def test_new_users_mistakes_are_our_one_line(argv, expected, mode, capsys, tmp_p
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines() == [expected]
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_plain_run_composes_once(capsys, tmp_path, monkeypatch):
+    """`python launch.py ...` (a dry run here: the same path as a run up to the model) calls
+    hydra.compose exactly once, and the job prints the plan for the world it was given."""
+    import hydra
+
+    from autodeploy.cli import main
+
+    calls = []
+    compose = hydra.compose
+    monkeypatch.setattr(hydra, "compose", lambda *a, **k: calls.append(a) or compose(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    main(["--model", "tiny_llama", "--args.world-size=2", "--dry-run"])
+    assert len(calls) == 1
+    out = capsys.readouterr().out
+    assert "world_size: 2" in out and "# sharding (world_size 2)" in out
