@@ -344,13 +344,19 @@ def _unwrap(tp: Any) -> Any:
     return tp
 
 
+def schema_fields(node: Any) -> dict[str, Any]:
+    """A schema section's fields and their types (``Optional`` unwrapped); {} for a leaf."""
+    if not (isinstance(node, type) and is_dataclass(node)):
+        return {}
+    hints = get_type_hints(node)
+    return {f.name: _unwrap(hints[f.name]) for f in fields(node)}
+
+
 def schema_type(key: str) -> Any:
     """The schema type at a dotted key (None: unknown key or below a free-form dict)."""
     node: Any = ExperimentConfig
     for part in key.split("."):
-        if not (isinstance(node, type) and is_dataclass(node)) or part not in {f.name for f in fields(node)}:
-            return None
-        node = _unwrap(get_type_hints(node)[part])
+        node = schema_fields(node).get(part)
     return node
 
 
@@ -368,15 +374,15 @@ def check_key(parts: list[str], source: str = "command line") -> None:
         path = ".".join(parts[: depth + 1])
         if _is_free_form(path):
             return
-        if not (isinstance(node, type) and is_dataclass(node)):
+        names = schema_fields(node)
+        if not names:
             raise ConfigError(f"{prefix}'{'.'.join(parts[:depth])}' has no sub-keys (got '{path}')")
-        names = [f.name for f in fields(node)]
         if part not in names:
             where = ".".join(parts[:depth]) or "the config"
-            close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(part, list(names), n=3, cutoff=0.5)
             hint = f" Did you mean: {', '.join('.'.join(parts[:depth] + [c]) for c in close)}?" if close else ""
             raise ConfigError(f"{prefix}unknown key '{path}': {where} has no field '{part}'.{hint}")
-        node = _unwrap(get_type_hints(node)[part])
+        node = names[part]
 
 
 def flag_value(flags: list[str], *names: str) -> str | None:

@@ -8,12 +8,11 @@ translated into Hydra overrides and Hydra answers as usual.
 
 from __future__ import annotations
 
-from dataclasses import fields, is_dataclass
-from typing import Any, get_type_hints
+from typing import Any
 
 import yaml
 
-from .cli import CONF_DIR, HYDRA_FLAGS, _unwrap, model_cards, translate_argv
+from .cli import CONF_DIR, HYDRA_FLAGS, model_cards, schema_fields, translate_argv
 from .errors import ConfigError
 from .schema import FREE_FORM_PATHS, ExperimentConfig
 
@@ -27,11 +26,9 @@ def _kebab(path: str) -> str:
 def _schema_paths(node: Any = ExperimentConfig, prefix: str = "") -> list[str]:
     """Every key of the schema as a flag: leaves end with '=', sections and free-form dicts with '.'."""
     out = []
-    hints = get_type_hints(node)
-    for f in fields(node):
-        path = prefix + f.name
-        tp = _unwrap(hints[f.name])
-        if isinstance(tp, type) and is_dataclass(tp):
+    for name, tp in schema_fields(node).items():
+        path = prefix + name
+        if schema_fields(tp):
             out.append(_kebab(path) + ".")
             out.extend(_schema_paths(tp, path + "."))
         elif path in FREE_FORM_PATHS:
