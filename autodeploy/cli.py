@@ -258,34 +258,5 @@ def _resolve_what_can_be(cfg: DictConfig, path: str):
     return walk(OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=False), path)
 
 
-def print_dry_run(cfg, world_size: int) -> None:
-    """The final config (an ``ExperimentConfig``) and the pipeline that would run, without touching a model."""
-    from autodeploy.transforms.optimizer import plan_pipeline
-
-    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
-    print("# pipeline (stage order; disabled transforms are listed but skipped)")
-    pipeline = plan_pipeline(cfg.args.transforms)
-    for name, tcfg in pipeline:
-        state = "" if tcfg.enabled else "  [disabled]"
-        print(f"#   {tcfg.stage:<16} {name}{state}")
-    sharding = dict(pipeline).get("detect_sharding")
-    if world_size > 1 and sharding is not None and sharding.enabled:
-        print_sharding_options(sharding, world_size)
-
-
-def print_sharding_options(opts, world: int) -> None:
-    """What the options alone say about the plan; its layers need the model's shapes (plan_only)."""
-    from autodeploy.sharding.detect import describe_grid
-
-    print(f"# sharding (world_size {world})")
-    if opts.simple_shard_only:
-        print("#   simple_shard_only: every linear column-split + all-gather where its output divides")
-    else:
-        print(f"#   sources {' > '.join(opts.sharding_source)}; heuristic dims {', '.join(opts.sharding_dims) or 'none'}")
-        print(f"#   {describe_grid(opts.process_grid, world, opts.sharding_dims)}")
-    print("#   the per-layer plan needs the model's shapes: plan_only=true prints it (on meta, one CPU process); "
-          "a plan that splits nothing is refused unless asked for (sharding=replicate)")
-
-
 if __name__ == "__main__":
     main()

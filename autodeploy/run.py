@@ -100,9 +100,7 @@ def run(cfg: ExperimentConfig, output_dir: str | os.PathLike = ".") -> dict[str,
 
     world_size = cfg.args.world_size  # the run's one read; handed to every mode below
     if cfg.dry_run:
-        from .cli import print_dry_run
-
-        print_dry_run(cfg, world_size)
+        _dry_run(cfg, world_size)
         return {}
     if not cfg.plan_only and serve_if_worker(world_size):  # SLURM ran this job in every task
         return {}  # ranks > 0 serve rank 0 and write nothing
@@ -198,6 +196,37 @@ def _finish(cfg: ExperimentConfig, results: dict[str, Any], out_dir: Path) -> di
             log.info("benchmark %s: %s", kind, written)
     _track(cfg, results, out_dir)
     return results
+
+
+def _dry_run(cfg: ExperimentConfig, world_size: int) -> None:
+    """The final config (an ``ExperimentConfig``) and the pipeline that would run, without touching a model."""
+    from omegaconf import OmegaConf
+
+    from .transforms.optimizer import plan_pipeline
+
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    print("# pipeline (stage order; disabled transforms are listed but skipped)")
+    pipeline = plan_pipeline(cfg.args.transforms)
+    for name, tcfg in pipeline:
+        state = "" if tcfg.enabled else "  [disabled]"
+        print(f"#   {tcfg.stage:<16} {name}{state}")
+    sharding = dict(pipeline).get("detect_sharding")
+    if world_size > 1 and sharding is not None and sharding.enabled:
+        _print_sharding_options(sharding, world_size)
+
+
+def _print_sharding_options(opts, world: int) -> None:
+    """What the options alone say about the plan; its layers need the model's shapes (plan_only)."""
+    from .sharding.detect import describe_grid
+
+    print(f"# sharding (world_size {world})")
+    if opts.simple_shard_only:
+        print("#   simple_shard_only: every linear column-split + all-gather where its output divides")
+    else:
+        print(f"#   sources {' > '.join(opts.sharding_source)}; heuristic dims {', '.join(opts.sharding_dims) or 'none'}")
+        print(f"#   {describe_grid(opts.process_grid, world, opts.sharding_dims)}")
+    print("#   the per-layer plan needs the model's shapes: plan_only=true prints it (on meta, one CPU process); "
+          "a plan that splits nothing is refused unless asked for (sharding=replicate)")
 
 
 def _sharding_results(plan) -> dict[str, Any]:
