@@ -92,14 +92,15 @@ def test_tiny_model_on_the_fly_under_torch_opt_matches_hf_with_the_same_fp8_line
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (100, 20, 3)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-    refs = []
+    # teacher-forced: HF's logits along our own tokens. Each of our picks must be HF's argmax or a
+    # near tie of it. A random tiny model has ties of 1e-4 within its first tokens (measured on the
+    # CPU in fp32), so token-by-token equality flips on bf16 noise (bf16 against fp32 moves these
+    # logits by up to 0.03; their std is 0.65); 0.1 is about 4 times that noise.
     with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device="cuda")
-            refs.append(hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist())
-    ours = [o.token_ids for o in outs]
-    # bf16 attention and norms in another order: allow a late flip, never an early one
-    assert all(a[:4] == b[:4] for a, b in zip(ours, refs)), (ours, refs)
-    assert sum(a == b for a, b in zip(ours, refs)) >= 2, (ours, refs)
+        for prompt, out in zip(prompts, outs):
+            ids = torch.tensor([prompt + out.token_ids], device="cuda")
+            logits = hf(ids).logits[0, len(prompt) - 1 : -1].float()
+            ours = torch.tensor(out.token_ids, device="cuda")
+            behind = logits.max(-1).values - logits.gather(-1, ours[:, None])[:, 0]
+            assert len(out.token_ids) == 12 and behind.max().item() <= 0.1, (out.token_ids, behind.tolist())
     llm.shutdown()
