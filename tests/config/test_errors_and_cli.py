@@ -173,3 +173,22 @@ def test_a_plain_run_composes_once(capsys, tmp_path, monkeypatch):
     assert len(calls) == 1
     out = capsys.readouterr().out
     assert "world_size: 2" in out and "# sharding (world_size 2)" in out
+
+
+def test_a_real_run_composes_once(tmp_path, monkeypatch):
+    """The same count on a run that builds the model and generates (tiny_llama on the CPU)."""
+    import json
+
+    import hydra
+
+    from autodeploy.cli import main
+
+    calls = []
+    compose = hydra.compose
+    monkeypatch.setattr(hydra, "compose", lambda *a, **k: calls.append(a) or compose(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    main(["--model", "tiny_llama", "args.device=cpu", "prompt.batch_size=1", "prompt.sp_kwargs.max_tokens=4",
+          f"hydra.run.dir={tmp_path / 'run'}"])
+    assert len(calls) == 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["args"]["world_size"] == 1 and results["transforms"]
